@@ -1,0 +1,61 @@
+"""fedtune's ClientApp: the same code in simulation (Ray) and deployment (SuperNode).
+
+Message types: ``query.check`` (preflight: data and model usable, record counts) and ``train``
+(one local round; replies with the adapter update and metrics). Records never leave the site.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import SiteInfo, check_site, run_local_round
+from common.wire import config_from_record, from_record, to_record
+
+logger = logging.getLogger(__name__)
+app = ClientApp()
+
+
+def _site(msg: Message, context: Context) -> SiteInfo:
+    data_root = str(msg.content["config"].get("data-root", ""))
+    return SiteInfo.from_node_config(context.node_config, data_root)
+
+
+@app.query("check")
+def check(msg: Message, context: Context) -> Message:
+    cfg = config_from_record(msg.content["config"])
+    site = _site(msg, context)
+    info = check_site(site, cfg)
+    reply = RecordDict({"site": ConfigRecord({"name": site.name, **info})})
+    return Message(reply, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    conf = msg.content["config"]
+    cfg = config_from_record(conf)
+    site = _site(msg, context)
+    global_state = from_record(msg.content["adapter"])
+    update = run_local_round(
+        site, cfg, global_state, int(conf["round"]) - 1, str(conf.get("fingerprint", ""))
+    )
+    r = update.result
+    metrics = MetricRecord(
+        {
+            "train-loss": r.loss,
+            "first-loss": r.first_loss,
+            "last-loss": r.last_loss,
+            "steps": r.steps,
+            "num-examples": update.records,
+        }
+    )
+    content = RecordDict(
+        {
+            "update": to_record(update.delta),
+            "metrics": metrics,
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)

@@ -1,0 +1,312 @@
+"""Record-level DP at a site: Opacus DP-SGD wiring for a peft LoRA model.
+
+Contract with the local trainer (client/train.py)::
+
+    plan = record_plan(cfg, len(records))                # common.privacy: noise, sample rate
+    acc = GaussianAccountant.from_bytes(saved) or GaussianAccountant(cfg.privacy.record.accountant)
+    if (why := decline_reason(acc, plan, cfg.privacy.record.budget_epsilon)):
+        ...decline the round with `why`...
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=...)
+    with DPTrainer(model, opt, cfg.privacy.record, plan, acc,
+                   physical_batch_size=cfg.train.batch_size) as dp:
+        for _ in range(cfg.train.local_steps):
+            loss = dp.step(records, collate_fn)          # one logical DP-SGD step
+            scheduler.step()
+    adapter = get_peft_model_state_dict(model)           # the original peft model, hooks removed
+    saved = acc.to_bytes()                               # persist (context.state and disk)
+
+- ``records`` is a sequence of per-record items and ``collate_fn(list_of_items)`` returns a dict of
+  tensors with ``labels`` (``(B, T)`` token labels with -100 ignored, or ``(B,)`` class labels);
+  every other key goes to ``model(**batch)``. DPTrainer draws each logical batch itself by Poisson
+  sampling at ``plan.sample_rate`` (the privacy analysis needs exactly that sampling: the trainer
+  must not pick batches), splits it into physical batches of at most ``physical_batch_size``
+  (gradient accumulation, as Opacus' BatchMemoryManager does), clips each record's gradient to
+  ``max_grad_norm``, adds noise once per logical step and steps the accountant.
+- The loss is per record (mean over its own tokens), so the privacy unit is one record
+  (one sequence), not one token.
+- Build the optimizer after the model is on its final device and after ``get_peft_model``:
+  opacus issue #820 (peft >= 0.14) silently leaves LoRA weights untouched when parameters are
+  moved or re-materialised after hooks/optimizer captured them. :func:`check_wiring` refuses such
+  a setup and DPTrainer checks that the first noisy step really moved the trainable weights.
+
+For an Opacus-style loop, :func:`make_private` returns (model, optimizer, loader) and
+:func:`dp_backward` does the backward of per-record losses in either grad-sample mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import AbstractGradSampleModule
+from opacus.grad_sample.utils import get_gsm_class
+from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from common.config import RecordDPConfig
+from common.errors import ModelError, PrivacyError
+from common.privacy import GaussianAccountant, RecordPlan
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[nn.Module, Batch], Tensor]
+
+
+def per_record_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy per record, shape (B,): causal LM if labels are (B, T), else classification."""
+    if labels.dim() == 1:  # seq-cls: logits (B, C)
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    logits, targets = logits[:, :-1], labels[:, 1:]  # predict token t+1 at t: (B, T-1, V), (B, T-1)
+    tok = F.cross_entropy(
+        logits.transpose(1, 2).float(), targets, ignore_index=ignore_index, reduction="none"
+    )  # (B, T-1)
+    valid = (targets != ignore_index).sum(dim=1).clamp(min=1)  # (B,)
+    return tok.sum(dim=1) / valid
+
+
+def default_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Per-record loss of a HF model on a batch; HF's own (token-mean over the batch) loss is
+    not per record, so labels are kept out of the forward call."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return per_record_loss(model(**inputs).logits, batch["labels"])
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def check_wiring(model: nn.Module, optimizer: Optimizer) -> None:
+    """Refuse setups where the optimizer would not update the model's LoRA weights (#820)."""
+    params = trainable(model)
+    if not params:
+        raise ModelError("the model has no trainable parameters: nothing to train with DP-SGD")
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if {id(p) for p in params} != in_opt:
+        raise ModelError(
+            "the optimizer does not hold exactly the model's trainable parameters (was the model "
+            "moved or re-wrapped after the optimizer was built? see opacus issue #820)"
+        )
+    devices = {p.device for p in params}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        raise ModelError(f"trainable parameters must live on one real device (got {devices})")
+
+
+def _wrap(
+    model: nn.Module,
+    optimizer: Optimizer,
+    cfg: RecordDPConfig,
+    noise_multiplier: float,
+    expected_batch_size: int,
+    noise_generator: torch.Generator,
+) -> tuple[AbstractGradSampleModule, DPOptimizer]:
+    check_wiring(model, optimizer)
+    mode = cfg.grad_sample_mode
+    extra = {"max_grad_norm": cfg.max_grad_norm} if mode == "ghost" else {}
+    gsm = get_gsm_class(mode)(model, batch_first=True, loss_reduction="mean", **extra)
+    optim_cls = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
+    dp_opt = optim_cls(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=noise_generator,
+    )
+    return gsm, dp_opt
+
+
+def _noise_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """DP noise and Poisson sampling must not be reproducible from a public seed: whoever knows it
+    can subtract the noise. ``seed`` is for tests only."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return gen
+
+
+def _attach_accountant(dp_opt: DPOptimizer, acc: GaussianAccountant, sample_rate: float) -> None:
+    # Our accountant, not the PrivacyEngine's: it persists across rounds (a new engine per
+    # round would restart epsilon at 0). Called once per logical (noised) step only.
+    def hook(opt: DPOptimizer) -> None:
+        acc.step(noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate)
+
+    dp_opt.attach_step_hook(hook)
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: Optimizer,
+    data_loader: DataLoader,
+    cfg: RecordDPConfig,
+    noise_multiplier: float,
+    accountant: GaussianAccountant,
+    *,
+    sample_rate: float | None = None,
+    seed: int | None = None,
+) -> tuple[AbstractGradSampleModule, DPOptimizer, DataLoader]:
+    """Opacus' make_private with an external accountant and an explicit Poisson sample rate
+    (default ``batch_size / len(dataset)``). Use :func:`dp_backward` for the backward pass and
+    ``private_model.cleanup()`` at the end of the round; read the adapter from ``model``."""
+    n = len(data_loader.dataset)  # type: ignore[arg-type]
+    batch = data_loader.batch_size or 1
+    q = sample_rate if sample_rate is not None else batch / n
+    gen = _noise_generator(trainable(model)[0].device, seed)
+    gsm, dp_opt = _wrap(model, optimizer, cfg, noise_multiplier, round(q * n), gen)
+    _attach_accountant(dp_opt, accountant, q)
+    loader = DPDataLoader(
+        data_loader.dataset, sample_rate=q, collate_fn=data_loader.collate_fn,
+        generator=_noise_generator(torch.device("cpu"), seed),
+    )  # fmt: skip
+    return gsm, dp_opt, loader
+
+
+def dp_backward(
+    private_model: AbstractGradSampleModule, dp_opt: DPOptimizer, losses: Tensor
+) -> None:
+    """Backward of per-record losses (B,). Ghost clipping (Li et al. 2022, arXiv:2110.05679)
+    needs two passes: per-record norms first, then the clipped-weighted loss."""
+    if isinstance(private_model, get_gsm_class("ghost")):
+        DPTensorFastGradientClipping(private_model, dp_opt, losses, "mean").backward()
+    else:
+        losses.mean().backward()
+
+
+class DPTrainer:
+    """Logical DP-SGD steps on a peft model; a context manager that removes Opacus' hooks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        cfg: RecordDPConfig,
+        plan: RecordPlan,
+        accountant: GaussianAccountant,
+        *,
+        physical_batch_size: int,
+        loss_fn: LossFn = default_loss,
+        seed: int | None = None,
+    ) -> None:
+        if physical_batch_size <= 0:
+            raise PrivacyError(f"`physical_batch_size` must be positive ({physical_batch_size})")
+        self.model, self.plan, self.accountant = model, plan, accountant
+        self.physical_batch_size, self.loss_fn = physical_batch_size, loss_fn
+        self.device = trainable(model)[0].device
+        self.noise_gen = _noise_generator(self.device, seed)
+        self.sample_gen = _noise_generator(torch.device("cpu"), None if seed is None else seed + 1)
+        self.private_model, self.optimizer = _wrap(
+            model, optimizer, cfg, plan.noise_multiplier, plan.expected_batch_size, self.noise_gen
+        )
+        _attach_accountant(self.optimizer, accountant, plan.sample_rate)
+        self._verified = False
+
+    def __enter__(self) -> DPTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove hooks and per-sample attributes: the model is a plain peft model again."""
+        self.private_model.cleanup()
+
+    def sample(self, num_records: int) -> list[int]:
+        """Poisson sampling: each record independently with probability ``plan.sample_rate``."""
+        mask = torch.rand(num_records, generator=self.sample_gen) < self.plan.sample_rate
+        return mask.nonzero().flatten().tolist()
+
+    def step(self, records: Sequence[Any], collate_fn: Callable[[list[Any]], Batch]) -> float:
+        """One logical DP-SGD step on a Poisson sample of ``records``; returns the mean loss."""
+        if len(records) != self.plan.num_records:
+            raise PrivacyError(
+                f"the plan is for {self.plan.num_records} records, got {len(records)}"
+            )
+        chosen = [records[i] for i in self.sample(len(records))]
+        return self.step_on(chosen, collate_fn)
+
+    def step_on(self, chosen: list[Any], collate_fn: Callable[[list[Any]], Batch]) -> float:
+        """One logical step on records already drawn by Poisson sampling (use :meth:`step`)."""
+        before = None if self._verified else [p.detach().clone() for p in trainable(self.model)]
+        # An empty Poisson batch still releases a noisy step (the analysis counts every step).
+        loss = self._accumulate(chosen, collate_fn) if chosen else self._noise_only_step()
+        if before is not None:
+            self._verify_moved(before)
+        return loss
+
+    def _physical_batches(self, chosen: list[Any], collate_fn: Callable) -> Iterator[Batch]:
+        for i in range(0, len(chosen), self.physical_batch_size):
+            batch = collate_fn(chosen[i : i + self.physical_batch_size])
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    def _accumulate(self, chosen: list[Any], collate_fn: Callable) -> float:
+        n_chunks = -(-len(chosen) // self.physical_batch_size)
+        total = 0.0
+        for i, batch in enumerate(self._physical_batches(chosen, collate_fn)):
+            # Only the last physical batch of a logical batch adds noise and steps (Opacus'
+            # BatchMemoryManager protocol); earlier ones only clip and accumulate.
+            self.optimizer.signal_skip_step(do_skip=i < n_chunks - 1)
+            losses = self.loss_fn(self.private_model, batch)  # (b,)
+            dp_backward(self.private_model, self.optimizer, losses)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            total += float(losses.detach().sum())
+        return total / len(chosen)
+
+    def _noise_only_step(self) -> float:
+        opt = self.optimizer
+        std = opt.noise_multiplier * opt.max_grad_norm
+        for p in opt.params:
+            noise = torch.normal(0.0, std, p.shape, generator=self.noise_gen, device=p.device)
+            p.grad = noise / opt.expected_batch_size
+        self.accountant.step(
+            noise_multiplier=opt.noise_multiplier, sample_rate=self.plan.sample_rate
+        )
+        opt.original_optimizer.step()
+        opt.original_optimizer.zero_grad(set_to_none=True)
+        return float("nan")
+
+    def _verify_moved(self, before: list[Tensor]) -> None:
+        """Guard for opacus issue #820: a noisy step that leaves every LoRA weight unchanged means
+        the optimizer is updating parameters the model no longer uses."""
+        lrs = [g.get("lr", 1.0) for g in self.optimizer.param_groups]
+        if self.optimizer.noise_multiplier == 0 or not any(lrs):  # e.g. warmup from lr 0
+            return
+        self._verified = True
+        after = trainable(self.model)
+        if all(torch.equal(a, b) for a, b in zip(after, before, strict=True)):
+            raise ModelError(
+                "a DP-SGD step left every trainable weight unchanged: the optimizer is not "
+                "updating the model's LoRA parameters (opacus issue #820)"
+            )
+
+
+def dp_train_steps(
+    model: nn.Module,
+    optimizer: Optimizer,
+    records: Sequence[Any],
+    collate_fn: Callable[[list[Any]], Batch],
+    steps: int,
+    *,
+    cfg: RecordDPConfig,
+    plan: RecordPlan,
+    accountant: GaussianAccountant,
+    physical_batch_size: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """``steps`` logical DP-SGD steps; returns their mean losses (nan for an empty batch)."""
+    losses: list[float] = []
+    with DPTrainer(
+        model, optimizer, cfg, plan, accountant, physical_batch_size=physical_batch_size
+    ) as dp:
+        for i in range(steps):
+            losses.append(dp.step(records, collate_fn))
+            if on_step is not None:
+                on_step(i, losses[-1])
+    return losses

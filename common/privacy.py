@@ -1,0 +1,486 @@
+"""Privacy math for fedtune's two DP levels: pure functions and small stateful accountants.
+
+Record level (each site's records): DP-SGD (Abadi et al. 2016, arXiv:1607.00133), a Poisson-
+subsampled Gaussian mechanism per optimizer step. Each site keeps one :class:`GaussianAccountant`
+for the whole run (a new Opacus ``PrivacyEngine`` per round would restart epsilon at 0); its
+:meth:`~GaussianAccountant.state_dict` is JSON-able so it lives in Flower's ``context.state`` and on
+disk and survives process restarts.
+
+Institution level (each site's whole contribution): DP-FedAvg (McMahan et al. 2018,
+arXiv:1710.06963). Each site clips its update to norm C; Gaussian noise of std ``sigma * C`` goes
+on the sum, either added by the server (no secure aggregation) or as distributed shares, each site
+adding std ``sigma * C / sqrt(min_sites)`` so that any ``k >= min_sites`` survivors carry at least
+the planned noise (Kairouz et al. 2021, "The distributed discrete Gaussian", arXiv:2102.06387).
+Rounds are accounted as a subsampled Gaussian with site sampling rate ``q = sites/num_sites``.
+
+Nothing here touches torch models; vectors are numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from common.config import Config, InstitutionDPConfig
+from common.errors import PrivacyError
+
+logger = logging.getLogger(__name__)
+
+Mechanism = Literal["rdp", "prv"]
+DELTA_CAP = 1e-5
+"""Default delta is min(DELTA_CAP, 1/(10 n)): well below 1/n, the level at which a mechanism may
+publish one whole record outright (Dwork & Roth 2014, sec. 2.3)."""
+
+
+def default_delta(num_records: int) -> float:
+    """Default record-level delta for a site holding ``num_records`` records."""
+    if num_records <= 0:
+        raise PrivacyError(f"`num_records` must be positive (got {num_records})")
+    return min(DELTA_CAP, 1.0 / (10 * num_records))
+
+
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise PrivacyError(f"`delta` must be in (0, 1) (got {delta})")
+
+
+def _check_step(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
+        raise PrivacyError(f"`noise_multiplier` must be >= 0 (got {noise_multiplier})")
+    if not 0 < sample_rate <= 1:
+        raise PrivacyError(f"`sample_rate` must be in (0, 1] (got {sample_rate})")
+    if steps < 0:
+        raise PrivacyError(f"`steps` must be >= 0 (got {steps})")
+
+
+class GaussianAccountant:
+    """Epsilon of a sequence of Poisson-subsampled Gaussian steps, persisted across rounds.
+
+    Wraps Opacus' RDP (Mironov 2017) or PRV (Gopi et al. 2021) accountant; the state is the
+    Opacus history ``[(noise_multiplier, sample_rate, steps), ...]``.
+    """
+
+    def __init__(self, mechanism: Mechanism = "rdp") -> None:
+        if mechanism not in ("rdp", "prv"):
+            raise PrivacyError(f"`accountant` must be `rdp` or `prv` (got {mechanism!r})")
+        self.mechanism: Mechanism = mechanism
+        self.history: list[tuple[float, float, int]] = []
+
+    @property
+    def steps(self) -> int:
+        return sum(s for _, _, s in self.history)
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record ``steps`` steps of one mechanism (merged with the last entry when equal)."""
+        _check_step(noise_multiplier, sample_rate, steps)
+        if steps == 0:
+            return
+        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+            sigma, q, n = self.history.pop()
+            self.history.append((sigma, q, n + steps))
+        else:
+            self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta``; ``inf`` once any step had no noise."""
+        return _epsilon(self.mechanism, self.history, delta)
+
+    def projected_epsilon(
+        self, *, steps: int, sample_rate: float, noise_multiplier: float, delta: float
+    ) -> float:
+        """Epsilon after ``steps`` more steps of the given mechanism (state unchanged)."""
+        _check_step(noise_multiplier, sample_rate, steps)
+        future = GaussianAccountant(self.mechanism)
+        future.history = list(self.history)
+        future.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        return future.epsilon(delta)
+
+    def would_exceed(
+        self,
+        budget: float,
+        *,
+        steps: int,
+        sample_rate: float,
+        noise_multiplier: float,
+        delta: float,
+    ) -> bool:
+        """True when ``steps`` more steps would take epsilon past ``budget``: decline the round."""
+        projected = self.projected_epsilon(
+            steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier, delta=delta
+        )
+        return projected > budget
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state (Opacus' ``IAccountant.state_dict`` layout)."""
+        return {"mechanism": self.mechanism, "history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("mechanism") != self.mechanism:
+            raise PrivacyError(
+                f"accountant state is for `{state.get('mechanism')}`, not `{self.mechanism}`"
+            )
+        history = [(float(s), float(q), int(n)) for s, q, n in state.get("history", [])]
+        for sigma, q, n in history:
+            _check_step(sigma, q, n)
+        self.history = history
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.state_dict()).encode()
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> GaussianAccountant:
+        acc = cls(state.get("mechanism", "rdp"))
+        acc.load_state_dict(state)
+        return acc
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GaussianAccountant:
+        return cls.from_state_dict(json.loads(data.decode()))
+
+
+def _epsilon(mechanism: Mechanism, history: list[tuple[float, float, int]], delta: float) -> float:
+    _check_delta(delta)
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    opacus_acc = create_accountant(mechanism=mechanism)
+    opacus_acc.history = list(history)
+    return float(opacus_acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    mechanism: Mechanism = "rdp",
+) -> float:
+    """Smallest noise multiplier (to 0.01 in epsilon) that keeps ``steps`` steps within budget."""
+    _check_delta(delta)
+    _check_step(0.0, sample_rate, steps)
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=mechanism,
+            )
+        )
+    except ValueError as err:
+        raise PrivacyError(f"`target_epsilon` {target_epsilon} is unreachable: {err}") from None
+
+
+# ---------------------------------------------------------------- record level, per site
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    """What a site's DP-SGD does per step and spends over the whole planned run."""
+
+    num_records: int
+    sample_rate: float  # expected logical batch / records (Poisson sampling)
+    expected_batch_size: int
+    steps_per_round: int
+    rounds: int
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    epsilon: float  # if the site takes part in every round
+
+
+def record_plan(cfg: Config, num_records: int) -> RecordPlan:
+    """The record-level mechanism a site with ``num_records`` records runs under ``cfg``."""
+    rec, train = cfg.privacy.record, cfg.train
+    batch = train.batch_size * train.grad_accum
+    if batch > num_records:
+        raise PrivacyError(
+            f"`train.batch_size` x `train.grad_accum` ({batch}) exceeds the site's "
+            f"{num_records} records: DP-SGD needs a sample rate below 1"
+        )
+    q, steps = batch / num_records, cfg.federation.rounds * train.local_steps
+    delta = rec.delta if rec.delta is not None else default_delta(num_records)
+    sigma = rec.noise_multiplier
+    if sigma is None:
+        target = rec.target_epsilon if rec.target_epsilon is not None else math.inf
+        sigma = calibrate_noise(
+            target_epsilon=target, delta=delta, sample_rate=q, steps=steps,
+            mechanism=rec.accountant,
+        )  # fmt: skip
+    acc = GaussianAccountant(rec.accountant)
+    eps = acc.projected_epsilon(steps=steps, sample_rate=q, noise_multiplier=sigma, delta=delta)
+    return RecordPlan(
+        num_records, q, batch, train.local_steps, cfg.federation.rounds, sigma,
+        rec.max_grad_norm, delta, eps,
+    )  # fmt: skip
+
+
+def decline_reason(
+    accountant: GaussianAccountant, plan: RecordPlan, budget_epsilon: float | None
+) -> str | None:
+    """Why a site must decline its next round (budget would be exceeded), else None."""
+    if budget_epsilon is None:
+        return None
+    after = accountant.projected_epsilon(
+        steps=plan.steps_per_round, sample_rate=plan.sample_rate,
+        noise_multiplier=plan.noise_multiplier, delta=plan.delta,
+    )  # fmt: skip
+    if after <= budget_epsilon:
+        return None
+    spent = accountant.epsilon(plan.delta)
+    return (
+        f"declining to train: record-level epsilon would reach {after:.3f} > budget "
+        f"{budget_epsilon:.3f} (spent so far {spent:.3f}, delta {plan.delta:.2e})"
+    )
+
+
+# ---------------------------------------------------------------- institution level
+
+
+def secure_rng() -> np.random.Generator:
+    """A generator seeded from the OS. DP noise must never come from a public (config) seed:
+    whoever knows the seed can subtract the noise."""
+    return np.random.default_rng(secrets.randbits(128))
+
+
+def clip_update(vec: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:
+    """Scale ``vec`` to L2 norm at most ``clip_norm``; returns (clipped, original norm)."""
+    if clip_norm <= 0:
+        raise PrivacyError(f"`clip_norm` must be positive (got {clip_norm})")
+    flat = np.asarray(vec, dtype=np.float64)
+    norm = float(np.linalg.norm(flat))
+    if not math.isfinite(norm):
+        raise PrivacyError("update has a non-finite norm; refusing to clip it")
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    clipped = (flat * scale).astype(np.asarray(vec).dtype, copy=False)
+    return clipped, norm
+
+
+def noise_share_std(*, noise_multiplier: float, clip_norm: float, min_sites: int) -> float:
+    """Std of one site's share so that any ``k >= min_sites`` shares sum to std >= sigma*C."""
+    if min_sites <= 0:
+        raise PrivacyError(f"`federation.min_sites` must be positive (got {min_sites})")
+    _check_step(noise_multiplier, 1.0, 0)
+    return noise_multiplier * clip_norm / math.sqrt(min_sites)
+
+
+def add_noise_share(
+    vec: np.ndarray,
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    min_sites: int,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Distributed DP: a site adds its share of the institution-level noise to its update."""
+    std = noise_share_std(
+        noise_multiplier=noise_multiplier, clip_norm=clip_norm, min_sites=min_sites
+    )
+    gen = rng if rng is not None else secure_rng()
+    return (vec + gen.normal(0.0, std, size=np.shape(vec))).astype(np.asarray(vec).dtype)
+
+
+def add_server_noise(
+    total: np.ndarray,
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Central DP (no secure aggregation): the server adds std ``sigma*C`` to the clipped sum."""
+    _check_step(noise_multiplier, 1.0, 0)
+    gen = rng if rng is not None else secure_rng()
+    noise = gen.normal(0.0, noise_multiplier * clip_norm, size=np.shape(total))
+    return (total + noise).astype(np.asarray(total).dtype)
+
+
+def institution_sample_rate(sites_per_round: int, num_sites: int) -> float:
+    """``q`` of the institution-level accountant. Flower samples a fixed number of sites without
+    replacement; accounting it as Poisson sampling at the same rate follows McMahan et al. 2018."""
+    if num_sites <= 0:
+        raise PrivacyError(f"`num_sites` must be positive (got {num_sites})")
+    chosen = num_sites if sites_per_round in (0, None) else min(sites_per_round, num_sites)
+    return chosen / num_sites
+
+
+class InstitutionAccountant:
+    """Server-side epsilon of each institution's whole dataset, one step per round.
+
+    Accounts the planned ``noise_multiplier``: with distributed noise and more than ``min_sites``
+    survivors the sum carries more noise than planned, so this is an upper bound.
+    """
+
+    def __init__(self, cfg: InstitutionDPConfig, sample_rate: float) -> None:
+        _check_step(cfg.noise_multiplier, sample_rate, 0)
+        self.noise_multiplier, self.sample_rate, self.delta = (
+            cfg.noise_multiplier, sample_rate, cfg.delta,
+        )  # fmt: skip
+        self.accountant = GaussianAccountant(cfg.accountant)
+
+    def step_round(self) -> float:
+        """Account one aggregated round; returns epsilon so far."""
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return self.epsilon()
+
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(self.delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.accountant.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.accountant.load_state_dict(state)
+
+
+def institution_epsilon_planned(cfg: Config, num_sites: int) -> float:
+    """Institution-level epsilon after ``federation.rounds`` rounds."""
+    inst = cfg.privacy.institution
+    if cfg.federation.weighting != "uniform":
+        # A weight w_i scales a site's contribution to the sum, and so its sensitivity, to w_i*C.
+        raise PrivacyError(
+            "institution-level DP needs `federation.weighting` = `uniform` (got "
+            f"`{cfg.federation.weighting}`): weighted sums break the clip bound "
+            "`privacy.institution.clip_norm`"
+        )
+    q = institution_sample_rate(cfg.federation.sites_per_round, num_sites)
+    acc = GaussianAccountant(inst.accountant)
+    return acc.projected_epsilon(
+        steps=cfg.federation.rounds, sample_rate=q,
+        noise_multiplier=inst.noise_multiplier, delta=inst.delta,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- ledger and report
+
+
+@dataclass(frozen=True)
+class PrivacySummary:
+    """Totals of a run (or of a plan): what the model card and the privacy report state."""
+
+    rounds: int
+    planned: bool
+    record_epsilon: dict[str, float] = field(default_factory=dict)  # per site; empty = off
+    record_delta: dict[str, float] = field(default_factory=dict)
+    institution_epsilon: float | None = None  # None = institution level off
+    institution_delta: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrivacySummary:
+        return cls(**dict(data))
+
+
+@dataclass
+class LedgerEntry:
+    round: int
+    record_epsilon: dict[str, float]  # cumulative, per site that reported this round
+    institution_epsilon: float | None
+    declined: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PrivacyLedger:
+    """Per-round privacy entries of a run; ``summary()`` gives the totals."""
+
+    record_delta: dict[str, float] = field(default_factory=dict)
+    institution_delta: float | None = None
+    entries: list[LedgerEntry] = field(default_factory=list)
+
+    def add(
+        self,
+        round: int,
+        record_epsilon: Mapping[str, float],
+        institution_epsilon: float | None = None,
+        record_delta: Mapping[str, float] | None = None,
+        declined: list[str] | None = None,
+    ) -> LedgerEntry:
+        self.record_delta.update(record_delta or {})
+        entry = LedgerEntry(round, dict(record_epsilon), institution_epsilon, list(declined or []))
+        self.entries.append(entry)
+        return entry
+
+    def summary(self) -> PrivacySummary:
+        latest: dict[str, float] = {}
+        for e in self.entries:
+            latest.update(e.record_epsilon)
+        inst = [e.institution_epsilon for e in self.entries if e.institution_epsilon is not None]
+        return PrivacySummary(
+            rounds=max((e.round for e in self.entries), default=0), planned=False,
+            record_epsilon=latest, record_delta=dict(self.record_delta),
+            institution_epsilon=inst[-1] if inst else None,
+            institution_delta=self.institution_delta if inst else None,
+        )  # fmt: skip
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyLedger:
+        data = json.loads(text)
+        entries = [LedgerEntry(**e) for e in data.get("entries", [])]
+        return cls(data.get("record_delta", {}), data.get("institution_delta"), entries)
+
+
+def plan(cfg: Config, num_records_per_site: Mapping[str, int]) -> PrivacySummary:
+    """What ``cfg`` will spend if every site takes part in every round (an upper bound)."""
+    if not num_records_per_site:
+        raise PrivacyError("`num_records_per_site` is empty: a plan needs at least one site")
+    rec_eps: dict[str, float] = {}
+    rec_delta: dict[str, float] = {}
+    if cfg.privacy.record.enabled:
+        for site, n in num_records_per_site.items():
+            p = record_plan(cfg, n)
+            rec_eps[site], rec_delta[site] = p.epsilon, p.delta
+    inst = cfg.privacy.institution
+    inst_eps = institution_epsilon_planned(cfg, len(num_records_per_site)) if inst.enabled else None
+    return PrivacySummary(
+        cfg.federation.rounds, True, rec_eps, rec_delta, inst_eps,
+        inst.delta if inst.enabled else None,
+    )  # fmt: skip
+
+
+def _fmt(eps: float) -> str:
+    return "infinite (no protection)" if math.isinf(eps) else f"{eps:.2f}"
+
+
+def report_text(summary: PrivacySummary | Mapping[str, Any]) -> str:
+    """A plain statement of the guarantee, for a privacy officer."""
+    s = summary if isinstance(summary, PrivacySummary) else PrivacySummary.from_dict(summary)
+    when = f"planned for {s.rounds} rounds" if s.planned else f"after {s.rounds} rounds"
+    lines = [f"Privacy guarantee ({when}):"]
+    if s.record_epsilon:
+        eps, delta = max(s.record_epsilon.values()), max(s.record_delta.values())
+        lines.append(f"- Each patient record: ({_fmt(eps)}, {delta:.1e})-DP (worst site).")
+        lines += [
+            f"    site {k}: epsilon {_fmt(v)}, delta {s.record_delta.get(k, delta):.1e}"
+            for k, v in sorted(s.record_epsilon.items())
+        ]
+    else:
+        lines.append("- Each patient record: no record-level DP (not protected by noise).")
+    if s.institution_epsilon is not None:
+        lines.append(
+            f"- Each institution's entire dataset: ({_fmt(s.institution_epsilon)}, "
+            f"{s.institution_delta:.1e})-DP."
+        )
+    else:
+        lines.append("- Each institution's entire dataset: no institution-level DP.")
+    lines.append(
+        "(epsilon, delta)-DP means: adding or removing that one record (or that whole institution) "
+        "changes the probability of any outcome of the published model by at most a factor "
+        "e^epsilon, except with probability delta."
+    )
+    return "\n".join(lines)

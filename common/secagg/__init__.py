@@ -1,0 +1,46 @@
+"""Secure aggregation (Bonawitz et al. CCS 2017; SecAgg+, Bell et al. CCS 2020), without Flower.
+
+The server learns the sum of the sites' updates and nothing else about any one of them; sites may
+drop out at any stage after key advertisement while at least ``threshold`` survive. Full spec:
+docs/secure-aggregation.md.
+
+Public API (three site calls per round; every message is plain data via ``to_dict``/``from_dict``):
+
+Site (each call may be a new process; persist ``to_bytes()``, rebuild with ``from_bytes``)::
+
+    client = SecAggClient(site_id, params, round_id)
+    advert: KeyAdvert = client.advertise()                               # stage 1
+    upload: MaskedUpload = client.mask(update_float32_1d, mask_request)  # stage 2
+    reply: UnmaskReply = client.unmask(unmask_request)                   # stage 3
+
+Server::
+
+    server = SecAggServer(params, round_id, sampled_site_ids)
+    mask_request: MaskRequest = server.mask_request({site: advert, ...})  # to every advertiser
+    server.add_upload(upload)                                             # per upload received
+    requests: dict[int, UnmaskRequest] = server.unmask_requests()         # one per survivor
+    result: AggregateResult = server.finish({site: reply, ...})           # .total, .contributors
+
+``simulate_round(updates, params, drop_after_stage=...)`` runs a round in one process.
+"""
+
+from common.secagg.client import SecAggClient
+from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
+from common.secagg.params import SecAggParams
+from common.secagg.quantize import Quantizer
+from common.secagg.server import AggregateResult, SecAggServer
+from common.secagg.simulate import simulate_round
+
+__all__ = [
+    "AggregateResult",
+    "KeyAdvert",
+    "MaskRequest",
+    "MaskedUpload",
+    "Quantizer",
+    "SecAggClient",
+    "SecAggParams",
+    "SecAggServer",
+    "UnmaskReply",
+    "UnmaskRequest",
+    "simulate_round",
+]

@@ -1,0 +1,272 @@
+"""The site's side of one secure-aggregation round: three calls, state serialisable in between.
+
+Stages (docs/secure-aggregation.md has the full spec):
+
+1. :meth:`SecAggClient.advertise` -> :class:`KeyAdvert` (fresh X25519 pairs ``c`` and ``s``).
+2. :meth:`SecAggClient.mask` (update, :class:`MaskRequest`) -> :class:`MaskedUpload`: quantize,
+   add a self mask from a fresh seed ``b`` and pairwise masks with neighbours, Shamir-share ``b``
+   and each pair key among the neighbourhood, encrypt each neighbour's shares to it.
+3. :meth:`SecAggClient.unmask` (:class:`UnmaskRequest`) -> :class:`UnmaskReply`: after checking
+   the server's view against its own, reveal for every surviving neighbour its self-mask share and
+   the shares of its pair keys with absent sites, never a pair key between two survivors.
+
+Each call may run in a new process: persist :meth:`SecAggClient.to_bytes` after each call and
+rebuild with :meth:`SecAggClient.from_bytes`. The state holds the secret keys: keep it on the site.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.errors import SecAggError
+from common.secagg import crypto, shamir
+from common.secagg.graph import Graph, build_graph, component_size
+from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
+from common.secagg.params import SecAggParams
+from common.secagg.quantize import Quantizer
+
+logger = logging.getLogger(__name__)
+
+_ADVERTISED, _MASKED, _DONE = "advertised", "masked", "done"
+
+
+@dataclass
+class _State:
+    """Everything a site keeps between stages. Hex-encoded bytes so it serialises as JSON."""
+
+    site_id: int
+    round_id: int
+    params: dict[str, Any]
+    stage: str
+    c_secret: str
+    s_secret: str
+    site_ids: list[int] = field(default_factory=list)
+    graph_seed: str = ""
+    c_publics: dict[str, str] = field(default_factory=dict)  # neighbour -> c public key
+    own_self_share: str = ""
+    own_pair_shares: dict[str, str] = field(default_factory=dict)  # neighbour -> my share
+
+
+class SecAggClient:
+    """One site in one round. Create it per round: keys and seeds are never reused."""
+
+    def __init__(self, site_id: int, params: SecAggParams, round_id: int) -> None:
+        c_secret, _ = crypto.new_keypair()
+        s_secret, _ = crypto.new_keypair()
+        self._params = params
+        self._s = _State(
+            site_id, round_id, params.to_dict(), _ADVERTISED, c_secret.hex(), s_secret.hex()
+        )
+
+    @property
+    def site_id(self) -> int:
+        return self._s.site_id
+
+    @property
+    def stage(self) -> str:
+        """``advertised`` (after construction), ``masked`` or ``done``."""
+        return self._s.stage
+
+    def to_bytes(self) -> bytes:
+        """The whole state, secrets included: store it on the site only."""
+        return json.dumps(asdict(self._s), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SecAggClient:
+        try:
+            state = _State(**json.loads(data))
+        except (ValueError, TypeError) as exc:
+            raise SecAggError(f"corrupt secure-aggregation client state: {exc}") from exc
+        client = cls.__new__(cls)
+        client._params, client._s = SecAggParams.from_dict(state.params), state
+        return client
+
+    # Stage 1 ------------------------------------------------------------------------------------
+    def advertise(self) -> KeyAdvert:
+        """The two public keys; the secrets stay in the state."""
+        c_pub = crypto.public_of(bytes.fromhex(self._s.c_secret))
+        s_pub = crypto.public_of(bytes.fromhex(self._s.s_secret))
+        return KeyAdvert(self._s.site_id, c_pub, s_pub)
+
+    # Stage 2 ------------------------------------------------------------------------------------
+    def mask(self, update: NDArray[np.floating], request: MaskRequest) -> MaskedUpload:
+        """Masked, quantized ``update`` (1-D, clipped and noised upstream) and encrypted shares."""
+        graph = self._check_mask_request(update, request)
+        me, rid = self._s.site_id, self._s.round_id
+        neighbours = sorted(graph[me])
+        quantizer = Quantizer(self._params, len(request.adverts))
+        seed = os.urandom(crypto.KEY_BYTES)
+        pair_keys = {v: self._pair_key(v, request.adverts[v].s_public) for v in neighbours}
+        masked = _apply_masks(quantizer, quantizer.encode(update), me, rid, seed, pair_keys)
+        shares = self._share_secrets(seed, pair_keys, request)
+        self._s.stage, self._s.s_secret = _MASKED, ""  # s is no longer needed: forget it
+        self._s.site_ids, self._s.graph_seed = sorted(request.adverts), request.graph_seed.hex()
+        self._s.c_publics = {str(v): request.adverts[v].c_public.hex() for v in neighbours}
+        return MaskedUpload(
+            site_id=me,
+            masked=masked,
+            shares=shares,
+            self_commit=crypto.commit(b"self", seed),
+            pair_commits={v: crypto.commit(b"pair", k) for v, k in pair_keys.items()},
+        )
+
+    def _check_mask_request(self, update: NDArray[np.floating], request: MaskRequest) -> Graph:
+        self._expect_stage(_ADVERTISED, request.round_id)
+        me = self._s.site_id
+        if request.adverts.get(me) != self.advertise():
+            raise SecAggError(f"site {me}: the server relayed a wrong advert for this site")
+        keys = [k for a in request.adverts.values() for k in (a.c_public, a.s_public)]
+        if len(set(keys)) != len(keys):
+            raise SecAggError(f"site {me}: two adverts share a public key")
+        if update.ndim != 1 or not np.issubdtype(update.dtype, np.floating):
+            raise SecAggError(
+                f"`update` must be a 1-D float array, got {update.dtype}{update.shape}"
+            )
+        if not np.isfinite(update).all():
+            raise SecAggError(f"site {me}: `update` contains NaN or infinity")
+        graph = build_graph(list(request.adverts), self._params.neighbours, request.graph_seed)
+        if len(graph[me]) + 1 < self._params.threshold:
+            raise SecAggError(
+                f"site {me}: {len(graph[me]) + 1} sites in the neighbourhood, fewer than "
+                f"`threshold` {self._params.threshold}"
+            )
+        return graph
+
+    def _pair_key(self, peer: int, peer_public: bytes) -> bytes:
+        secret = bytes.fromhex(self._s.s_secret)
+        return crypto.agree(
+            secret, peer_public, b"pair-mask", self._s.round_id, self._s.site_id, peer
+        )
+
+    def _share_secrets(
+        self, seed: bytes, pair_keys: dict[int, bytes], request: MaskRequest
+    ) -> dict[int, bytes]:
+        """Shamir-share the seed and every pair key over the neighbourhood (me included), then
+        seal each neighbour's shares to it (Bonawitz et al. §4 ShareKeys; Bell et al. §3)."""
+        me, t = self._s.site_id, self._params.threshold
+        holders = sorted([me, *pair_keys])
+        seed_shares = shamir.split(seed, holders, t)
+        key_shares = {v: shamir.split(k, holders, t) for v, k in sorted(pair_keys.items())}
+        self._s.own_self_share = seed_shares[me].hex()
+        self._s.own_pair_shares = {str(v): s[me].hex() for v, s in key_shares.items()}
+        c_secret = bytes.fromhex(self._s.c_secret)
+        sealed: dict[int, bytes] = {}
+        for r in pair_keys:
+            plain = seed_shares[r] + b"".join(s[r] for s in key_shares.values())
+            key = crypto.agree(
+                c_secret, request.adverts[r].c_public, b"share-key", request.round_id, me, r
+            )
+            sealed[r] = crypto.seal(key, plain, request.round_id, me, r)
+        return sealed
+
+    # Stage 3 ------------------------------------------------------------------------------------
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Reveal what removes the masks, after checking the request is consistent and safe."""
+        graph = self._check_unmask_request(request)
+        me, absent = self._s.site_id, set(request.absent)
+        self_shares = {me: bytes.fromhex(self._s.own_self_share)}
+        pair_shares = {
+            (me, int(v)): bytes.fromhex(s)
+            for v, s in self._s.own_pair_shares.items()
+            if int(v) in absent
+        }
+        for sender, blob in request.shares.items():
+            seed_share, key_shares = self._open(sender, blob, sorted(graph[sender]))
+            self_shares[sender] = seed_share
+            pair_shares.update({(sender, v): s for v, s in key_shares.items() if v in absent})
+        self._forget()
+        return UnmaskReply(me, self_shares, pair_shares)
+
+    def _check_unmask_request(self, request: UnmaskRequest) -> Graph:
+        self._expect_stage(_MASKED, request.round_id)
+        me, t = self._s.site_id, self._params.threshold
+        survivors, absent = set(request.survivors), set(request.absent)
+        if both := survivors & absent:
+            raise SecAggError(f"site {me}: asked to treat {sorted(both)} as survivor and absent")
+        if survivors | absent != set(self._s.site_ids) or me not in survivors:
+            raise SecAggError(f"site {me}: survivor/absent lists do not match the advertised sites")
+        graph = build_graph(
+            self._s.site_ids, self._params.neighbours, bytes.fromhex(self._s.graph_seed)
+        )
+        expected = graph[me] & survivors
+        if set(request.shares) != expected:
+            raise SecAggError(
+                f"site {me}: shares came from {sorted(request.shares)}, but the surviving "
+                f"neighbours are {sorted(expected)}"
+            )
+        if len(survivors) < t or component_size(graph, survivors, me) < t:
+            # Bonawitz et al. §4 Unmasking: a site refuses when fewer than t inputs would be summed.
+            raise SecAggError(f"site {me}: fewer than `threshold` {t} survivors are masked with it")
+        return graph
+
+    def _open(
+        self, sender: int, blob: bytes, sender_neighbours: list[int]
+    ) -> tuple[bytes, dict[int, bytes]]:
+        me, rid = self._s.site_id, self._s.round_id
+        c_secret = bytes.fromhex(self._s.c_secret)
+        key = crypto.agree(
+            c_secret, bytes.fromhex(self._s.c_publics[str(sender)]), b"share-key", rid, me, sender
+        )
+        plain = crypto.open_sealed(key, blob, rid, sender, me)
+        size = shamir.SHARE_BYTES
+        if len(plain) != size * (1 + len(sender_neighbours)):
+            raise SecAggError(f"site {me}: share bundle from site {sender} has the wrong length")
+        chunks = [plain[i : i + size] for i in range(0, len(plain), size)]
+        return chunks[0], dict(zip(sender_neighbours, chunks[1:], strict=True))
+
+    def _expect_stage(self, stage: str, round_id: int) -> None:
+        if round_id != self._s.round_id:
+            raise SecAggError(
+                f"site {self._s.site_id}: request for round {round_id}, "
+                f"state is round {self._s.round_id}"
+            )
+        if self._s.stage != stage:
+            raise SecAggError(
+                f"site {self._s.site_id}: request for stage `{stage}` but this site is at "
+                f"`{self._s.stage}` (each stage runs once per round)"
+            )
+
+    def _forget(self) -> None:
+        """After revealing, nothing secret remains useful; a second unmask must be impossible."""
+        self._s.stage, self._s.c_secret = _DONE, ""
+        self._s.own_self_share, self._s.own_pair_shares = "", {}
+
+
+def _apply_masks(
+    quantizer: Quantizer,
+    encoded: NDArray[np.unsignedinteger],
+    me: int,
+    round_id: int,
+    seed: bytes,
+    pair_keys: dict[int, bytes],
+) -> NDArray[np.unsignedinteger]:
+    """y = x + PRG(b) + sum_{v > me} PRG(k) - sum_{v < me} PRG(k)  (mod 2^b), in place.
+
+    Bonawitz et al. §3: the lower id adds and the higher subtracts, so pair masks cancel in the sum.
+    """
+    size, dtype = encoded.shape[0], quantizer.dtype
+    np.add(
+        encoded,
+        crypto.prg(crypto.derive(seed, b"self-mask", round_id, me), size, dtype),
+        out=encoded,
+    )
+    for peer, key in pair_keys.items():
+        op = np.add if me < peer else np.subtract
+        op(encoded, crypto.prg(key, size, dtype), out=encoded)
+    return reduce_mod(encoded, quantizer)
+
+
+def reduce_mod(
+    values: NDArray[np.unsignedinteger], quantizer: Quantizer
+) -> NDArray[np.unsignedinteger]:
+    """``values mod 2^b`` in place (a no-op when b is the word size: numpy wraps)."""
+    if quantizer.params.modulus_bits not in (32, 64):
+        np.bitwise_and(values, quantizer.dtype(quantizer.modulus_mask), out=values)
+    return values

@@ -1,0 +1,189 @@
+"""The messages of one round, as plain values that fit Flower records.
+
+Every message has ``to_dict()`` giving only int, str, bytes and lists of those (a Flower
+ConfigRecord's value types) and a ``from_dict()`` that validates and raises
+:class:`~common.errors.SecAggError` on anything malformed. The masked vector of
+:class:`MaskedUpload` is a numpy array that travels separately (an ArrayRecord).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.errors import SecAggError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _get(data: Mapping[str, Any], key: str, kind: type[T]) -> T:
+    value = data.get(key) if isinstance(data, Mapping) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SecAggError(f"`{key}` must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _list(data: Mapping[str, Any], key: str, kind: type[T]) -> list[T]:
+    values = _get(data, key, list)
+    if not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+        raise SecAggError(f"`{key}` must be a list of {kind.__name__}")
+    return values
+
+
+def _zip(data: Mapping[str, Any], keys: str, values: str) -> dict[int, bytes]:
+    ids, blobs = _list(data, keys, int), _list(data, values, bytes)
+    if len(ids) != len(blobs) or len(set(ids)) != len(ids):
+        raise SecAggError(f"`{keys}` and `{values}` must have equal length and unique ids")
+    return dict(zip(ids, blobs, strict=True))
+
+
+@dataclass(frozen=True)
+class KeyAdvert:
+    """Stage 1, site -> server: the site's two X25519 public keys (32 bytes each)."""
+
+    site_id: int
+    c_public: bytes  # encrypts shares
+    s_public: bytes  # agrees pairwise mask keys
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site_id": self.site_id, "c_public": self.c_public, "s_public": self.s_public}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KeyAdvert:
+        advert = cls(
+            _get(data, "site_id", int), _get(data, "c_public", bytes), _get(data, "s_public", bytes)
+        )
+        if len(advert.c_public) != 32 or len(advert.s_public) != 32:
+            raise SecAggError(f"site {advert.site_id}: public keys must be 32 bytes")
+        return advert
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """Stage 2, server -> every site (same content): all adverts and the graph seed."""
+
+    round_id: int
+    graph_seed: bytes
+    adverts: dict[int, KeyAdvert]
+
+    def to_dict(self) -> dict[str, Any]:
+        ids = sorted(self.adverts)
+        return {
+            "round_id": self.round_id,
+            "graph_seed": self.graph_seed,
+            "site_ids": ids,
+            "c_publics": [self.adverts[i].c_public for i in ids],
+            "s_publics": [self.adverts[i].s_public for i in ids],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MaskRequest:
+        c_pub, s_pub = _zip(data, "site_ids", "c_publics"), _zip(data, "site_ids", "s_publics")
+        adverts = {
+            i: KeyAdvert.from_dict({"site_id": i, "c_public": c_pub[i], "s_public": s_pub[i]})
+            for i in c_pub
+        }
+        return cls(_get(data, "round_id", int), _get(data, "graph_seed", bytes), adverts)
+
+
+@dataclass(frozen=True)
+class MaskedUpload:
+    """Stage 2, site -> server: masked vector, encrypted shares for neighbours, commitments."""
+
+    site_id: int
+    masked: NDArray[np.unsignedinteger]  # (d,) uint32 (b <= 32) or uint64: the ArrayRecord part
+    shares: dict[int, bytes]  # receiver -> AES-GCM ciphertext
+    self_commit: bytes  # SHA-256 commitment to the self-mask seed
+    pair_commits: dict[int, bytes] = field(default_factory=dict)  # neighbour -> pair-key commitment
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but :attr:`masked`."""
+        receivers, peers = sorted(self.shares), sorted(self.pair_commits)
+        return {
+            "site_id": self.site_id,
+            "share_receivers": receivers,
+            "shares": [self.shares[r] for r in receivers],
+            "self_commit": self.self_commit,
+            "pair_commit_peers": peers,
+            "pair_commits": [self.pair_commits[p] for p in peers],
+        }
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], masked: NDArray[np.unsignedinteger]
+    ) -> MaskedUpload:
+        return cls(
+            site_id=_get(data, "site_id", int),
+            masked=masked,
+            shares=_zip(data, "share_receivers", "shares"),
+            self_commit=_get(data, "self_commit", bytes),
+            pair_commits=_zip(data, "pair_commit_peers", "pair_commits"),
+        )
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage 3, server -> one surviving site: who uploaded, who did not, and its routed shares."""
+
+    round_id: int
+    survivors: list[int]  # sites whose masked vector is in the sum
+    absent: list[int]  # advertised keys but never uploaded
+    shares: dict[int, bytes]  # sender -> ciphertext addressed to this site
+
+    def to_dict(self) -> dict[str, Any]:
+        senders = sorted(self.shares)
+        return {
+            "round_id": self.round_id,
+            "survivors": sorted(self.survivors),
+            "absent": sorted(self.absent),
+            "share_senders": senders,
+            "shares": [self.shares[s] for s in senders],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UnmaskRequest:
+        return cls(
+            round_id=_get(data, "round_id", int),
+            survivors=_list(data, "survivors", int),
+            absent=_list(data, "absent", int),
+            shares=_zip(data, "share_senders", "shares"),
+        )
+
+
+@dataclass(frozen=True)
+class UnmaskReply:
+    """Stage 3, site -> server: self-mask shares of survivors, pair-key shares towards absentees."""
+
+    site_id: int
+    self_shares: dict[int, bytes]  # survivor -> share of its self-mask seed
+    pair_shares: dict[tuple[int, int], bytes]  # (survivor, absent neighbour) -> pair-key share
+
+    def to_dict(self) -> dict[str, Any]:
+        owners, pairs = sorted(self.self_shares), sorted(self.pair_shares)
+        return {
+            "site_id": self.site_id,
+            "self_owners": owners,
+            "self_shares": [self.self_shares[o] for o in owners],
+            "pair_owners": [p[0] for p in pairs],
+            "pair_peers": [p[1] for p in pairs],
+            "pair_shares": [self.pair_shares[p] for p in pairs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UnmaskReply:
+        owners, peers = _list(data, "pair_owners", int), _list(data, "pair_peers", int)
+        blobs = _list(data, "pair_shares", bytes)
+        if not len(owners) == len(peers) == len(blobs):
+            raise SecAggError("`pair_owners`, `pair_peers` and `pair_shares` differ in length")
+        return cls(
+            site_id=_get(data, "site_id", int),
+            self_shares=_zip(data, "self_owners", "self_shares"),
+            pair_shares=dict(zip(zip(owners, peers, strict=True), blobs, strict=True)),
+        )

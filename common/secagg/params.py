@@ -1,0 +1,64 @@
+"""Public parameters of a secure-aggregation round, identical on the server and every site."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from common.errors import SecAggError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Protocol parameters (see docs/secure-aggregation.md, "Parameters").
+
+    threshold: t, the number of surviving holders needed to rebuild a secret; also the fewest
+        inputs the server may ever learn a sum of. Up to t - 1 sites colluding with the server
+        learn nothing about another site's input.
+    neighbours: k, each site's number of neighbours (SecAgg+); 0 means everyone (SecAgg). Even.
+    modulus_bits: b, masked vectors live in Z_{2^b} (uint32 for b <= 32, else uint64).
+    clip_range: c, values are clipped to [-c, c] before quantization.
+    stochastic_rounding: unbiased random rounding (error < 1 step) instead of nearest (<= 1/2).
+    """
+
+    threshold: int
+    neighbours: int = 0
+    modulus_bits: int = 32
+    clip_range: float = 1.0
+    stochastic_rounding: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.threshold, bool) or self.threshold < 2:
+            problems.append(f"`threshold` must be an integer >= 2, got {self.threshold!r}")
+        if self.neighbours < 0 or self.neighbours % 2:
+            problems.append(
+                f"`neighbours` must be 0 (everyone) or an even k >= 2, got {self.neighbours!r}"
+            )
+        if 0 < self.neighbours < self.threshold - 1:
+            problems.append(
+                f"`neighbours` ({self.neighbours}) + 1 must be >= `threshold` ({self.threshold}):"
+                " a site's secrets are shared among itself and its neighbours"
+            )
+        if not 8 <= self.modulus_bits <= 64:
+            problems.append(f"`modulus_bits` must be in [8, 64], got {self.modulus_bits!r}")
+        if not (math.isfinite(self.clip_range) and self.clip_range > 0):
+            problems.append(f"`clip_range` must be a finite number > 0, got {self.clip_range!r}")
+        if problems:
+            raise SecAggError("invalid secure-aggregation parameters: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (int, float, bool) for a Flower ConfigRecord."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SecAggParams:
+        """Inverse of :meth:`to_dict`; unknown or missing fields raise :class:`SecAggError`."""
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise SecAggError(f"malformed secure-aggregation parameters: {exc}") from exc

@@ -1,0 +1,194 @@
+"""The coordinator's side of one secure-aggregation round.
+
+Call order: :meth:`SecAggServer.mask_request` (with the adverts that arrived), then
+:meth:`SecAggServer.add_upload` per masked upload that arrived, then
+:meth:`SecAggServer.unmask_requests` (one request per surviving site), then
+:meth:`SecAggServer.finish` with the replies that arrived. Any step raises
+:class:`~common.errors.SecAggError` when the round must be aborted. The server only ever holds
+masked vectors, their running sum, and (after finish) the sum of the survivors' inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.errors import SecAggError
+from common.secagg import crypto, shamir
+from common.secagg.client import reduce_mod
+from common.secagg.graph import Graph, build_graph, component_size
+from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
+from common.secagg.params import SecAggParams
+from common.secagg.quantize import Quantizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """What the round produces: the plain sum of the contributors' (clipped) updates."""
+
+    total: NDArray[np.float64]  # (d,) sum over `contributors` of their updates
+    contributors: list[int]  # sites whose update is in `total` (divide by their public weight)
+    absent: list[int]  # advertised keys but never uploaded
+    error_bound: float  # max |total - true sum| per coordinate, for in-range inputs
+
+
+@dataclass(frozen=True)
+class _Upload:
+    shares: dict[int, bytes]
+    self_commit: bytes
+    pair_commits: dict[int, bytes]
+
+
+class SecAggServer:
+    """Drives one round for the sampled ``site_ids``; create a new one every round."""
+
+    def __init__(
+        self,
+        params: SecAggParams,
+        round_id: int,
+        site_ids: Iterable[int],
+        graph_seed: bytes | None = None,
+    ) -> None:
+        self.params, self.round_id = params, round_id
+        self._sampled = set(site_ids)
+        # Bell et al. §3.2: the graph must be random; a fresh seed per round.
+        self._graph_seed = graph_seed if graph_seed is not None else os.urandom(32)
+        self._adverts: dict[int, KeyAdvert] = {}
+        self._graph: Graph = {}
+        self._quantizer: Quantizer | None = None
+        self._uploads: dict[int, _Upload] = {}
+        self._sum: NDArray[np.unsignedinteger] | None = None
+
+    def mask_request(self, adverts: Mapping[int, KeyAdvert]) -> MaskRequest:
+        """Stage 1 -> 2: the request every advertising site gets (same for all)."""
+        if self._quantizer is not None:
+            raise SecAggError("`mask_request` called twice in one round")
+        for site, advert in adverts.items():
+            if advert.site_id != site or site not in self._sampled:
+                raise SecAggError(f"advert for site {site} is not from a sampled site")
+        self._require(len(adverts), "sites advertised keys")
+        self._adverts = dict(adverts)
+        self._graph = build_graph(list(adverts), self.params.neighbours, self._graph_seed)
+        self._quantizer = Quantizer(self.params, len(adverts))
+        _ = self._quantizer.levels  # raises now if b is too small for this many sites
+        logger.info("secagg round %s: %d sites advertised keys", self.round_id, len(adverts))
+        return MaskRequest(self.round_id, self._graph_seed, self._adverts)
+
+    def add_upload(self, upload: MaskedUpload) -> None:
+        """Stage 2: check one site's upload and add its masked vector to the running sum."""
+        site, quantizer = upload.site_id, self._quantizer
+        if quantizer is None or site not in self._adverts or site in self._uploads:
+            raise SecAggError(f"unexpected or repeated upload from site {site}")
+        if set(upload.shares) != self._graph[site] or set(upload.pair_commits) != self._graph[site]:
+            raise SecAggError(f"site {site}: shares are not addressed to exactly its neighbours")
+        masked = upload.masked
+        if masked.dtype != quantizer.dtype or masked.ndim != 1:
+            raise SecAggError(f"site {site}: masked vector must be 1-D {quantizer.dtype.__name__}")
+        if self._sum is None:
+            self._sum = masked.copy()
+        elif masked.shape != self._sum.shape:
+            raise SecAggError(f"site {site}: masked vector has shape {masked.shape}")
+        else:
+            np.add(self._sum, masked, out=self._sum)
+        self._uploads[site] = _Upload(upload.shares, upload.self_commit, upload.pair_commits)
+
+    def unmask_requests(self) -> dict[int, UnmaskRequest]:
+        """Stage 2 -> 3: one request per surviving site, carrying the shares addressed to it."""
+        survivors, absent = sorted(self._uploads), sorted(set(self._adverts) - set(self._uploads))
+        self._require(len(survivors), "sites uploaded masked vectors")
+        for site in survivors:
+            self._require(
+                component_size(self._graph, survivors, site), f"survivors masked with {site}"
+            )
+            self._require(len((self._graph[site] | {site}) & set(survivors)), f"holders of {site}")
+        requests = {}
+        for site in survivors:
+            routed = {
+                w: self._uploads[w].shares[site] for w in self._graph[site] if w in self._uploads
+            }
+            requests[site] = UnmaskRequest(self.round_id, survivors, absent, routed)
+        logger.info(
+            "secagg round %s: %d uploads, %d absent", self.round_id, len(survivors), len(absent)
+        )
+        return requests
+
+    def finish(self, replies: Mapping[int, UnmaskReply]) -> AggregateResult:
+        """Stage 3: rebuild self-mask seeds and absent pair keys, strip them, decode the sum."""
+        if self._sum is None or self._quantizer is None:
+            raise SecAggError("`finish` called before any masked upload")
+        for site, reply in replies.items():
+            if reply.site_id != site or site not in self._uploads:
+                raise SecAggError(f"unmask reply from site {site}, which was not asked")
+        total, size = self._sum, self._sum.shape[0]
+        for owner in sorted(self._uploads):
+            self._remove_self_mask(total, owner, replies, size)
+            for peer in sorted(self._graph[owner] - set(self._uploads)):
+                self._remove_pair_mask(total, owner, peer, replies, size)
+        reduce_mod(total, self._quantizer)
+        self._sum = None  # the unmasked sum is handed over, not kept
+        count = len(self._uploads)
+        return AggregateResult(
+            total=self._quantizer.decode_sum(total, count),
+            contributors=sorted(self._uploads),
+            absent=sorted(set(self._adverts) - set(self._uploads)),
+            error_bound=self._quantizer.error_bound(count),
+        )
+
+    def _remove_self_mask(
+        self,
+        total: NDArray[np.unsignedinteger],
+        owner: int,
+        replies: Mapping[int, UnmaskReply],
+        size: int,
+    ) -> None:
+        shares = {h: r.self_shares[owner] for h, r in replies.items() if owner in r.self_shares}
+        seed = self._reconstruct(owner, shares, self._uploads[owner].self_commit, b"self")
+        key = crypto.derive(seed, b"self-mask", self.round_id, owner)
+        np.subtract(total, crypto.prg(key, size, total.dtype.type), out=total)
+
+    def _remove_pair_mask(
+        self,
+        total: NDArray[np.unsignedinteger],
+        owner: int,
+        peer: int,
+        replies: Mapping[int, UnmaskReply],
+        size: int,
+    ) -> None:
+        """Undo the owner's mask with an absent peer (it added when owner < peer)."""
+        shares = {
+            h: r.pair_shares[(owner, peer)]
+            for h, r in replies.items()
+            if (owner, peer) in r.pair_shares
+        }
+        key = self._reconstruct(owner, shares, self._uploads[owner].pair_commits[peer], b"pair")
+        op = np.subtract if owner < peer else np.add
+        op(total, crypto.prg(key, size, total.dtype.type), out=total)
+
+    def _reconstruct(
+        self, owner: int, shares: dict[int, bytes], commitment: bytes, purpose: bytes
+    ) -> bytes:
+        holders = self._graph[owner] | {owner}
+        shares = {h: s for h, s in shares.items() if h in holders}
+        if len(shares) < self.params.threshold:
+            raise SecAggError(
+                f"round {self.round_id} aborted: {len(shares)} holders of site {owner}'s secrets "
+                f"answered, `threshold` is {self.params.threshold}"
+            )
+        secret = shamir.combine(shares, self.params.threshold)
+        if crypto.commit(purpose, secret) != commitment:
+            raise SecAggError(f"round {self.round_id}: a share of site {owner}'s secret is corrupt")
+        return secret
+
+    def _require(self, count: int, what: str) -> None:
+        if count < self.params.threshold:
+            raise SecAggError(
+                f"round {self.round_id} aborted: {count} {what}, fewer than `threshold` "
+                f"{self.params.threshold}; nothing is unmasked"
+            )

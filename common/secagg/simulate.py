@@ -1,0 +1,57 @@
+"""A whole round in one process, for tests and benchmarks.
+
+It follows the deployment path: every message goes through ``to_dict``/``from_dict`` and every
+site's state through ``to_bytes``/``from_bytes`` between stages, as separate ClientApp calls would.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.typing import NDArray
+
+from common.secagg.client import SecAggClient
+from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
+from common.secagg.params import SecAggParams
+from common.secagg.server import AggregateResult, SecAggServer
+
+logger = logging.getLogger(__name__)
+
+
+def simulate_round(
+    updates: Mapping[int, NDArray[np.floating]],
+    params: SecAggParams,
+    round_id: int = 0,
+    drop_after_stage: Mapping[int, int] | None = None,
+    graph_seed: bytes | None = None,
+) -> AggregateResult:
+    """Sum ``updates`` (site id -> 1-D float array) under secure aggregation.
+
+    ``drop_after_stage[site] = s`` makes the site vanish after completing stage ``s``: 0 never
+    advertises, 1 advertises but never uploads, 2 uploads but never answers the unmask request.
+    Raises :class:`~common.errors.SecAggError` when the round aborts.
+    """
+    drops = dict(drop_after_stage or {})
+    alive = lambda site, stage: drops.get(site, 3) >= stage  # noqa: E731
+    server = SecAggServer(params, round_id, updates, graph_seed)
+    states: dict[int, bytes] = {}
+    adverts: dict[int, KeyAdvert] = {}
+    for site in (s for s in updates if alive(s, 1)):
+        client = SecAggClient(site, params, round_id)
+        adverts[site] = KeyAdvert.from_dict(client.advertise().to_dict())
+        states[site] = client.to_bytes()
+    request = server.mask_request(adverts).to_dict()
+    for site in (s for s in adverts if alive(s, 2)):
+        client = SecAggClient.from_bytes(states[site])
+        upload = client.mask(updates[site], MaskRequest.from_dict(request))
+        server.add_upload(MaskedUpload.from_dict(upload.to_dict(), upload.masked))
+        states[site] = client.to_bytes()
+    replies: dict[int, UnmaskReply] = {}
+    for site, unmask in server.unmask_requests().items():
+        if alive(site, 3):
+            client = SecAggClient.from_bytes(states[site])
+            reply = client.unmask(UnmaskRequest.from_dict(unmask.to_dict()))
+            replies[site] = UnmaskReply.from_dict(reply.to_dict())
+    return server.finish(replies)

@@ -1,0 +1,212 @@
+"""From records to tensors, and evaluation, for causal LMs and sequence classifiers.
+
+Causal LM: the prompt is rendered with the tokenizer's chat template; the loss covers the answer
+tokens (and the end-of-turn token) only. Classification data on a causal LM becomes a prompt (from
+``data.prompt``) whose answer is the label; accuracy picks the label the model scores highest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from common.config import Config
+from common.errors import DataError
+from common.records import Record
+
+logger = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int] | int  # per-token targets (causal LM) or class index (seq-cls)
+
+
+def prepare_prompt(record: Record, cfg: Config) -> list[dict[str, str]]:
+    """Classification records on a causal LM get the instruction template around their text."""
+    if record.label is None or cfg.model.task == "seq-cls":
+        return record.messages
+    options = ", ".join(cfg.data.labels)
+    text = record.messages[-1]["content"]
+    content = cfg.data.prompt.format(text=text, options=options)
+    return [*record.messages[:-1], {"role": "user", "content": content}]
+
+
+def _render(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    if tok.chat_template:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    text = "\n".join(m["content"] for m in messages) + "\n"
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], budget: int) -> list[int]:
+    """Render the prompt within ``budget`` tokens by shortening its longest message."""
+    ids = _render(tok, messages)
+    if len(ids) <= budget:
+        return ids
+    longest = max(range(len(messages)), key=lambda i: len(messages[i]["content"]))
+    content_ids = tok(messages[longest]["content"], add_special_tokens=False)["input_ids"]
+    keep = max(1, len(content_ids) - (len(ids) - budget) - 2)
+    cut = tok.decode(content_ids[:keep])
+    shorter = [dict(m) for m in messages]
+    shorter[longest]["content"] = cut
+    return _render(tok, shorter)[-budget:]
+
+
+def answer_ids(tok: PreTrainedTokenizerBase, answer: str) -> list[int]:
+    ids = list(tok(answer, add_special_tokens=False)["input_ids"])
+    if tok.eos_token_id is not None:
+        ids.append(int(tok.eos_token_id))
+    return ids
+
+
+def encode(records: list[Record], tok: PreTrainedTokenizerBase, cfg: Config) -> list[Encoded]:
+    max_len = cfg.model.max_length
+    out: list[Encoded] = []
+    if cfg.model.task == "seq-cls":
+        index = {label: i for i, label in enumerate(cfg.data.labels)}
+        for r in records:
+            if r.label is None:
+                raise DataError(f"{r.where}: `label` is required for a sequence classifier")
+            text = "\n".join(m["content"] for m in r.messages)
+            ids = tok(text, truncation=True, max_length=max_len)["input_ids"]
+            out.append(Encoded(list(ids), index[r.label]))
+        return out
+    for r in records:
+        ans = answer_ids(tok, r.answer)[: max_len // 2]
+        prompt = prompt_ids(tok, prepare_prompt(r, cfg), max_len - len(ans))
+        out.append(Encoded(prompt + ans, [IGNORE] * len(prompt) + ans))
+    return out
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad to the longest sequence of the batch."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    causal = isinstance(batch[0].labels, list)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long) if causal else None
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, width - n :] = torch.tensor(e.input_ids)
+        mask[i, width - n :] = 1
+        if labels is not None and isinstance(e.labels, list):
+            labels[i, width - n :] = torch.tensor(e.labels)
+    if labels is None:
+        labels = torch.tensor([int(e.labels) for e in batch])  # type: ignore[arg-type]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean loss over the batch's target tokens (or records) and how many there were."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits
+    if batch["labels"].dim() == 1:
+        return nn.functional.cross_entropy(logits.float(), batch["labels"]), len(batch["labels"])
+    # Shift: token t predicts token t+1. logits (B, T-1, V), targets (B, T-1).
+    targets = batch["labels"][:, 1:]
+    flat = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    count = int((targets != IGNORE).sum())
+    loss = nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE)
+    return loss, count
+
+
+@torch.no_grad()
+def evaluate(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    records: list[Record],
+    cfg: Config,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Loss on the answers and, for labelled records, accuracy of the highest-scored label."""
+    model.eval()
+    encoded = encode(records, tok, cfg)
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        loss, n = batch_loss(model, collate(encoded[i : i + batch_size], _pad(tok)))
+        total, count = total + float(loss) * n, count + n
+    metrics = {"loss": total / max(count, 1), "examples": float(len(records))}
+    if cfg.data.labels and all(r.label is not None for r in records):
+        metrics["accuracy"] = _accuracy(model, tok, records, cfg, batch_size)
+    if not math.isfinite(metrics["loss"]):
+        logger.warning("evaluation loss is not finite")
+    return metrics
+
+
+def _pad(tok: PreTrainedTokenizerBase) -> int:
+    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
+def _accuracy(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    records: list[Record],
+    cfg: Config,
+    batch_size: int,
+) -> float:
+    labels = cfg.data.labels
+    if cfg.model.task == "seq-cls":
+        preds = _classify_head(model, tok, records, cfg, batch_size)
+    else:
+        preds = _classify_lm(model, tok, records, cfg, batch_size)
+    hits = sum(labels[p] == r.label for p, r in zip(preds, records, strict=True))
+    return hits / max(len(records), 1)
+
+
+def _classify_head(model, tok, records, cfg, batch_size) -> list[int]:  # type: ignore[no-untyped-def]
+    enc = encode(records, tok, cfg)
+    preds: list[int] = []
+    for i in range(0, len(enc), batch_size):
+        b = collate(enc[i : i + batch_size], _pad(tok))
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        preds += logits.argmax(-1).tolist()
+    return preds
+
+
+def _classify_lm(model, tok, records, cfg, batch_size) -> list[int]:  # type: ignore[no-untyped-def]
+    """Score each label by the log-probability of its tokens after the prompt; pick the best.
+
+    When the labels' first tokens differ (the usual case), one forward pass per prompt with only
+    the last position's logits suffices; otherwise each label is scored in full.
+    """
+    label_ids = [answer_ids(tok, label)[:-1] for label in cfg.data.labels]
+    firsts = [ids[0] for ids in label_ids]
+    budget = cfg.model.max_length - max(len(ids) for ids in label_ids) - 1
+    prompts = [prompt_ids(tok, prepare_prompt(r, cfg), budget) for r in records]
+    if len(set(firsts)) == len(firsts):
+        return _first_token_choice(model, prompts, firsts, _pad(tok), batch_size)
+    return _full_choice(model, prompts, label_ids, _pad(tok), batch_size)
+
+
+def _first_token_choice(model, prompts, firsts, pad, batch_size) -> list[int]:  # type: ignore[no-untyped-def]
+    preds: list[int] = []
+    for i in range(0, len(prompts), batch_size):
+        b = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts[i : i + batch_size]], pad)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        preds += logits[:, -1, firsts].argmax(-1).tolist()
+    return preds
+
+
+def _full_choice(model, prompts, label_ids, pad, batch_size) -> list[int]:  # type: ignore[no-untyped-def]
+    preds: list[int] = []
+    for p in prompts:
+        seqs = [Encoded(p + ids, [IGNORE] * len(p) + ids) for ids in label_ids]
+        b = collate(seqs, pad)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        targets = b["labels"][:, 1:]
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores = (picked * (targets != IGNORE)).sum(-1)
+        preds.append(int(scores.argmax()))
+    return preds

@@ -1,0 +1,44 @@
+"""fedtune's ServerApp: the same code under `fedtune simulate`, `flwr run .` and a SuperLink.
+
+Run config (Flower's flat key/value map) carries either the whole resolved config as JSON
+(`fedtune-config`, what `fedtune simulate` sends) or a `scenario` TOML path plus overrides; `out`
+names the run folder and `data-root` (simulation only) where virtual sites find their folders.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import from_run_config
+from server.run import FederatedRun
+
+logger = logging.getLogger(__name__)
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = from_run_config(dict(run_config))
+    out = Path(str(run_config.get("out", "runs/latest")))
+    data_root = str(run_config.get("data-root", ""))
+    logger.info("run %s: %d round(s), writing to %s", cfg.name, cfg.federation.rounds, out)
+    return FederatedRun(cfg, out, grid, data_root=data_root).execute()
+
+
+def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; ``run_config`` (used by `fedtune simulate`) fills in Flower's run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        merged = {**dict(context.run_config), **dict(run_config or {})}
+        run_server(grid, merged)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,71 @@
+"""The run folder: resolved config, metrics.jsonl, rounds/<n>/ adapters, summary.json, plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+
+from common.config import Config, to_toml
+
+logger = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    def __init__(self, out: Path, cfg: Config) -> None:
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rounds").mkdir(exist_ok=True)
+        write_atomic(out / "config.toml", to_toml(cfg))
+        self.metrics_path = out / "metrics.jsonl"
+        self.metrics_path.write_text("", encoding="utf-8")
+
+    def round_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def adapter(self, model: PeftModel, round_idx: int) -> Path:
+        """PEFT format (adapter_model.safetensors + adapter_config.json), written then renamed."""
+        final = self.out / "rounds" / str(round_idx)
+        tmp = self.out / "rounds" / f".{round_idx}.tmp"
+        model.save_pretrained(str(tmp))
+        os.replace(tmp, final)
+        return final
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+
+    def plots(self, rows: list[dict[str, Any]]) -> None:
+        """Loss and each eval metric per round, as PNGs under plots/."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plots = self.out / "plots"
+        plots.mkdir(exist_ok=True)
+        series = {"train_loss": "train loss"}
+        series.update({k: k.replace("_", " ") for k in rows[0] if k.startswith("eval_")})
+        for key, title in series.items():
+            points = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            if not points:
+                continue
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+            ax.set_xlabel("round")
+            ax.set_ylabel(title)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(plots / f"{key}.png", dpi=100)
+            plt.close(fig)

@@ -1,0 +1,240 @@
+"""``fedtune publish``: turn a finished run into a signed, servable Hugging Face folder.
+
+Reads top to bottom: load the run, load the base model, evaluate it, apply the chosen round's
+adapter, merge, evaluate again and gate, write everything into a hidden temporary sibling folder,
+sign it, and only then rename it into place. A crash at any point leaves either nothing or a hidden
+``.<name>.tmp-*`` folder without a signature: never a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import Config, load_config
+from common.errors import FedtuneError
+from common.signing import load_private_key, sign_folder
+from server.model_card import render_model_card
+
+logger = logging.getLogger(__name__)
+
+Metrics = dict[str, Any]
+EvaluateFn = Callable[[Any, Any, Config, list[Any]], Metrics]
+LoadBaseFn = Callable[[Config], tuple[Any, Any]]
+
+
+class PublishError(FedtuneError):
+    """The run folder cannot be published (missing files, bad round, existing output)."""
+
+
+class EvaluationGateError(PublishError):
+    """The merged model is worse than the base model by more than the allowed margin."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What publishing reads from a finished run folder."""
+
+    run_dir: Path
+    cfg: Config
+    summary: dict[str, Any]
+    round: int
+    adapter_dir: Path
+    test_records: list[Any]  # common.records.Record
+
+
+def publish(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    signing_key: str | Path,
+    round: int | None = None,
+    force: bool = False,
+    passphrase: str | None = None,
+    *,
+    margin: float = 0.01,
+    loss_margin: float = 0.05,
+    evaluate: EvaluateFn | None = None,
+    load_base: LoadBaseFn | None = None,
+) -> dict[str, Any]:
+    """Merge the adapter of ``round`` (default: last) into the base model and publish it signed.
+
+    Refuses (:class:`EvaluationGateError`) when held-out accuracy drops by more than ``margin``
+    (absolute) or loss rises by more than ``loss_margin`` (relative) versus the base model, unless
+    ``force``. Returns the signed manifest.
+    """
+    out = Path(out_dir)
+    _check_out_dir(out)
+    key = load_private_key(signing_key, passphrase)  # fail on a wrong passphrase before heavy work
+    info = read_run(run_dir, round)
+    model, tokenizer = (load_base or _default_load_base)(info.cfg)
+    evaluate = evaluate or _default_evaluate
+    before = evaluate(model, tokenizer, info.cfg, info.test_records)
+    merged = _merge_adapter(model, info.adapter_dir)
+    after = evaluate(merged, tokenizer, info.cfg, info.test_records)
+    check_gate(before, after, margin, loss_margin, force)
+    extra = {"run_id": str(info.summary.get("run_id", "")), "round": info.round}
+    extra["config_hash"] = info.cfg.digest()
+    extra["evaluation"] = {"base": _jsonable(before), "published": _jsonable(after)}
+    card = render_model_card(info.cfg, info.summary, info.round, before, after)
+    return _write_atomically(
+        out, lambda tmp: _fill_folder(tmp, merged, tokenizer, info, card), key, extra
+    )
+
+
+# ------------------------------------------------------------------------------- reading a run
+
+
+def read_run(run_dir: str | Path, round: int | None = None) -> RunInfo:
+    """Load config, summary, the chosen round's adapter location and the held-out records."""
+    root = Path(run_dir)
+    for name in ("config.toml", "summary.json", "rounds"):
+        if not (root / name).exists():
+            raise PublishError(f"`{root}` is not a finished run: `{name}` is missing")
+    cfg = load_config(root / "config.toml")
+    summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+    chosen = _choose_round(root / "rounds", round)
+    adapter_dir = root / "rounds" / str(chosen)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise PublishError(f"round {chosen} of `{root}` has no `adapter_config.json`")
+    return RunInfo(root, cfg, summary, chosen, adapter_dir, read_test_records(root, cfg))
+
+
+def _choose_round(rounds_dir: Path, wanted: int | None) -> int:
+    available = sorted(int(p.name) for p in rounds_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not available:
+        raise PublishError(f"`{rounds_dir}` holds no saved round")
+    if wanted is None:
+        return available[-1]
+    if wanted not in available:
+        raise PublishError(f"`round` {wanted} was not saved; available rounds: {available}")
+    return wanted
+
+
+def read_test_records(run_dir: Path, cfg: Config) -> list[Any]:
+    """Held-out records: the run's ``test/`` folder, else ``evaluation.test_dir`` of its config."""
+    from common.records import read_folder
+
+    test_dir = run_dir / "test"
+    if not test_dir.is_dir():
+        if not cfg.evaluation.test_dir:
+            raise PublishError(f"`{test_dir}` is missing and `evaluation.test_dir` is empty: "
+                               "the evaluation gate needs held-out records")  # fmt: skip
+        test_dir = Path(cfg.evaluation.test_dir)
+    records = read_folder(test_dir, cfg.data.form, cfg.data.labels)
+    if cfg.evaluation.max_records:
+        records = records[: cfg.evaluation.max_records]
+    if not records:
+        raise PublishError(f"`{test_dir}` holds no test records; the evaluation gate needs some")
+    return list(records)
+
+
+# ------------------------------------------------------------------------- model and the gate
+
+
+def _default_load_base(cfg: Config) -> tuple[Any, Any]:
+    from common.models import load_base
+
+    loaded = load_base(cfg.model, cfg.data.labels)
+    return loaded.model, loaded.tokenizer
+
+
+def _default_evaluate(model: Any, tokenizer: Any, cfg: Config, records: list[Any]) -> Metrics:
+    """The run loop's own evaluation, so publish-time numbers compare with the run summary."""
+    from common.tasks import evaluate
+
+    return evaluate(model, tokenizer, records, cfg, cfg.evaluation.batch_size)
+
+
+def _merge_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Apply the saved PEFT adapter to ``model`` (in place) and fold it into the base weights."""
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (ValueError, RuntimeError, OSError, KeyError) as err:
+        raise PublishError(f"adapter `{adapter_dir}` does not fit the base model: {err}") from None
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    return merged
+
+
+def check_gate(
+    before: Metrics, after: Metrics, margin: float, loss_margin: float, force: bool
+) -> None:
+    """Raise :class:`EvaluationGateError` if ``after`` is worse than ``before`` past a margin."""
+    problems = []
+    acc_b, acc_a = before.get("accuracy"), after.get("accuracy")
+    if acc_b is not None and acc_a is not None and acc_a < acc_b - margin:
+        problems.append(f"accuracy fell from {acc_b:.4f} to {acc_a:.4f} (margin {margin})")
+    loss_b, loss_a = before.get("loss"), after.get("loss")
+    if loss_a is not None and not math.isfinite(loss_a):
+        problems.append(f"loss is {loss_a}")
+    elif loss_b is not None and loss_a is not None and loss_a > loss_b * (1 + loss_margin):
+        problems.append(f"loss rose from {loss_b:.4f} to {loss_a:.4f} (margin {loss_margin:.0%})")
+    if not problems:
+        return
+    message = "merged model is worse than the base model on the held-out set: " + "; ".join(
+        problems
+    )
+    if force:
+        logger.warning("%s; publishing anyway (--force)", message)
+        return
+    raise EvaluationGateError(message + ". Nothing was written; use --force to publish anyway.")
+
+
+# ---------------------------------------------------------------------------- writing the folder
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists():
+        raise PublishError(f"`{out}` already exists; publish into a new folder")
+    if not out.parent.is_dir():
+        raise PublishError(f"parent folder `{out.parent}` does not exist")
+
+
+def _fill_folder(tmp: Path, merged: Any, tokenizer: Any, info: RunInfo, card: str) -> None:
+    """Standard HF layout (weights, config, generation config, tokenizer) + adapter + card."""
+    merged.config.use_cache = True  # training turns the KV cache off; serving needs it
+    merged.save_pretrained(str(tmp))
+    if not (tmp / "generation_config.json").exists():
+        merged.generation_config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    adapter = tmp / "adapter"
+    adapter.mkdir()
+    for src in sorted(info.adapter_dir.iterdir()):
+        if src.is_file():
+            shutil.copyfile(src, adapter / src.name)
+    (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+    for path in tmp.rglob("*"):  # some writers create 0600 files; a published folder is for reading
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _write_atomically(
+    out: Path, fill: Callable[[Path], None], key: Any, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Fill and sign a hidden sibling folder, then rename it to ``out`` in one step."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
+        manifest = sign_folder(tmp, key, extra)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a published folder is meant to be read
+        if out.exists():
+            raise PublishError(f"`{out}` appeared while publishing; not replacing it")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("published %s (%d files)", out, len(manifest["files"]))
+    return manifest
+
+
+def _jsonable(metrics: Metrics) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool | None)}

@@ -1,0 +1,244 @@
+"""The coordinator's round loop, top to bottom: preflight, rounds, outputs.
+
+A failed or empty round raises RoundError and stops the run; it never returns as a success.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.adapters import attach_lora, exchanged_keys, frozen_fingerprint, get_state, set_state
+from common.config import Config
+from common.errors import FedtuneError, RoundError
+from common.models import load_base
+from common.records import Record, read_folder
+from common.tasks import evaluate
+from common.wire import config_record, from_record, to_record
+from server.outputs import RunWriter
+from server.strategy import SiteSampler, SiteUpdate, WeightedFedAvg
+
+logger = logging.getLogger(__name__)
+NODE_WAIT_S = 120.0
+
+
+@dataclass
+class RoundOutcome:
+    updates: list[SiteUpdate]
+    failed: dict[str, str]
+    bytes_up: int
+
+
+@dataclass
+class FederatedRun:
+    cfg: Config
+    out: Path
+    grid: Grid
+    data_root: str = ""
+    on_round: Callable[[dict[str, Any]], None] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    site_names: dict[int, str] = field(default_factory=dict)
+    site_records: dict[str, int] = field(default_factory=dict)
+
+    def execute(self) -> dict[str, Any]:
+        start = time.monotonic()
+        writer = RunWriter(self.out, self.cfg)
+        loaded = load_base(self.cfg.model, self.cfg.data.labels)
+        model = attach_lora(loaded.model, self.cfg.lora, self.cfg.model)
+        keys = exchanged_keys(model, self.cfg.lora)
+        fingerprint = frozen_fingerprint(model, self.cfg.lora)
+        test = self._test_records()
+        base = self._evaluate(model, loaded.tokenizer, test)
+        logger.info("base model: %s", _fmt(base))
+        nodes = self._wait_for_nodes()
+        self._preflight(nodes, fingerprint)
+        state = get_state(model, keys)
+        strategy, sampler = WeightedFedAvg(self.cfg.federation), SiteSampler(self.cfg.federation)
+        final = base
+        for r in range(1, self.cfg.federation.rounds + 1):
+            t0 = time.monotonic()
+            sampled = sampler.sample(nodes, r)
+            outcome = self._train_round(r, sampled, state, fingerprint)
+            state = strategy.apply(state, outcome.updates)
+            set_state(model, state)
+            writer.adapter(model, r)
+            if self._eval_due(r):
+                final = self._evaluate(model, loaded.tokenizer, test)
+            row = self._row(r, outcome, final if self._eval_due(r) else {}, len(sampled), state)
+            row["seconds"] = round(time.monotonic() - t0, 3)
+            self._record(writer, row)
+        summary = self._summary(base, final, time.monotonic() - start, loaded.source)
+        writer.summary(summary)
+        writer.plots(self.rows)
+        return summary
+
+    # -- setup -------------------------------------------------------------------------------
+    def _test_records(self) -> list[Record]:
+        ev = self.cfg.evaluation
+        if not ev.test_dir:
+            return []
+        records = read_folder(ev.test_dir, self.cfg.data.form, self.cfg.data.labels)
+        return records[: ev.max_records] if ev.max_records else records
+
+    def _evaluate(self, model: Any, tok: Any, test: list[Record]) -> dict[str, float]:
+        if not test:
+            return {}
+        return evaluate(model, tok, test, self.cfg, self.cfg.evaluation.batch_size)
+
+    def _eval_due(self, r: int) -> bool:
+        every = self.cfg.federation.evaluate_every
+        return r == self.cfg.federation.rounds or bool(every and r % every == 0)
+
+    def _wait_for_nodes(self) -> list[int]:
+        fed = self.cfg.federation
+        needed = max(fed.min_sites, fed.sites_per_round)
+        deadline = time.monotonic() + NODE_WAIT_S
+        while True:
+            nodes = sorted(int(n) for n in self.grid.get_node_ids())
+            if len(nodes) >= needed or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        if len(nodes) < needed:
+            raise RoundError(
+                f"only {len(nodes)} site(s) connected after {NODE_WAIT_S:.0f} s; "
+                f"need {needed} (`federation.min_sites` / `sites_per_round`)"
+            )
+        logger.info("%d site(s) connected", len(nodes))
+        return nodes
+
+    def _preflight(self, nodes: list[int], fingerprint: str) -> None:
+        """Every site checks its data and model before any training; any failure stops the run."""
+        content = lambda: RecordDict({"config": self._config(0, fingerprint)})  # noqa: E731
+        msgs = [Message(content(), dst_node_id=n, message_type="query.check") for n in nodes]
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s))
+        problems: list[str] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                problems.append(f"site on node {node}: {reply.error.reason}")
+                continue
+            info = reply.content["site"]
+            self.site_names[node] = str(info["name"])
+            self.site_records[str(info["name"])] = int(info["records"])  # type: ignore[call-overload]
+        missing = set(nodes) - {r.metadata.src_node_id for r in replies}
+        problems += [f"node {n}: no answer within the round timeout" for n in sorted(missing)]
+        if problems:
+            raise RoundError("preflight failed, nothing was trained:\n  " + "\n  ".join(problems))
+        logger.info("preflight ok: %s", ", ".join(f"{k} ({v} records)" for k, v in self.site_records.items()))
+
+    def _config(self, round_idx: int, fingerprint: str) -> Any:
+        return config_record(
+            self.cfg, round=round_idx, fingerprint=fingerprint, data_root=self.data_root
+        )
+
+    # -- one round ---------------------------------------------------------------------------
+    def _train_round(
+        self, r: int, sampled: list[int], state: dict[str, np.ndarray], fingerprint: str
+    ) -> RoundOutcome:
+        payload = to_record(state)
+        self._bytes_down = payload.count_bytes() * len(sampled)
+        msgs = [
+            Message(
+                RecordDict({"adapter": payload, "config": self._config(r, fingerprint)}),
+                dst_node_id=n,
+                message_type="train",
+                group_id=str(r),
+            )
+            for n in sampled
+        ]
+        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s)
+        outcome = self._collect(list(replies), sampled, state)
+        if len(outcome.updates) < self.cfg.federation.min_sites:
+            detail = "; ".join(f"{s}: {e}" for s, e in outcome.failed.items()) or "none failed"
+            raise RoundError(
+                f"round {r}: {len(outcome.updates)} site(s) succeeded, "
+                f"`federation.min_sites` is {self.cfg.federation.min_sites} ({detail})"
+            )
+        return outcome
+
+    def _collect(
+        self, replies: list[Message], sampled: list[int], state: dict[str, np.ndarray]
+    ) -> RoundOutcome:
+        outcome = RoundOutcome([], {}, 0)
+        for reply in replies:
+            name = self.site_names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+            if reply.has_error():
+                outcome.failed[name] = reply.error.reason
+                logger.warning("site %s failed this round: %s", name, reply.error.reason)
+                continue
+            try:
+                record = reply.content["update"]
+                delta = from_record(record, expected=state)
+            except (FedtuneError, KeyError) as err:
+                outcome.failed[name] = f"malformed update rejected: {err}"
+                logger.warning("site %s: malformed update rejected: %s", name, err)
+                continue
+            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+            outcome.bytes_up += record.count_bytes()
+            outcome.updates.append(SiteUpdate(name, delta, int(metrics["num-examples"]), metrics))
+        answered = {r.metadata.src_node_id for r in replies}
+        for node in sorted(set(sampled) - answered):
+            name = self.site_names.get(node, str(node))
+            outcome.failed[name] = "no reply within `federation.round_timeout_s`"
+            logger.warning("site %s did not reply in time", name)
+        return outcome
+
+    def _row(
+        self, r: int, outcome: RoundOutcome, ev: dict[str, float], sampled: int, state: dict[str, Any]
+    ) -> dict[str, Any]:
+        weights = np.array([u.records for u in outcome.updates], dtype=np.float64)
+        losses = np.array([u.metrics["train-loss"] for u in outcome.updates])
+        row: dict[str, Any] = {
+            "round": r,
+            "sites": sorted(u.site for u in outcome.updates),
+            "sites_sampled": sampled,
+            "sites_failed": outcome.failed,
+            "train_loss": float((weights * losses).sum() / weights.sum()),
+            "site_train_loss": {u.site: u.metrics["train-loss"] for u in outcome.updates},
+            "bytes_up": outcome.bytes_up,
+            "bytes_down": self._bytes_down,
+        }
+        row.update({f"eval_{k}": v for k, v in ev.items() if k != "examples"})
+        return row
+
+    def _record(self, writer: RunWriter, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        writer.round_metrics(row)
+        logger.info(
+            "round %d/%d: %d site(s), train loss %.4f%s, %.1f s",
+            row["round"], self.cfg.federation.rounds, len(row["sites"]), row["train_loss"],
+            "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("eval_")),
+            row["seconds"],
+        )
+        if self.on_round:
+            self.on_round(row)
+
+    def _summary(
+        self, base: dict[str, float], final: dict[str, float], wall: float, source: str
+    ) -> dict[str, Any]:
+        return {
+            "name": self.cfg.name,
+            "model": source,
+            "task": self.cfg.model.task,
+            "rounds": len(self.rows),
+            "sites": {name: {"records": n} for name, n in sorted(self.site_records.items())},
+            "base": base,
+            "final": final,
+            "train_loss": [row["train_loss"] for row in self.rows],
+            "bytes_up": [row["bytes_up"] for row in self.rows],
+            "bytes_down": [row["bytes_down"] for row in self.rows],
+            "wall_time_s": round(wall, 2),
+            "config_sha256": self.cfg.digest(),
+        }
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "(no test set)"

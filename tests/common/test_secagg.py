@@ -1,0 +1,273 @@
+"""Secure aggregation (common.secagg): correctness, dropouts, aborts, tampering, privacy."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from common.errors import SecAggError
+from common.secagg import (
+    KeyAdvert,
+    MaskedUpload,
+    SecAggClient,
+    SecAggParams,
+    SecAggServer,
+    UnmaskRequest,
+    shamir,
+    simulate_round,
+)
+from common.secagg.graph import build_graph
+from common.secagg.quantize import Quantizer
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _updates(n: int, dim: int, clip: float, seed: int) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {10 + 7 * i: rng.uniform(-clip, clip, dim).astype(np.float32) for i in range(n)}
+
+
+def _plain_sum(updates: dict[int, np.ndarray], sites: list[int]) -> np.ndarray:
+    return np.sum([updates[s].astype(np.float64) for s in sites], axis=0)
+
+
+def _check_sum(updates: dict[int, np.ndarray], result) -> None:  # type: ignore[no-untyped-def]
+    error = np.abs(result.total - _plain_sum(updates, result.contributors)).max()
+    assert error <= result.error_bound * (1 + 1e-9) + 1e-12
+
+
+@st.composite
+def _rounds(draw: st.DrawFn) -> tuple[SecAggParams, dict[int, np.ndarray]]:
+    n = draw(st.integers(2, 9))
+    t = draw(st.integers(2, n))
+    k = draw(st.sampled_from([0, 2, 4, 6]).filter(lambda k: k == 0 or k + 1 >= t))
+    params = SecAggParams(
+        threshold=t,
+        neighbours=k,
+        modulus_bits=draw(st.sampled_from([16, 24, 32, 48, 64])),
+        clip_range=draw(st.sampled_from([0.01, 1.0, 50.0])),
+        stochastic_rounding=draw(st.booleans()),
+    )
+    return params, _updates(
+        n, draw(st.integers(1, 16)), params.clip_range, draw(st.integers(0, 99))
+    )
+
+
+@FAST
+@given(_rounds())
+def test_masked_sum_equals_plain_sum_within_bound(case: tuple[SecAggParams, dict]) -> None:
+    params, updates = case
+    result = simulate_round(updates, params, round_id=3)
+    assert result.contributors == sorted(updates)
+    _check_sum(updates, result)
+
+
+@FAST
+@given(st.integers(3, 8), st.data())
+def test_dropouts_at_any_stage_up_to_n_minus_t(n: int, data: st.DataObject) -> None:
+    t = data.draw(st.integers(2, n))
+    updates = _updates(n, 5, 1.0, n)
+    sites = sorted(updates)
+    dropped = data.draw(st.lists(st.sampled_from(sites), unique=True, max_size=n - t))
+    stages = {s: data.draw(st.integers(0, 2)) for s in dropped}
+    result = simulate_round(updates, SecAggParams(threshold=t), drop_after_stage=stages)
+    assert result.contributors == [s for s in sites if stages.get(s, 3) >= 2]
+    assert result.absent == [s for s in sites if stages.get(s, 3) == 1]
+    _check_sum(updates, result)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_sparse_graph_tolerates_dropouts(stage: int) -> None:
+    updates = _updates(12, 8, 1.0, stage)
+    drops = {site: stage for site in list(updates)[:3]}
+    params = SecAggParams(threshold=4, neighbours=6)
+    result = simulate_round(updates, params, drop_after_stage=drops, graph_seed=b"g")
+    assert len(result.contributors) == 12 - 3 * (stage < 2)
+    _check_sum(updates, result)
+
+
+def test_mixed_dropouts_pair_masks_of_a_dropped_uploader_are_removed() -> None:
+    # A site drops before uploading, one of its neighbours after uploading: the pair key of the
+    # two is rebuilt from the uploader's holders, no live help from either is needed.
+    updates = _updates(6, 10, 1.0, 1)
+    a, b, *_ = sorted(updates)
+    result = simulate_round(updates, SecAggParams(threshold=3), drop_after_stage={a: 1, b: 2})
+    assert b in result.contributors and a in result.absent
+    _check_sum(updates, result)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_too_few_survivors_aborts(stage: int) -> None:
+    updates = _updates(5, 4, 1.0, 0)
+    drops = {site: stage for site in list(updates)[:3]}
+    with pytest.raises(SecAggError, match="threshold"):
+        simulate_round(updates, SecAggParams(threshold=3), drop_after_stage=drops)
+
+
+class _Round:
+    """A round driven by hand, up to the unmask requests, to tamper with messages."""
+
+    def __init__(self, n: int = 4, t: int = 3, round_id: int = 1, dim: int = 6) -> None:
+        self.params = SecAggParams(threshold=t)
+        self.updates = _updates(n, dim, 1.0, round_id)
+        self.server = SecAggServer(self.params, round_id, self.updates)
+        self.clients = {s: SecAggClient(s, self.params, round_id) for s in self.updates}
+        adverts = {s: c.advertise() for s, c in self.clients.items()}
+        self.mask_request = self.server.mask_request(adverts)
+        self.uploads: dict[int, MaskedUpload] = {}
+        for s, c in self.clients.items():
+            self.uploads[s] = c.mask(self.updates[s], self.mask_request)
+            self.server.add_upload(self.uploads[s])
+        self.requests = self.server.unmask_requests()
+
+
+def test_tampered_share_is_detected() -> None:
+    rnd = _Round()
+    site, request = next(iter(rnd.requests.items()))
+    sender = next(iter(request.shares))
+    blob = bytearray(request.shares[sender])
+    blob[-20] ^= 1
+    tampered = dataclasses.replace(request, shares={**request.shares, sender: bytes(blob)})
+    with pytest.raises(SecAggError, match="authentication"):
+        rnd.clients[site].unmask(tampered)
+
+
+def test_replayed_or_rerouted_share_is_detected() -> None:
+    old, new = _Round(round_id=1), _Round(round_id=2)
+    site, request = next(iter(new.requests.items()))
+    sender = next(iter(request.shares))
+    other = next(s for s in request.shares if s != sender)
+    # A share from another round, and a share of the right round sent by another sender.
+    for blob in (old.requests[site].shares[sender], request.shares[other]):
+        forged = dataclasses.replace(request, shares={**request.shares, sender: blob})
+        with pytest.raises(SecAggError, match="authentication"):
+            SecAggClient.from_bytes(new.clients[site].to_bytes()).unmask(forged)
+
+
+def test_corrupt_revealed_share_fails_the_commitment() -> None:
+    rnd = _Round()
+    replies = {s: rnd.clients[s].unmask(r) for s, r in rnd.requests.items()}
+    site = next(iter(replies))
+    shares = dict(replies[site].self_shares)
+    shares[site] = (int.from_bytes(shares[site], "big") ^ 1).to_bytes(shamir.SHARE_BYTES, "big")
+    replies[site] = dataclasses.replace(replies[site], self_shares=shares)
+    with pytest.raises(SecAggError, match=r"corrupt|inconsistent"):
+        rnd.server.finish(replies)
+
+
+def test_client_refuses_to_reveal_both_kinds_for_one_peer() -> None:
+    rnd = _Round()
+    site, request = next(iter(rnd.requests.items()))
+    peer = next(s for s in request.survivors if s != site)
+    both = dataclasses.replace(request, absent=[*request.absent, peer])
+    with pytest.raises(SecAggError, match="survivor and absent"):
+        rnd.clients[site].unmask(both)
+
+
+@pytest.mark.parametrize("change", ["drop_survivor", "unknown_site", "extra_share", "too_few"])
+def test_client_refuses_inconsistent_survivor_lists(change: str) -> None:
+    rnd = _Round(n=5, t=4)
+    site, request = next(iter(rnd.requests.items()))
+    peer = next(s for s in request.survivors if s != site)
+    if change == "drop_survivor":  # claims a peer is gone, yet its share to us was delivered
+        bad = dataclasses.replace(request, survivors=[s for s in request.survivors if s != peer])
+        bad = dataclasses.replace(bad, absent=[*bad.absent, peer])
+    elif change == "unknown_site":
+        bad = dataclasses.replace(request, survivors=[*request.survivors, 999])
+    elif change == "extra_share":
+        bad = dataclasses.replace(request, shares={**request.shares, 999: b"x" * 60})
+    else:  # server withholds two peers: three survivors < t = 4
+        gone = [s for s in request.survivors if s != site][:2]
+        shares = {s: b for s, b in request.shares.items() if s not in gone}
+        survivors = [s for s in request.survivors if s not in gone]
+        bad = UnmaskRequest(request.round_id, survivors, [*request.absent, *gone], shares)
+    with pytest.raises(SecAggError):
+        rnd.clients[site].unmask(bad)
+
+
+def test_client_answers_unmask_only_once() -> None:
+    rnd = _Round()
+    site, request = next(iter(rnd.requests.items()))
+    rnd.clients[site].unmask(request)
+    with pytest.raises(SecAggError, match="stage"):
+        rnd.clients[site].unmask(request)
+
+
+def test_masked_vector_is_uniform_for_a_constant_update() -> None:
+    params = SecAggParams(threshold=2, stochastic_rounding=False)
+    updates = {s: np.zeros(40_000, np.float32) for s in (1, 2, 3)}
+    server = SecAggServer(params, 0, updates)
+    clients = {s: SecAggClient(s, params, 0) for s in updates}
+    request = server.mask_request({s: c.advertise() for s, c in clients.items()})
+    masked = clients[1].mask(updates[1], request).masked
+    encoded = Quantizer(params, 3).encode(updates[1])
+    assert np.unique(encoded).size == 1  # without masks the server would see a constant
+    for byte in (masked >> 24, masked & 0xFF):  # high and low 8 bits, 256 bins
+        counts = np.bincount(byte.astype(np.int64), minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4
+
+
+def test_state_round_trips_through_bytes() -> None:
+    rnd = _Round()
+    site = next(iter(rnd.requests))
+    restored = SecAggClient.from_bytes(rnd.clients[site].to_bytes())
+    assert restored.stage == "masked" and restored.to_bytes() == rnd.clients[site].to_bytes()
+    fresh = SecAggClient(5, rnd.params, 1)
+    assert SecAggClient.from_bytes(fresh.to_bytes()).advertise() == fresh.advertise()
+    with pytest.raises(SecAggError, match="corrupt"):
+        SecAggClient.from_bytes(b"{not json")
+
+
+def test_messages_hold_only_flower_record_types() -> None:
+    rnd = _Round()
+    replies = {s: rnd.clients[s].unmask(r) for s, r in rnd.requests.items()}
+    messages = [rnd.mask_request, *rnd.uploads.values(), *rnd.requests.values(), *replies.values()]
+    messages.append(KeyAdvert(1, b"a" * 32, b"b" * 32))
+    scalar = (int, float, str, bytes, bool)
+    for message in messages:
+        for value in message.to_dict().values():
+            assert isinstance(value, scalar) or all(isinstance(v, scalar) for v in value)
+    result = rnd.server.finish(replies)
+    _check_sum(rnd.updates, result)
+
+
+def test_invalid_params_name_every_field() -> None:
+    with pytest.raises(SecAggError) as info:
+        SecAggParams(threshold=1, neighbours=3, modulus_bits=4, clip_range=-1.0)
+    for name in ("threshold", "neighbours", "modulus_bits", "clip_range"):
+        assert f"`{name}`" in str(info.value)
+
+
+def test_modulus_too_small_for_the_number_of_sites() -> None:
+    with pytest.raises(SecAggError, match="modulus_bits"):
+        _ = Quantizer(SecAggParams(threshold=2, modulus_bits=8), 300).levels
+
+
+def test_shamir_any_t_shares_rebuild_and_fewer_refuse() -> None:
+    secret = bytes(range(32))
+    shares = shamir.split(secret, [0, 4, 9, 100], 3)
+    for subset in itertools.combinations(shares, 3):
+        assert shamir.combine({h: shares[h] for h in subset}, 3) == secret
+    with pytest.raises(SecAggError, match="need 3"):
+        shamir.combine({0: shares[0], 4: shares[4]}, 3)
+
+
+def test_sparse_graph_is_k_regular_and_symmetric() -> None:
+    graph = build_graph(list(range(20)), 6, b"seed")
+    assert all(len(peers) == 6 and site not in peers for site, peers in graph.items())
+    assert all(site in graph[peer] for site, peers in graph.items() for peer in peers)
+    assert build_graph(list(range(20)), 6, b"other") != graph
+
+
+@pytest.mark.parametrize(("bits", "sites"), [(64, 2), (33, 2), (16, 9), (8, 2)])
+def test_extreme_values_never_wrap(bits: int, sites: int) -> None:
+    params = SecAggParams(threshold=2, modulus_bits=bits, clip_range=1.0)
+    updates = {s: np.array([1.0, -1.0, 1.0, 0.999], np.float32) for s in range(sites)}
+    result = simulate_round(updates, params)
+    _check_sum(updates, result)
