@@ -463,7 +463,7 @@ def report_text(summary: PrivacySummary | Mapping[str, Any]) -> str:
     when = f"planned for {s.rounds} rounds" if s.planned else f"after {s.rounds} rounds"
     lines = [f"Privacy guarantee ({when}):"]
     if s.record_epsilon:
-        eps, delta = max(s.record_epsilon.values()), max(s.record_delta.values())
+        eps, delta = max(s.record_epsilon.values()), max(s.record_delta.values(), default=1.0)
         lines.append(f"- Each patient record: ({_fmt(eps)}, {delta:.1e})-DP (worst site).")
         lines += [
             f"    site {k}: epsilon {_fmt(v)}, delta {s.record_delta.get(k, delta):.1e}"

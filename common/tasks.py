@@ -107,15 +107,38 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions only (0 = all): the answer sits at the end."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if keep:
+        try:
+            return model(**kwargs, logits_to_keep=keep).logits
+        except TypeError:  # architectures without `logits_to_keep`
+            pass
+    return model(**kwargs).logits
+
+
+def answer_span(labels: torch.Tensor) -> int:
+    """Positions needed to score every target: from one before the first target to the end."""
+    has = (labels != IGNORE).any(0).nonzero()
+    return int(labels.size(1) - has.min()) + 1 if len(has) else 1
+
+
+def causal_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits predicting each kept target, the targets): shapes (B, K-1, V) and (B, K-1)."""
+    keep = min(answer_span(batch["labels"]), batch["labels"].size(1))
+    logits = _forward(model, batch, keep)[:, -keep:]
+    # Shift: position t predicts token t+1.
+    return logits[:, :-1], batch["labels"][:, -keep + 1 :]
+
+
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Mean loss over the batch's target tokens (or records) and how many there were."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits
     if batch["labels"].dim() == 1:
+        logits = _forward(model, batch, 0)
         return nn.functional.cross_entropy(logits.float(), batch["labels"]), len(batch["labels"])
-    # Shift: token t predicts token t+1. logits (B, T-1, V), targets (B, T-1).
-    targets = batch["labels"][:, 1:]
-    flat = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    logits, targets = causal_logits(model, batch)
+    flat = logits.reshape(-1, logits.size(-1)).float()
     count = int((targets != IGNORE).sum())
     loss = nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE)
     return loss, count
@@ -129,16 +152,38 @@ def evaluate(
     cfg: Config,
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """Loss on the answers and, for labelled records, accuracy of the highest-scored label."""
+    """Loss on the answers and, for labelled records, accuracy of the highest-scored label.
+
+    One forward pass per batch gives both when the labels' first tokens differ (the usual case):
+    the logits that predict the answer's first token rank the labels.
+    """
     model.eval()
+    labelled = bool(cfg.data.labels) and all(r.label is not None for r in records)
+    firsts = _label_first_tokens(tok, cfg) if labelled and cfg.model.task != "seq-cls" else []
     encoded = encode(records, tok, cfg)
-    total, count = 0.0, 0
+    total, count, preds = 0.0, 0, []
     for i in range(0, len(encoded), batch_size):
-        loss, n = batch_loss(model, collate(encoded[i : i + batch_size], _pad(tok)))
+        batch = collate(encoded[i : i + batch_size], _pad(tok))
+        if cfg.model.task == "seq-cls":
+            logits = _forward(model, batch, 0).float()
+            loss, n = nn.functional.cross_entropy(logits, batch["labels"]), len(logits)
+            preds += logits.argmax(-1).tolist()
+        else:
+            logits, targets = causal_logits(model, batch)
+            n = int((targets != IGNORE).sum())
+            flat = logits.reshape(-1, logits.size(-1)).float()
+            loss = nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE)
+            if firsts:
+                start = (targets != IGNORE).int().argmax(1)
+                at_start = logits[torch.arange(len(start)), start][:, firsts]
+                preds += at_start.argmax(-1).tolist()
         total, count = total + float(loss) * n, count + n
     metrics = {"loss": total / max(count, 1), "examples": float(len(records))}
-    if cfg.data.labels and all(r.label is not None for r in records):
-        metrics["accuracy"] = _accuracy(model, tok, records, cfg, batch_size)
+    if labelled:
+        if not preds:  # labels share a first token: score each label in full
+            preds = _classify_lm(model, tok, records, cfg, batch_size)
+        hits = sum(cfg.data.labels[p] == r.label for p, r in zip(preds, records, strict=True))
+        metrics["accuracy"] = hits / max(len(records), 1)
     if not math.isfinite(metrics["loss"]):
         logger.warning("evaluation loss is not finite")
     return metrics
@@ -148,54 +193,18 @@ def _pad(tok: PreTrainedTokenizerBase) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
-def _accuracy(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    records: list[Record],
-    cfg: Config,
-    batch_size: int,
-) -> float:
-    labels = cfg.data.labels
-    if cfg.model.task == "seq-cls":
-        preds = _classify_head(model, tok, records, cfg, batch_size)
-    else:
-        preds = _classify_lm(model, tok, records, cfg, batch_size)
-    hits = sum(labels[p] == r.label for p, r in zip(preds, records, strict=True))
-    return hits / max(len(records), 1)
-
-
-def _classify_head(model, tok, records, cfg, batch_size) -> list[int]:  # type: ignore[no-untyped-def]
-    enc = encode(records, tok, cfg)
-    preds: list[int] = []
-    for i in range(0, len(enc), batch_size):
-        b = collate(enc[i : i + batch_size], _pad(tok))
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        preds += logits.argmax(-1).tolist()
-    return preds
+def _label_first_tokens(tok: PreTrainedTokenizerBase, cfg: Config) -> list[int]:
+    """First token of each label, or [] when two labels share one."""
+    firsts = [answer_ids(tok, label)[0] for label in cfg.data.labels]
+    return firsts if len(set(firsts)) == len(firsts) else []
 
 
 def _classify_lm(model, tok, records, cfg, batch_size) -> list[int]:  # type: ignore[no-untyped-def]
-    """Score each label by the log-probability of its tokens after the prompt; pick the best.
-
-    When the labels' first tokens differ (the usual case), one forward pass per prompt with only
-    the last position's logits suffices; otherwise each label is scored in full.
-    """
+    """Score each label by the summed log-probability of its tokens after the prompt."""
     label_ids = [answer_ids(tok, label)[:-1] for label in cfg.data.labels]
-    firsts = [ids[0] for ids in label_ids]
     budget = cfg.model.max_length - max(len(ids) for ids in label_ids) - 1
     prompts = [prompt_ids(tok, prepare_prompt(r, cfg), budget) for r in records]
-    if len(set(firsts)) == len(firsts):
-        return _first_token_choice(model, prompts, firsts, _pad(tok), batch_size)
     return _full_choice(model, prompts, label_ids, _pad(tok), batch_size)
-
-
-def _first_token_choice(model, prompts, firsts, pad, batch_size) -> list[int]:  # type: ignore[no-untyped-def]
-    preds: list[int] = []
-    for i in range(0, len(prompts), batch_size):
-        b = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts[i : i + batch_size]], pad)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        preds += logits[:, -1, firsts].argmax(-1).tolist()
-    return preds
 
 
 def _full_choice(model, prompts, label_ids, pad, batch_size) -> list[int]:  # type: ignore[no-untyped-def]

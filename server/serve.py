@@ -270,8 +270,17 @@ def make_server(
     port: int = 8000,
     api_key: str | None = None,
     model_id: str | None = None,
+    threads: int = 0,
 ) -> FedtuneHTTPServer:
-    """A bound, not yet running server (``port=0`` picks a free port; see ``server.url``)."""
+    """A bound, not yet running server (``port=0`` picks a free port; see ``server.url``).
+
+    ``threads``: torch CPU threads (0 = torch's default). On a shared CPU, fewer threads than cores
+    avoids OpenMP spin-waiting against other processes, which can slow generation many times over.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     engine = load_engine(model_dir, public_key_path, model_id)
     server = FedtuneHTTPServer((host, port), engine, api_key or None)
     logger.info("serving `%s` on %s (API key %s)", engine.model_id, server.url,
@@ -287,9 +296,10 @@ def serve(
     api_key: str | None = None,
     model_id: str | None = None,
     ready: Callable[[FedtuneHTTPServer], None] | None = None,
+    threads: int = 0,
 ) -> None:
     """Verify, load and serve until interrupted."""
-    server = make_server(model_dir, public_key_path, host, port, api_key, model_id)
+    server = make_server(model_dir, public_key_path, host, port, api_key, model_id, threads)
     if ready is not None:
         ready(server)
     try:
@@ -307,10 +317,11 @@ def main_serve(
     port: int = 8000,
     api_key: str | None = None,
     model_id: str | None = None,
+    threads: int = 0,
 ) -> None:
     """CLI body of ``fedtune serve``; the key may also come from ``FEDTUNE_API_KEY``."""
     key = api_key or os.environ.get("FEDTUNE_API_KEY") or None
-    serve(model_dir, public_key, host, port, key, model_id, ready=_announce)
+    serve(model_dir, public_key, host, port, key, model_id, ready=_announce, threads=threads)
 
 
 def _announce(server: FedtuneHTTPServer) -> None:
@@ -325,6 +336,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="or set FEDTUNE_API_KEY")
     parser.add_argument("--model-id", default=None, help="model name (default: folder name)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     return parser.parse_args(argv)
 
 
@@ -336,9 +348,8 @@ if __name__ == "__main__":
     )
     args = _parse_args(sys.argv[1:])
     try:
-        main_serve(
-            args.model_dir, args.public_key, args.host, args.port, args.api_key, args.model_id
-        )
+        main_serve(args.model_dir, args.public_key, args.host, args.port, args.api_key,
+                   args.model_id, args.threads)  # fmt: skip
     except FedtuneError as error:
         print(f"fedtune serve: {error}", file=sys.stderr)
         sys.exit(2)

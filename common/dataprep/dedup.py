@@ -1,0 +1,226 @@
+"""Exact and near-duplicate detection, keeping the first record of each cluster.
+
+Exact: a hash of the normalized text (NFKC, case-folded, whitespace collapsed). Near: MinHash
+signatures of word shingles (Broder 1997), banded locality-sensitive hashing to find candidate
+pairs in O(n log n) (Leskovec, Rajaraman, Ullman, *Mining of Massive Datasets*, ch. 3), and the
+exact Jaccard similarity of the shingle sets to confirm each candidate. Signatures follow the
+datasketch scheme ((a·h + b) mod (2^61 - 1)) & (2^32 - 1), vectorized over batches of records.
+
+Clusters are connected components; the kept record is the one read first. Passes repeat on the
+kept records until none is removed, which makes de-duplication idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.config import DedupConfig
+from common.dataprep.rows import Doc
+
+_PRIME = np.uint64((1 << 61) - 1)
+_MAX32 = np.uint64((1 << 32) - 1)
+_WORD = re.compile(r"\w+")
+_SPACE = re.compile(r"\s+")
+_CHUNK = 1 << 14  # shingles per vectorized block: (16384 x 128) uint64 = 16 MiB
+MAX_PASSES = 10
+
+
+def normalize(text: str) -> str:
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def exact_key(text: str) -> bytes:
+    return hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+
+
+@dataclass
+class Duplicates:
+    """Which records repeat an earlier one (index -> kept index), and how."""
+
+    of: dict[int, int] = field(default_factory=dict)
+    exact: int = 0
+    near: int = 0
+    cross_split: int = 0  # evaluation records with a duplicate in the training split
+    label_conflicts: int = 0  # clusters whose records carry different labels
+    passes: int = 0
+
+
+class UnionFind:
+    """Components whose root is their smallest index (the record kept)."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class MinHasher:
+    """Word-shingle sets and their MinHash signatures, deterministic for a seed."""
+
+    def __init__(self, cfg: DedupConfig) -> None:
+        rng = np.random.default_rng(cfg.seed)
+        self.a = rng.integers(1, int(_PRIME), cfg.num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, int(_PRIME), cfg.num_perm, dtype=np.uint64)
+        self.mix = rng.integers(1, 1 << 63, cfg.shingle_words, dtype=np.uint64) | np.uint64(1)
+        self.k = cfg.shingle_words
+        self._words: dict[str, int] = {}
+
+    def shingles(self, text: str) -> np.ndarray:
+        """Sorted unique 32-bit hashes of the word k-grams (one shingle if fewer words)."""
+        words = _WORD.findall(normalize(text))
+        ids = np.array([self._word(w) for w in words], dtype=np.uint64)
+        k = min(self.k, len(ids))
+        if k == 0:
+            return ids
+        grams = np.lib.stride_tricks.sliding_window_view(ids, k)
+        return np.unique((grams * self.mix[:k]).sum(axis=1) >> np.uint64(32))
+
+    def _word(self, word: str) -> int:
+        h = self._words.get(word)
+        if h is None:
+            h = self._words[word] = zlib.crc32(word.encode())
+        return h
+
+    def signatures(self, sets: list[np.ndarray]) -> np.ndarray:
+        """(n, num_perm) uint32 signatures; every set must be non-empty."""
+        out = np.empty((len(sets), len(self.a)), dtype=np.uint32)
+        start = 0
+        while start < len(sets):
+            stop, total = start, 0
+            while stop < len(sets) and (total == 0 or total + len(sets[stop]) <= _CHUNK):
+                total += len(sets[stop])
+                stop += 1
+            out[start:stop] = self._block(sets[start:stop])
+            start = stop
+        return out
+
+    def _block(self, sets: list[np.ndarray]) -> np.ndarray:
+        flat = np.concatenate(sets)[:, None]
+        offsets = np.cumsum([0] + [len(s) for s in sets[:-1]])
+        hashed = ((flat * self.a + self.b) % _PRIME) & _MAX32  # (shingles, num_perm)
+        return np.minimum.reduceat(hashed, offsets, axis=0)
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """Bands and rows minimizing false positives plus false negatives (as datasketch does)."""
+    s = np.linspace(0.0, 1.0, 501)
+    below, above = s <= threshold, s >= threshold
+    best, best_err = (1, num_perm), np.inf
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            p = 1 - (1 - s**rows) ** bands  # chance a pair of similarity s shares a bucket
+            err = np.trapezoid(p[below], s[below]) + np.trapezoid(1 - p[above], s[above])
+            if err < best_err:
+                best, best_err = (bands, rows), err
+    return best
+
+
+def candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> Iterator[tuple[int, int]]:
+    """(first, other) row pairs sharing a band bucket; ``first`` is the bucket's lowest row."""
+    mult = np.random.default_rng(0).integers(1, 1 << 63, rows, dtype=np.uint64) | np.uint64(1)
+    for band in range(bands):
+        keys = (sig[:, band * rows : (band + 1) * rows].astype(np.uint64) * mult).sum(axis=1)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        sizes = np.diff(np.r_[starts, len(keys)])
+        for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+            members = order[start : start + size]
+            for other in members[1:]:
+                yield int(members[0]), int(other)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def find_duplicates(docs: list[Doc], cfg: DedupConfig) -> Duplicates:
+    """Duplicates among ``docs`` (in order); exact and near as configured."""
+    uf, dups = UnionFind(len(docs)), Duplicates()
+    alive = _exact_pass(docs, uf, dups) if cfg.exact else list(range(len(docs)))
+    if cfg.near:
+        _near_passes(docs, alive, cfg, uf, dups)
+    dups.of = {i: uf.find(i) for i in dups.of}
+    _cluster_stats(docs, uf, dups)
+    return dups
+
+
+def _exact_pass(docs: list[Doc], uf: UnionFind, dups: Duplicates) -> list[int]:
+    first: dict[bytes, int] = {}
+    alive: list[int] = []
+    for i, doc in enumerate(docs):
+        j = first.setdefault(exact_key(doc.content), i)
+        if j == i:
+            alive.append(i)
+        else:
+            uf.union(j, i)
+            dups.of[i] = j
+            dups.exact += 1
+    return alive
+
+
+def _near_passes(
+    docs: list[Doc], alive: list[int], cfg: DedupConfig, uf: UnionFind, dups: Duplicates
+) -> None:
+    hasher = MinHasher(cfg)
+    sets = {i: hasher.shingles(docs[i].content) for i in alive}
+    alive = [i for i in alive if len(sets[i])]
+    sigs = dict(zip(alive, hasher.signatures([sets[i] for i in alive]), strict=True))
+    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+    while alive and dups.passes < MAX_PASSES:
+        dups.passes += 1
+        sig = np.stack([sigs[i] for i in alive])
+        removed = _near_pass(alive, sig, sets, cfg.threshold, (bands, rows), uf)
+        for i in removed:
+            dups.of[i] = uf.find(i)
+        dups.near += len(removed)
+        if not removed:
+            return
+        alive = [i for i in alive if i not in removed]
+
+
+def _near_pass(
+    alive: list[int],
+    sig: np.ndarray,
+    sets: dict[int, np.ndarray],
+    threshold: float,
+    shape: tuple[int, int],
+    uf: UnionFind,
+) -> set[int]:
+    """One LSH pass over ``alive``; returns the records joined to an earlier one."""
+    checked: set[tuple[int, int]] = set()
+    for a, b in candidate_pairs(sig, *shape):
+        i, j = alive[a], alive[b]
+        if (i, j) not in checked and jaccard(sets[i], sets[j]) >= threshold:
+            uf.union(i, j)
+        checked.add((i, j))
+    return {i for i in alive if uf.find(i) != i}
+
+
+def _cluster_stats(docs: list[Doc], uf: UnionFind, dups: Duplicates) -> None:
+    clusters: dict[int, list[int]] = {}
+    for i in dups.of:
+        clusters.setdefault(dups.of[i], [dups.of[i]]).append(i)
+    for members in clusters.values():
+        has_train = any(not docs[i].eval for i in members)
+        dups.cross_split += sum(docs[i].eval for i in members) if has_train else 0
+        dups.label_conflicts += len({docs[i].label for i in members}) > 1

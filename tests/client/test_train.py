@@ -1,0 +1,68 @@
+"""Local training lowers the loss on a tiny model; the schedule and data order behave."""
+
+import numpy as np
+
+from client.train import batches, lr_factor, make_optimizer, train_round
+from common.adapters import attach_lora
+from common.config import TrainConfig
+from common.models import load_base
+from common.tasks import encode, evaluate
+from simulations.corpora import synthetic
+from common.records import Record
+
+
+def records(n: int, seed: int = 0) -> list[Record]:
+    rows = synthetic(n_train=n, n_test=1, seed=seed).train
+    return [Record([{"role": "user", "content": r["text"]}], r["label"], r["label"], "t") for r in rows]
+
+
+def test_one_site_training_lowers_its_loss(tiny_cfg):
+    loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+    model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+    data = records(64)
+    before = evaluate(model, loaded.tokenizer, data, tiny_cfg)
+    cfg = tiny_cfg.train.model_copy(update={"local_steps": 30, "lr": 2e-2})
+    result = train_round(
+        model, encode(data, loaded.tokenizer, tiny_cfg), cfg, pad_id=0, round_idx=0, total_rounds=1, seed=0
+    )
+    after = evaluate(model, loaded.tokenizer, data, tiny_cfg)
+    assert result.steps == 30 and np.isfinite(result.loss)
+    assert after["loss"] < before["loss"] - 0.5, (before, after)
+    assert after["accuracy"] >= 0.9
+
+
+def test_training_is_reproducible_for_a_seed(tiny_cfg):
+    def run():
+        loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+        model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+        enc = encode(records(16), loaded.tokenizer, tiny_cfg)
+        return train_round(model, enc, tiny_cfg.train, pad_id=0, round_idx=0, total_rounds=1, seed=7).loss
+
+    assert run() == run()
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = TrainConfig(warmup_steps=4, schedule="cosine")
+    factors = [lr_factor(s, 20, cfg) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
+    assert factors[-1] < 0.05
+    assert lr_factor(10, 20, TrainConfig(schedule="constant")) == 1.0
+
+
+def test_no_weight_decay_on_biases_and_norms(tiny_cfg):
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+
+
+def test_accumulation_splits_each_step_into_micro_batches(tiny_cfg):
+    loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+    enc = encode(records(10), loaded.tokenizer, tiny_cfg)
+    cfg = TrainConfig(batch_size=8, grad_accum=4)
+    steps = batches(enc, cfg, seed=0, pad_id=0, steps=3)
+    assert len(steps) == 3 and all(len(s) == 4 for s in steps)
+    assert all(mb["input_ids"].shape[0] == 2 for s in steps for mb in s)

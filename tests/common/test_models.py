@@ -1,0 +1,77 @@
+"""Model sources: tiny builders for every family, local folders, and the packaged SmolLM2."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.adapters import attach_lora, exchanged_keys
+from common.config import LoraConfig, ModelConfig, TinyModelConfig
+from common.errors import ModelError
+from common.models import build_tiny, load_base, resolve_source
+from common.tiny import ARCHS, byte_tokenizer
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_tiny_model_of_each_family_trains_with_lora(arch):
+    task = "seq-cls" if arch == "bert" else "causal-lm"
+    cfg = ModelConfig(source=f"tiny:{arch}", task=task)
+    loaded = load_base(cfg, ["a", "b"])
+    model = attach_lora(loaded.model, LoraConfig(r=2), cfg)
+    keys = exchanged_keys(model, LoraConfig(r=2))
+    assert keys, arch
+    ids = loaded.tokenizer(["hello there"], return_tensors="pt")
+    out = model(**ids)
+    loss = out.logits.float().pow(2).mean()
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_tiny_models_are_deterministic_per_seed():
+    a, _ = build_tiny("llama", TinyModelConfig(seed=3))
+    b, _ = build_tiny("llama", TinyModelConfig(seed=3))
+    c, _ = build_tiny("llama", TinyModelConfig(seed=4))
+    wa, wb, wc = (m.model.embed_tokens.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tok = byte_tokenizer()
+    text = "Ünïcødé, emoji 🙂 and <|im_end|>"
+    assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_local_folder_source(tmp_path: Path):
+    model, tok = build_tiny("qwen2", TinyModelConfig())
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_base(ModelConfig(source=str(tmp_path)))
+    assert loaded.model.config.model_type == "qwen2"
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
+
+
+def test_unknown_sources_are_named(tmp_path: Path):
+    with pytest.raises(ModelError, match="never fetched from a hub"):
+        resolve_source("HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(ModelError, match="unknown tiny arch"):
+        resolve_source("tiny:resnet")
+    with pytest.raises(ModelError, match="unknown packaged model"):
+        resolve_source("packaged:gpt5")
+    with pytest.raises(ModelError, match="no config.json"):
+        load_base(ModelConfig(source=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_loads_and_generates(tmp_path: Path):
+    cfg = ModelConfig(source="packaged:smollm2", cache_dir=str(Path.home() / ".cache/fedtune/models"))
+    loaded = load_base(cfg)
+    tok, model = loaded.tokenizer, loaded.model
+    assert sum(p.numel() for p in model.parameters()) > 130e6
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer

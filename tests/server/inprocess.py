@@ -1,0 +1,51 @@
+"""A Grid that delivers messages to the real ClientApp in this process (unit tests only).
+
+The e2e tests use Flower's real engines; this one lets a test watch a round loop closely and
+inject faults. Exceptions in the ClientApp become error replies, as in Flower's engines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class InProcessGrid:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: dict[int, dict],
+        fault: Callable[[int, Message], Message | None] | None = None,
+    ) -> None:
+        self.client_app = client_app
+        # Flower's engines set the identity of the running task; messages need it.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config={})
+            for n, c in node_configs.items()
+        }
+        self.fault = fault
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            injected = self.fault(node, msg) if self.fault else None
+            if injected == "drop":
+                continue
+            if injected is not None:
+                replies.append(injected)
+                continue
+            try:
+                replies.append(self.client_app(msg, self.contexts[node]))
+            except Exception as err:  # what Flower's engines turn into an error reply
+                replies.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg))
+        return replies

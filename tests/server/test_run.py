@@ -1,0 +1,80 @@
+"""The round loop with the real ClientApp in-process: preflight, failures, min_sites."""
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import Error, Message
+
+from client.app import app as client_app
+from common.errors import RoundError
+from server.run import FederatedRun
+from simulations.run import prepare
+from tests.server.inprocess import InProcessGrid
+
+
+def setup_run(tiny_cfg, tmp_path: Path, overrides=None):
+    cfg = tiny_cfg.model_copy(update={"federation": tiny_cfg.federation.model_copy(update=overrides or {})})
+    cfg = prepare(cfg, tmp_path)
+    nodes = {100 + i: {"data-dir": str(tmp_path / "sites" / f"site-{i}"), "site-name": f"site-{i}"} for i in range(3)}
+    return cfg, nodes
+
+
+def test_bad_site_data_stops_the_run_before_training(tiny_cfg, tmp_path: Path):
+    cfg, nodes = setup_run(tiny_cfg, tmp_path)
+    with (tmp_path / "sites" / "site-1" / "records.jsonl").open("a") as f:
+        f.write('{"text": "ok", "label": "purple"}\n')
+    grid = InProcessGrid(client_app, nodes)
+    with pytest.raises(RoundError) as err:
+        FederatedRun(cfg, tmp_path / "run", grid).execute()
+    msg = str(err.value)
+    assert "preflight failed, nothing was trained" in msg
+    assert "records.jsonl:" in msg and "unknown label 'purple'" in msg
+    assert all(m.metadata.message_type == "query.check" for m in grid.sent)
+    assert not list((tmp_path / "run" / "rounds").iterdir())
+
+
+def test_a_failed_site_is_recorded_and_the_round_goes_on(tiny_cfg, tmp_path: Path):
+    cfg, nodes = setup_run(tiny_cfg, tmp_path, {"min_sites": 2, "rounds": 1})
+
+    def fault(node, msg):
+        if node == 101 and msg.metadata.message_type == "train":
+            return Message(Error(code=1, reason="GPU on fire"), reply_to=msg)
+        return None
+
+    summary = FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes, fault)).execute()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["sites"] == ["site-0", "site-2"]
+    assert row["sites_failed"] == {"site-1": "GPU on fire"}
+    assert summary["rounds"] == 1
+
+
+def test_too_few_sites_is_an_error_not_a_silent_success(tiny_cfg, tmp_path: Path):
+    cfg, nodes = setup_run(tiny_cfg, tmp_path, {"min_sites": 3, "rounds": 2})
+
+    def fault(node, msg):
+        return "drop" if node == 102 and msg.metadata.message_type == "train" else None
+
+    with pytest.raises(RoundError, match="round 1: 2 site\\(s\\) succeeded, `federation.min_sites` is 3"):
+        FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes, fault)).execute()
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_malformed_update_is_rejected(tiny_cfg, tmp_path: Path):
+    import numpy as np
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from common.wire import to_record
+
+    cfg, nodes = setup_run(tiny_cfg, tmp_path, {"min_sites": 2, "rounds": 1})
+
+    def fault(node, msg):
+        if node == 100 and msg.metadata.message_type == "train":
+            bad = {k: np.full(v.numpy().shape, np.inf, np.float32) for k, v in msg.content["adapter"].items()}
+            content = RecordDict({"update": to_record(bad), "metrics": MetricRecord({"train-loss": 1.0, "num-examples": 5}), "site": ConfigRecord({"name": "site-0"})})
+            return Message(content, reply_to=msg)
+        return None
+
+    FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes, fault)).execute()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "site-0" not in row["sites"] and "NaN or Inf" in row["sites_failed"]["site-0"]
