@@ -50,7 +50,7 @@ PROMPTS = [
 
 def prepare_folder(source: str, root: Path) -> tuple[Path, Path]:
     """Save the base model as a signed HF folder (what `publish` produces, minus the adapter)."""
-    loaded = load_base(ModelConfig(source=source))
+    loaded = load_base(ModelConfig.model_validate({"source": source}))
     folder = root / "model"
     loaded.model.config.use_cache = True
     loaded.model.save_pretrained(folder)
@@ -126,14 +126,14 @@ def interleaved(
     for prompt in prompts:
         runs["local"].append(local.ask(prompt, max_tokens))
         runs["served"].append(ask(client, prompt, max_tokens))
-    local, served = (
+    in_proc, served = (
         summarize([r[0] for r in rs], sum(r[1] for r in rs), sum(r[0] for r in rs))
         for rs in (runs["local"], runs["served"])
     )
     # Paired ratios cancel slow drifts in machine load better than a ratio of medians.
-    pairs = [s[0] / l[0] for l, s in zip(runs["local"], runs["served"], strict=True)]
+    pairs = [b[0] / a[0] for a, b in zip(runs["local"], runs["served"], strict=True)]
     served["paired_ratio_median"] = round(statistics.median(pairs), 3)
-    return local, served
+    return in_proc, served
 
 
 def concurrent(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import logging
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg_site
 from client.site import SiteInfo, check_site, run_local_round
 from common.wire import config_from_record, from_record, to_record
 
@@ -19,13 +20,13 @@ app = ClientApp()
 
 
 def _site(msg: Message, context: Context) -> SiteInfo:
-    data_root = str(msg.content["config"].get("data-root", ""))
+    data_root = str(msg.content.config_records["config"].get("data-root", ""))
     return SiteInfo.from_node_config(context.node_config, data_root)
 
 
 @app.query("check")
 def check(msg: Message, context: Context) -> Message:
-    cfg = config_from_record(msg.content["config"])
+    cfg = config_from_record(msg.content.config_records["config"])
     site = _site(msg, context)
     info = check_site(site, cfg)
     reply = RecordDict({"site": ConfigRecord({"name": site.name, **info})})
@@ -34,12 +35,12 @@ def check(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    conf = msg.content["config"]
+    conf = msg.content.config_records["config"]
     cfg = config_from_record(conf)
     site = _site(msg, context)
-    global_state = from_record(msg.content["adapter"])
+    global_state = from_record(msg.content.array_records["adapter"])
     update = run_local_round(
-        site, cfg, global_state, int(conf["round"]) - 1, str(conf.get("fingerprint", ""))
+        site, cfg, global_state, int(str(conf["round"])) - 1, str(conf.get("fingerprint", ""))
     )
     r = update.result
     metrics = MetricRecord(
@@ -51,6 +52,10 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": update.records,
         }
     )
+    if cfg.secagg.enabled or secagg_site.MASK_REQUEST in msg.content:
+        # Secure aggregation: only the masked update leaves the site (refuses without a request).
+        masked = secagg_site.masked_reply(update.delta, msg.content, context.state, cfg, metrics)
+        return Message(masked, reply_to=msg)
     content = RecordDict(
         {
             "update": to_record(update.delta),
@@ -59,3 +64,15 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+@app.query(secagg_site.KEYS_QUERY)
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation stage 1: fresh keys for this round; secrets stay in context.state."""
+    return Message(secagg_site.advertise(msg.content, context.state), reply_to=msg)
+
+
+@app.query(secagg_site.UNMASK_QUERY)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation stage 3: shares that remove the masks of this round's sum."""
+    return Message(secagg_site.unmask(msg.content, context.state), reply_to=msg)

@@ -74,7 +74,10 @@ def site_model(cfg: Config) -> SiteModel:
         peft = attach_lora(loaded.model, cfg.lora, cfg.model)
         _MODELS.clear()  # one model per process: free the previous one
         _MODELS[key] = SiteModel(
-            peft, loaded.tokenizer, exchanged_keys(peft, cfg.lora), frozen_fingerprint(peft, cfg.lora)
+            peft,
+            loaded.tokenizer,
+            exchanged_keys(peft, cfg.lora),
+            frozen_fingerprint(peft, cfg.lora),
         )
     return _MODELS[key]
 
@@ -113,7 +116,11 @@ class LocalUpdate:
 
 
 def run_local_round(
-    site: SiteInfo, cfg: Config, global_state: dict[str, np.ndarray], round_idx: int, fingerprint: str
+    site: SiteInfo,
+    cfg: Config,
+    global_state: dict[str, np.ndarray],
+    round_idx: int,
+    fingerprint: str,
 ) -> LocalUpdate:
     """Set the global adapter, train locally, return new-minus-global (the update)."""
     sm = site_model(cfg)
@@ -128,8 +135,13 @@ def run_local_round(
     pad = int(sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0)
     seed = cfg.train.seed + 1000 * round_idx + site.index
     result = train_round(
-        sm.model, examples, cfg.train, pad_id=pad, round_idx=round_idx,
-        total_rounds=cfg.federation.rounds, seed=seed,
+        sm.model,
+        examples,
+        cfg.train,
+        pad_id=pad,
+        round_idx=round_idx,
+        total_rounds=cfg.federation.rounds,
+        seed=seed,
     )
     new_state = get_state(sm.model, sm.keys)
     delta = {k: new_state[k] - global_state[k] for k in sm.keys}

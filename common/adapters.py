@@ -41,7 +41,7 @@ def target_modules(lora: LoraConfig, model: PreTrainedModel) -> list[str]:
     model_type = str(model.config.model_type)
     if model_type not in AUTO_TARGETS:
         raise ModelError(
-            f"`lora.target_modules` = \"auto\" does not know model type `{model_type}`; "
+            f'`lora.target_modules` = "auto" does not know model type `{model_type}`; '
             f"list the modules to adapt (known types: {', '.join(sorted(AUTO_TARGETS))})"
         )
     return AUTO_TARGETS[model_type]
@@ -52,7 +52,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> 
     heads = [n for n in HEAD_NAMES if hasattr(model, n)] if mcfg.task == "seq-cls" else None
     peft_cfg = PeftLoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=lora.dropout,
         target_modules=target_modules(lora, model),
         task_type=TaskType.SEQ_CLS if mcfg.task == "seq-cls" else TaskType.CAUSAL_LM,
@@ -102,7 +102,7 @@ def set_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
 
 
 def frozen_fingerprint(model: PeftModel, lora: LoraConfig) -> str:
-    """sha256 of the frozen adapter part (A under ``ffa``): sites check they share the server's A."""
+    """sha256 of the frozen part (A under ``ffa``): sites check they share the server's A."""
     if lora.aggregation != "ffa":
         return ""
     full = get_peft_model_state_dict(model)

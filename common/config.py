@@ -1,7 +1,7 @@
 """fedtune's configuration: one pydantic tree, loaded from TOML, overridable with ``--set a.b=v``.
 
 Every field has a description; cross-field rules live in ``model_validator``s. Invalid input is
-reported all at once, each problem naming its dotted field path (see :func:`format_validation_error`).
+reported all at once, each naming its dotted field path (see :func:`format_validation_error`).
 """
 
 from __future__ import annotations
@@ -187,11 +187,11 @@ class DataConfig(_Section):
     )
     labels: list[str] = Field(
         default_factory=list,
-        description="Allowed labels for classification tasks; a record with another label is an error.",
+        description="Allowed labels of classification data; any other label is an error.",
     )
     prompt: str = Field(
         "Classify the text.\n\nText: {text}\nAnswer:",
-        description="Instruction template for classification data on a causal LM; `{text}` is filled in.",
+        description="Prompt for classification data on a causal LM (`{text}`, `{options}`).",
     )
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Share of each site's records held out for local evaluation."

@@ -131,7 +131,7 @@ class GGUFSource:
             model.generation_config.eos_token_id = tok.eos_token_id
             model.generation_config.pad_token_id = tok.eos_token_id
         # The weights are already dequantized to float32; drop the GGUF marker so it saves plainly.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.config.__dict__.pop("quantization_config", None)
         # Write beside, then rename: a crash never leaves a folder that looks converted.
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
@@ -169,12 +169,15 @@ class TinySource:
         from common import tiny
 
         if arch not in tiny.ARCHS:
-            raise ModelError(f"`model.source`: unknown tiny arch `{arch}` ({', '.join(tiny.ARCHS)})")
+            raise ModelError(
+                f"`model.source`: unknown tiny arch `{arch}` ({', '.join(tiny.ARCHS)})"
+            )
         self.arch = arch
 
     def load(self, cfg: ModelConfig, labels: list[str]) -> LoadedModel:
         model, tok = build_tiny(self.arch, cfg.tiny, cfg.task, labels)
-        return LoadedModel(model.to(_torch_dtype(cfg)), tok, f"tiny:{self.arch}")
+        model.to(_torch_dtype(cfg))  # type: ignore[arg-type]  # nn.Module.to(dtype) is valid
+        return LoadedModel(model, tok, f"tiny:{self.arch}")
 
 
 def resolve_source(source: str) -> ModelSource:

@@ -95,9 +95,7 @@ def _chat_record(messages: Any, where: str) -> Record:
         raise ValueError("field `messages`: expected a non-empty list of {role, content}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or "content" not in m:
-            raise ValueError(
-                f"field `messages[{i}]`: expected role in {sorted(ROLES)} and content"
-            )
+            raise ValueError(f"field `messages[{i}]`: expected role in {sorted(ROLES)} and content")
     if messages[-1]["role"] != "assistant":
         raise ValueError("field `messages`: the last message must be the assistant's answer")
     turns = [{"role": m["role"], "content": str(m["content"])} for m in messages[:-1]]
@@ -164,7 +162,9 @@ def _forms_text() -> str:
     return "; ".join(f"{form}: {', '.join(keys)}" for form, keys in FORMS.items())
 
 
-def read_folder(folder: str | Path, form: str = "auto", labels: list[str] | None = None) -> list[Record]:
+def read_folder(
+    folder: str | Path, form: str = "auto", labels: list[str] | None = None
+) -> list[Record]:
     """Read and check every record file in ``folder``; all problems raised at once as DataError."""
     folder = Path(folder)
     if not folder.is_dir():

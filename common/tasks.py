@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,15 +42,17 @@ def prepare_prompt(record: Record, cfg: Config) -> list[dict[str, str]]:
 
 def _render(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     if tok.chat_template:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        out: Any = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys"):  # some tokenizers return a BatchEncoding
+            out = out["input_ids"]
+        return [int(i) for i in out]
     text = "\n".join(m["content"] for m in messages) + "\n"
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def prompt_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], budget: int) -> list[int]:
+def prompt_ids(
+    tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], budget: int
+) -> list[int]:
     """Render the prompt within ``budget`` tokens by shortening its longest message."""
     ids = _render(tok, messages)
     if len(ids) <= budget:
@@ -57,7 +60,7 @@ def prompt_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], bud
     longest = max(range(len(messages)), key=lambda i: len(messages[i]["content"]))
     content_ids = tok(messages[longest]["content"], add_special_tokens=False)["input_ids"]
     keep = max(1, len(content_ids) - (len(ids) - budget) - 2)
-    cut = tok.decode(content_ids[:keep])
+    cut = str(tok.decode(content_ids[:keep]))
     shorter = [dict(m) for m in messages]
     shorter[longest]["content"] = cut
     return _render(tok, shorter)[-budget:]
@@ -124,7 +127,9 @@ def answer_span(labels: torch.Tensor) -> int:
     return int(labels.size(1) - has.min()) + 1 if len(has) else 1
 
 
-def causal_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits predicting each kept target, the targets): shapes (B, K-1, V) and (B, K-1)."""
     keep = min(answer_span(batch["labels"]), batch["labels"].size(1))
     logits = _forward(model, batch, keep)[:, -keep:]
@@ -199,7 +204,7 @@ def _label_first_tokens(tok: PreTrainedTokenizerBase, cfg: Config) -> list[int]:
     return firsts if len(set(firsts)) == len(firsts) else []
 
 
-def _classify_lm(model, tok, records, cfg, batch_size) -> list[int]:  # type: ignore[no-untyped-def]
+def _classify_lm(model, tok, records, cfg, batch_size) -> list[int]:
     """Score each label by the summed log-probability of its tokens after the prompt."""
     label_ids = [answer_ids(tok, label)[:-1] for label in cfg.data.labels]
     budget = cfg.model.max_length - max(len(ids) for ids in label_ids) - 1
@@ -207,7 +212,7 @@ def _classify_lm(model, tok, records, cfg, batch_size) -> list[int]:  # type: ig
     return _full_choice(model, prompts, label_ids, _pad(tok), batch_size)
 
 
-def _full_choice(model, prompts, label_ids, pad, batch_size) -> list[int]:  # type: ignore[no-untyped-def]
+def _full_choice(model, prompts, label_ids, pad, batch_size) -> list[int]:
     preds: list[int] = []
     for p in prompts:
         seqs = [Encoded(p + ids, [IGNORE] * len(p) + ids) for ids in label_ids]

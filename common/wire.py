@@ -23,7 +23,9 @@ def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
-def from_record(record: ArrayRecord, expected: dict[str, np.ndarray] | None = None) -> OrderedDict[str, np.ndarray]:
+def from_record(
+    record: ArrayRecord, expected: dict[str, np.ndarray] | None = None
+) -> OrderedDict[str, np.ndarray]:
     """Arrays of a record; with ``expected``, keys, shapes and dtypes must match and be finite."""
     state = OrderedDict((k, record[k].numpy()) for k in record)
     if expected is None:
@@ -34,7 +36,9 @@ def from_record(record: ArrayRecord, expected: dict[str, np.ndarray] | None = No
     for key, ref in expected.items():
         got = state[key]
         if got.shape != ref.shape or got.dtype != np.float32:
-            raise ModelError(f"update `{key}`: expected float32 {ref.shape}, got {got.dtype} {got.shape}")
+            raise ModelError(
+                f"update `{key}`: expected float32 {ref.shape}, got {got.dtype} {got.shape}"
+            )
         if not np.isfinite(got).all():
             raise ModelError(f"update `{key}` has NaN or Inf values")
     return state

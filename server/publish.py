@@ -99,7 +99,10 @@ def read_run(run_dir: str | Path, round: int | None = None) -> RunInfo:
         if not (root / name).exists():
             raise PublishError(f"`{root}` is not a finished run: `{name}` is missing")
     cfg = load_config(root / "config.toml")
-    summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+    try:
+        summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise PublishError(f"`{root / 'summary.json'}` is not JSON ({err.msg})") from None
     chosen = _choose_round(root / "rounds", round)
     adapter_dir = root / "rounds" / str(chosen)
     if not (adapter_dir / "adapter_config.json").is_file():

@@ -24,6 +24,7 @@ from common.records import Record, read_folder
 from common.tasks import evaluate
 from common.wire import config_record, from_record, to_record
 from server.outputs import RunWriter
+from server.secagg_round import SecAggRound
 from server.strategy import SiteSampler, SiteUpdate, WeightedFedAvg
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ class RoundOutcome:
     updates: list[SiteUpdate]
     failed: dict[str, str]
     bytes_up: int
+    # Secure aggregation: `updates` is the one aggregate (no site's own update is ever seen);
+    # `reports` the contributors' metrics (empty deltas); `extra` the secagg_* row keys.
+    reports: list[SiteUpdate] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,21 +123,26 @@ class FederatedRun:
         """Every site checks its data and model before any training; any failure stops the run."""
         content = lambda: RecordDict({"config": self._config(0, fingerprint)})  # noqa: E731
         msgs = [Message(content(), dst_node_id=n, message_type="query.check") for n in nodes]
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s))
+        replies = list(
+            self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s)
+        )
         problems: list[str] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 problems.append(f"site on node {node}: {reply.error.reason}")
                 continue
-            info = reply.content["site"]
+            info = reply.content.config_records["site"]
             self.site_names[node] = str(info["name"])
-            self.site_records[str(info["name"])] = int(info["records"])  # type: ignore[call-overload]
+            self.site_records[str(info["name"])] = int(str(info["records"]))
         missing = set(nodes) - {r.metadata.src_node_id for r in replies}
         problems += [f"node {n}: no answer within the round timeout" for n in sorted(missing)]
         if problems:
             raise RoundError("preflight failed, nothing was trained:\n  " + "\n  ".join(problems))
-        logger.info("preflight ok: %s", ", ".join(f"{k} ({v} records)" for k, v in self.site_records.items()))
+        logger.info(
+            "preflight ok: %s",
+            ", ".join(f"{k} ({v} records)" for k, v in self.site_records.items()),
+        )
 
     def _config(self, round_idx: int, fingerprint: str) -> Any:
         return config_record(
@@ -143,6 +153,18 @@ class FederatedRun:
     def _train_round(
         self, r: int, sampled: list[int], state: dict[str, np.ndarray], fingerprint: str
     ) -> RoundOutcome:
+        if self.cfg.secagg.enabled:
+            records = {n: self.site_records[self.site_names[n]] for n in sampled}
+            driver = SecAggRound(self.grid, self.cfg, r, self.site_names, records)
+            result = driver.run(state, self._config(r, fingerprint))
+            stats = result.stats
+            self._bytes_down = stats.bytes_down
+            aggregate = SiteUpdate(
+                f"secure sum of {len(stats.reports)}", result.delta, result.records, {}
+            )
+            return RoundOutcome(
+                [aggregate], stats.failed, stats.bytes_up, stats.reports, stats.row()
+            )
         payload = to_record(state)
         self._bytes_down = payload.count_bytes() * len(sampled)
         msgs = [
@@ -171,17 +193,17 @@ class FederatedRun:
         for reply in replies:
             name = self.site_names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
             if reply.has_error():
-                outcome.failed[name] = reply.error.reason
+                outcome.failed[name] = str(reply.error.reason)
                 logger.warning("site %s failed this round: %s", name, reply.error.reason)
                 continue
             try:
-                record = reply.content["update"]
+                record = reply.content.array_records["update"]
                 delta = from_record(record, expected=state)
             except (FedtuneError, KeyError) as err:
                 outcome.failed[name] = f"malformed update rejected: {err}"
                 logger.warning("site %s: malformed update rejected: %s", name, err)
                 continue
-            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+            metrics = {k: float(str(v)) for k, v in reply.content.metric_records["metrics"].items()}
             outcome.bytes_up += record.count_bytes()
             outcome.updates.append(SiteUpdate(name, delta, int(metrics["num-examples"]), metrics))
         answered = {r.metadata.src_node_id for r in replies}
@@ -192,21 +214,28 @@ class FederatedRun:
         return outcome
 
     def _row(
-        self, r: int, outcome: RoundOutcome, ev: dict[str, float], sampled: int, state: dict[str, Any]
+        self,
+        r: int,
+        outcome: RoundOutcome,
+        ev: dict[str, float],
+        sampled: int,
+        state: dict[str, Any],
     ) -> dict[str, Any]:
-        weights = np.array([u.records for u in outcome.updates], dtype=np.float64)
-        losses = np.array([u.metrics["train-loss"] for u in outcome.updates])
+        reports = outcome.updates if outcome.reports is None else outcome.reports
+        weights = np.array([u.records for u in reports], dtype=np.float64)
+        losses = np.array([u.metrics["train-loss"] for u in reports])
         row: dict[str, Any] = {
             "round": r,
-            "sites": sorted(u.site for u in outcome.updates),
+            "sites": sorted(u.site for u in reports),
             "sites_sampled": sampled,
             "sites_failed": outcome.failed,
             "train_loss": float((weights * losses).sum() / weights.sum()),
-            "site_train_loss": {u.site: u.metrics["train-loss"] for u in outcome.updates},
+            "site_train_loss": {u.site: u.metrics["train-loss"] for u in reports},
             "bytes_up": outcome.bytes_up,
             "bytes_down": self._bytes_down,
         }
         row.update({f"eval_{k}": v for k, v in ev.items() if k != "examples"})
+        row.update(outcome.extra)
         return row
 
     def _record(self, writer: RunWriter, row: dict[str, Any]) -> None:
@@ -214,7 +243,10 @@ class FederatedRun:
         writer.round_metrics(row)
         logger.info(
             "round %d/%d: %d site(s), train loss %.4f%s, %.1f s",
-            row["round"], self.cfg.federation.rounds, len(row["sites"]), row["train_loss"],
+            row["round"],
+            self.cfg.federation.rounds,
+            len(row["sites"]),
+            row["train_loss"],
             "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("eval_")),
             row["seconds"],
         )

@@ -69,6 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         start, self._status, self._sent_headers = time.perf_counter(), 0, False
+        self._body_read = False
         path = urlsplit(self.path).path.rstrip("/") or "/"
         route = _ROUTES.get(path)
         label = path if route else "other"
@@ -92,6 +93,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.metrics.observe(label, self._status, time.perf_counter() - start)
 
     def _send_error(self, err: ApiError) -> None:
+        if not self._body_read and self.headers.get("Content-Length", "0") != "0":
+            # The unread body would be parsed as the next request on a kept-alive connection.
+            self.close_connection = True
         try:
             self._send_json(err.status, err.body())
         except OSError:  # the client is gone; nothing left to tell it
@@ -115,6 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="too_large")
         raw = self.rfile.read(int(length))
+        self._body_read = True
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -148,10 +153,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("WWW-Authenticate", "Bearer")
         if length is None:  # server-sent events: the body ends when the connection closes
             self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
             self.close_connection = True
         else:
             self.send_header("Content-Length", str(length))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
 
     def _write_event(self, payload: dict[str, Any] | list[Any] | str) -> None:

@@ -22,7 +22,7 @@ class SiteUpdate:
 class WeightedFedAvg:
     """new = global + server_lr * sum_i w_i * delta_i / sum_i w_i (w_i = records or 1).
 
-    Under ``ffa`` the deltas are of B only (A shared and frozen), so this is the exact average of the
+    Under ``ffa`` the deltas are of B only (A shared and frozen): this is the exact average of the
     sites' weight deltas B_i·A; under ``fedavg`` it averages A and B separately.
     """
 

@@ -77,9 +77,7 @@ def sms_spam(test_fraction: float = 0.2, seed: int = 0) -> Corpus:
     order = np.random.default_rng(seed).permutation(len(data))
     n_test = int(len(data) * test_fraction)
     prompt = "Is this text message spam or ham?\n\nMessage: {text}"
-    return Corpus(
-        [data[i] for i in order[n_test:]], [data[i] for i in order[:n_test]], prompt
-    )
+    return Corpus([data[i] for i in order[n_test:]], [data[i] for i in order[:n_test]], prompt)
 
 
 COLOURS = ["red", "green", "blue"]

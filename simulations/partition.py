@@ -24,7 +24,9 @@ def iid(n: int, sites: int, rng: np.random.Generator) -> list[list[int]]:
     return [part.tolist() for part in np.array_split(rng.permutation(n), sites)]
 
 
-def dirichlet(labels: list[str], sites: int, alpha: float, rng: np.random.Generator) -> list[list[int]]:
+def dirichlet(
+    labels: list[str], sites: int, alpha: float, rng: np.random.Generator
+) -> list[list[int]]:
     """Per label, shares of its records drawn from Dir(alpha) over the sites (Hsu et al. 2019).
 
     Redrawn until every site holds at least MIN_PER_SITE records.

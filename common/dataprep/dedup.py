@@ -16,8 +16,10 @@ import hashlib
 import re
 import unicodedata
 import zlib
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -36,8 +38,8 @@ def normalize(text: str) -> str:
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
-def exact_key(text: str) -> bytes:
-    return hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+def exact_key(normalized: str) -> bytes:
+    return hashlib.blake2b(normalized.encode(), digest_size=16).digest()
 
 
 @dataclass
@@ -73,7 +75,11 @@ class UnionFind:
 
 
 class MinHasher:
-    """Word-shingle sets and their MinHash signatures, deterministic for a seed."""
+    """Word-shingle sets and their MinHash signatures, deterministic for a seed.
+
+    All records are shingled at once: word hashes are looked up once per distinct word, k-grams
+    are hashed over one array, and one sort makes every record's set unique.
+    """
 
     def __init__(self, cfg: DedupConfig) -> None:
         rng = np.random.default_rng(cfg.seed)
@@ -81,23 +87,37 @@ class MinHasher:
         self.b = rng.integers(0, int(_PRIME), cfg.num_perm, dtype=np.uint64)
         self.mix = rng.integers(1, 1 << 63, cfg.shingle_words, dtype=np.uint64) | np.uint64(1)
         self.k = cfg.shingle_words
-        self._words: dict[str, int] = {}
 
-    def shingles(self, text: str) -> np.ndarray:
-        """Sorted unique 32-bit hashes of the word k-grams (one shingle if fewer words)."""
-        words = _WORD.findall(normalize(text))
-        ids = np.array([self._word(w) for w in words], dtype=np.uint64)
-        k = min(self.k, len(ids))
-        if k == 0:
-            return ids
-        grams = np.lib.stride_tricks.sliding_window_view(ids, k)
-        return np.unique((grams * self.mix[:k]).sum(axis=1) >> np.uint64(32))
+    def shingles(self, texts: list[str]) -> list[np.ndarray]:
+        """Per text, the sorted unique 32-bit hashes of its word k-grams (fewer words: one)."""
+        vocab: defaultdict[str, int] = defaultdict(lambda: len(vocab))
+        words = [list(map(vocab.__getitem__, _WORD.findall(t))) for t in texts]
+        word_hash = np.fromiter((zlib.crc32(w.encode()) for w in vocab), np.uint64, len(vocab))
+        lengths = np.fromiter(map(len, words), np.int64, len(words))
+        ids = word_hash[np.fromiter(chain.from_iterable(words), np.int64, int(lengths.sum()))]
+        owner = np.repeat(np.arange(len(texts), dtype=np.uint64), lengths)
+        grams, gram_owner = self._grams(ids, owner, lengths)
+        packed = np.unique((gram_owner << np.uint64(32)) | grams)
+        bounds = np.searchsorted(packed >> np.uint64(32), np.arange(len(texts) + 1, dtype=np.uint64))
+        hashes = packed & _MAX32
+        return [hashes[bounds[i] : bounds[i + 1]] for i in range(len(texts))]
 
-    def _word(self, word: str) -> int:
-        h = self._words.get(word)
-        if h is None:
-            h = self._words[word] = zlib.crc32(word.encode())
-        return h
+    def _grams(
+        self, ids: np.ndarray, owner: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k-gram hashes that lie within one text, plus one whole-text gram for short texts."""
+        k = self.k
+        grams = np.zeros(max(len(ids) - k + 1, 0), dtype=np.uint64)
+        for j in range(k):
+            grams += ids[j : len(ids) - k + 1 + j] * self.mix[j]
+        inside = owner[: len(grams)] == owner[k - 1 :]
+        grams, gram_owner = grams[inside], owner[: len(grams)][inside]
+        starts = np.r_[0, np.cumsum(lengths)[:-1]]
+        short = [(t, starts[t], n) for t, n in enumerate(lengths) if 0 < n < k]
+        extra = [(ids[s : s + n] * self.mix[:n]).sum() for _, s, n in short]
+        extra_owner = np.array([t for t, _, _ in short], dtype=np.uint64)
+        grams = np.concatenate([grams, np.array(extra, dtype=np.uint64)]) >> np.uint64(32)
+        return grams, np.concatenate([gram_owner, extra_owner])
 
     def signatures(self, sets: list[np.ndarray]) -> np.ndarray:
         """(n, num_perm) uint32 signatures; every set must be non-empty."""
@@ -156,19 +176,20 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 def find_duplicates(docs: list[Doc], cfg: DedupConfig) -> Duplicates:
     """Duplicates among ``docs`` (in order); exact and near as configured."""
     uf, dups = UnionFind(len(docs)), Duplicates()
-    alive = _exact_pass(docs, uf, dups) if cfg.exact else list(range(len(docs)))
+    normalized = [normalize(d.content) for d in docs]
+    alive = _exact_pass(normalized, uf, dups) if cfg.exact else list(range(len(docs)))
     if cfg.near:
-        _near_passes(docs, alive, cfg, uf, dups)
+        _near_passes(normalized, alive, cfg, uf, dups)
     dups.of = {i: uf.find(i) for i in dups.of}
     _cluster_stats(docs, uf, dups)
     return dups
 
 
-def _exact_pass(docs: list[Doc], uf: UnionFind, dups: Duplicates) -> list[int]:
+def _exact_pass(normalized: list[str], uf: UnionFind, dups: Duplicates) -> list[int]:
     first: dict[bytes, int] = {}
     alive: list[int] = []
-    for i, doc in enumerate(docs):
-        j = first.setdefault(exact_key(doc.content), i)
+    for i, text in enumerate(normalized):
+        j = first.setdefault(exact_key(text), i)
         if j == i:
             alive.append(i)
         else:
@@ -179,10 +200,10 @@ def _exact_pass(docs: list[Doc], uf: UnionFind, dups: Duplicates) -> list[int]:
 
 
 def _near_passes(
-    docs: list[Doc], alive: list[int], cfg: DedupConfig, uf: UnionFind, dups: Duplicates
+    normalized: list[str], alive: list[int], cfg: DedupConfig, uf: UnionFind, dups: Duplicates
 ) -> None:
     hasher = MinHasher(cfg)
-    sets = {i: hasher.shingles(docs[i].content) for i in alive}
+    sets = dict(zip(alive, hasher.shingles([normalized[i] for i in alive]), strict=True))
     alive = [i for i in alive if len(sets[i])]
     sigs = dict(zip(alive, hasher.signatures([sets[i] for i in alive]), strict=True))
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)

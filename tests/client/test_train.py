@@ -1,19 +1,23 @@
 """Local training lowers the loss on a tiny model; the schedule and data order behave."""
 
+import itertools
+
 import numpy as np
 
 from client.train import batches, lr_factor, make_optimizer, train_round
 from common.adapters import attach_lora
 from common.config import TrainConfig
 from common.models import load_base
+from common.records import Record
 from common.tasks import encode, evaluate
 from simulations.corpora import synthetic
-from common.records import Record
 
 
 def records(n: int, seed: int = 0) -> list[Record]:
     rows = synthetic(n_train=n, n_test=1, seed=seed).train
-    return [Record([{"role": "user", "content": r["text"]}], r["label"], r["label"], "t") for r in rows]
+    return [
+        Record([{"role": "user", "content": r["text"]}], r["label"], r["label"], "t") for r in rows
+    ]
 
 
 def test_one_site_training_lowers_its_loss(tiny_cfg):
@@ -23,7 +27,13 @@ def test_one_site_training_lowers_its_loss(tiny_cfg):
     before = evaluate(model, loaded.tokenizer, data, tiny_cfg)
     cfg = tiny_cfg.train.model_copy(update={"local_steps": 30, "lr": 2e-2})
     result = train_round(
-        model, encode(data, loaded.tokenizer, tiny_cfg), cfg, pad_id=0, round_idx=0, total_rounds=1, seed=0
+        model,
+        encode(data, loaded.tokenizer, tiny_cfg),
+        cfg,
+        pad_id=0,
+        round_idx=0,
+        total_rounds=1,
+        seed=0,
     )
     after = evaluate(model, loaded.tokenizer, data, tiny_cfg)
     assert result.steps == 30 and np.isfinite(result.loss)
@@ -36,7 +46,9 @@ def test_training_is_reproducible_for_a_seed(tiny_cfg):
         loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
         model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
         enc = encode(records(16), loaded.tokenizer, tiny_cfg)
-        return train_round(model, enc, tiny_cfg.train, pad_id=0, round_idx=0, total_rounds=1, seed=7).loss
+        return train_round(
+            model, enc, tiny_cfg.train, pad_id=0, round_idx=0, total_rounds=1, seed=7
+        ).loss
 
     assert run() == run()
 
@@ -45,7 +57,7 @@ def test_schedule_warms_up_then_decays():
     cfg = TrainConfig(warmup_steps=4, schedule="cosine")
     factors = [lr_factor(s, 20, cfg) for s in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
     assert factors[-1] < 0.05
     assert lr_factor(10, 20, TrainConfig(schedule="constant")) == 1.0
 

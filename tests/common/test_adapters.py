@@ -73,9 +73,17 @@ def test_bad_state_is_rejected_with_the_key(tiny_cfg):
 
 def test_weighted_fedavg_matches_numpy_reference():
     rng = np.random.default_rng(1)
-    glob = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    glob = {
+        "w": rng.normal(size=(4, 3)).astype(np.float32),
+        "b": rng.normal(size=5).astype(np.float32),
+    }
     updates = [
-        SiteUpdate(f"s{i}", {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()}, n, {})
+        SiteUpdate(
+            f"s{i}",
+            {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()},
+            n,
+            {},
+        )
         for i, n in enumerate([10, 30, 60])
     ]
     new = WeightedFedAvg(FederationConfig(server_lr=0.5)).apply(glob, updates)
@@ -84,7 +92,9 @@ def test_weighted_fedavg_matches_numpy_reference():
         ref = glob[k] + 0.5 * sum(wi * u.delta[k] for wi, u in zip(w, updates, strict=True))
         np.testing.assert_allclose(new[k], ref, rtol=1e-6, atol=1e-6)
     uniform = WeightedFedAvg(FederationConfig(weighting="uniform")).average(updates)
-    np.testing.assert_allclose(uniform["b"], np.mean([u.delta["b"] for u in updates], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        uniform["b"], np.mean([u.delta["b"] for u in updates], axis=0), rtol=1e-6
+    )
 
 
 def test_ffa_average_of_b_equals_average_of_b_times_a(tiny_cfg):
@@ -94,7 +104,12 @@ def test_ffa_average_of_b_equals_average_of_b_times_a(tiny_cfg):
     glob = get_state(model, keys)
     rng = np.random.default_rng(2)
     updates = [
-        SiteUpdate(f"s{i}", {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()}, n, {})
+        SiteUpdate(
+            f"s{i}",
+            {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()},
+            n,
+            {},
+        )
         for i, n in enumerate([5, 7, 11])
     ]
     new = WeightedFedAvg(FederationConfig()).apply(glob, updates)

@@ -16,7 +16,12 @@ def test_shipped_scenarios_load():
 def test_overrides_parse_toml_values_and_strings():
     cfg = load_config(
         SCENARIOS / "tiny.toml",
-        ["federation.rounds=5", "train.lr=0.01", "model.source=tiny:qwen2", "lora.target_modules=['q_proj']"],
+        [
+            "federation.rounds=5",
+            "train.lr=0.01",
+            "model.source=tiny:qwen2",
+            "lora.target_modules=['q_proj']",
+        ],
     )
     assert cfg.federation.rounds == 5
     assert cfg.train.lr == 0.01
@@ -76,8 +81,19 @@ def test_toml_round_trip_and_run_config_bridge(tmp_path: Path):
     path = tmp_path / "resolved.toml"
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg
-    assert from_run_config({"scenario": str(SCENARIOS / "tiny.toml"), "overrides": "federation.rounds=4;train.lr=0.5"}).federation.rounds == 4
-    assert from_run_config({"scenario": str(SCENARIOS / "tiny.toml"), "train.lr": 0.25}).train.lr == 0.25
+    assert (
+        from_run_config(
+            {
+                "scenario": str(SCENARIOS / "tiny.toml"),
+                "overrides": "federation.rounds=4;train.lr=0.5",
+            }
+        ).federation.rounds
+        == 4
+    )
+    assert (
+        from_run_config({"scenario": str(SCENARIOS / "tiny.toml"), "train.lr": 0.25}).train.lr
+        == 0.25
+    )
     import json
 
     assert from_run_config({"fedtune-config": json.dumps(cfg.model_dump(mode="json"))}) == cfg

@@ -65,13 +65,17 @@ def test_unknown_sources_are_named(tmp_path: Path):
 
 @pytest.mark.slow
 def test_packaged_smollm2_loads_and_generates(tmp_path: Path):
-    cfg = ModelConfig(source="packaged:smollm2", cache_dir=str(Path.home() / ".cache/fedtune/models"))
+    cfg = ModelConfig(
+        source="packaged:smollm2", cache_dir=str(Path.home() / ".cache/fedtune/models")
+    )
     loaded = load_base(cfg)
     tok, model = loaded.tokenizer, loaded.model
     assert sum(p.numel() for p in model.parameters()) > 130e6
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

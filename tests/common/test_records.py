@@ -21,8 +21,12 @@ def jsonl(*rows) -> str:
 
 
 def test_all_three_forms_and_csv(tmp_path: Path):
-    write(tmp_path, "a.jsonl", jsonl({"instruction": "Say hi", "input": "to Bob", "output": "Hi Bob"}))
-    chat = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    write(
+        tmp_path, "a.jsonl", jsonl({"instruction": "Say hi", "input": "to Bob", "output": "Hi Bob"})
+    )
+    chat = {
+        "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    }
     write(tmp_path, "b.jsonl", jsonl(chat))
     write(tmp_path, "c.csv", "text,label\nI feel low,Depression\n")
     records = read_folder(tmp_path)
@@ -34,14 +38,34 @@ def test_all_three_forms_and_csv(tmp_path: Path):
 @pytest.mark.parametrize(
     ("name", "content", "expected"),
     [
-        ("x.jsonl", jsonl({"text": "ok", "label": "a"}) + '{"text": "broken\n', "x.jsonl:2: bad JSON"),
-        ("x.jsonl", jsonl({"text": "ok", "label": "a"}, {"text": "no label"}), "x.jsonl:2: missing field `label`"),
+        (
+            "x.jsonl",
+            jsonl({"text": "ok", "label": "a"}) + '{"text": "broken\n',
+            "x.jsonl:2: bad JSON",
+        ),
+        (
+            "x.jsonl",
+            jsonl({"text": "ok", "label": "a"}, {"text": "no label"}),
+            "x.jsonl:2: missing field `label`",
+        ),
         ("x.jsonl", "", "x.jsonl: empty file"),
-        ("x.jsonl", jsonl({"text": "ok", "label": "a"}).encode() + b'{"text": "\xff\xfe", "label": "a"}\n', "x.jsonl:2: not UTF-8"),
-        ("x.jsonl", jsonl({"text": "ok", "label": "zebra"}), "x.jsonl:1: field `label`: unknown label 'zebra'"),
+        (
+            "x.jsonl",
+            jsonl({"text": "ok", "label": "a"}).encode() + b'{"text": "\xff\xfe", "label": "a"}\n',
+            "x.jsonl:2: not UTF-8",
+        ),
+        (
+            "x.jsonl",
+            jsonl({"text": "ok", "label": "zebra"}),
+            "x.jsonl:1: field `label`: unknown label 'zebra'",
+        ),
         ("x.csv", "text,label\nfine,a\n,a\n", "x.csv:3: missing field `text`"),
         ("x.jsonl", jsonl({"foo": 1}), "x.jsonl:1: no known form"),
-        ("x.jsonl", jsonl({"messages": [{"role": "user", "content": "hi"}]}), "x.jsonl:1: field `messages`: the last message"),
+        (
+            "x.jsonl",
+            jsonl({"messages": [{"role": "user", "content": "hi"}]}),
+            "x.jsonl:1: field `messages`: the last message",
+        ),
     ],
 )
 def test_bad_input_names_file_line_and_field(tmp_path: Path, name, content, expected):
@@ -52,7 +76,11 @@ def test_bad_input_names_file_line_and_field(tmp_path: Path, name, content, expe
 
 
 def test_problems_are_collected_not_first_only(tmp_path: Path):
-    write(tmp_path, "x.jsonl", jsonl({"text": "t", "label": "a"}, {"text": "t"}, {"text": "t", "label": "q"}))
+    write(
+        tmp_path,
+        "x.jsonl",
+        jsonl({"text": "t", "label": "a"}, {"text": "t"}, {"text": "t", "label": "q"}),
+    )
     with pytest.raises(DataError) as err:
         read_folder(tmp_path, labels=["a"])
     assert "2 problem(s)" in str(err.value)

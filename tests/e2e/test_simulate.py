@@ -35,7 +35,15 @@ def test_every_output_file_is_written(tiny_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
-        assert {"round", "sites", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down"} <= set(row)
+        assert {
+            "round",
+            "sites",
+            "train_loss",
+            "eval_loss",
+            "eval_accuracy",
+            "bytes_up",
+            "bytes_down",
+        } <= set(row)
         assert row["sites"] == ["site-0", "site-1", "site-2"]
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
     summary = json.loads((out / "summary.json").read_text())
@@ -71,6 +79,14 @@ def test_round_adapter_loads_with_peft(tiny_run):
 
 
 def test_bad_config_exits_with_the_field_named(tmp_path):
-    proc = fedtune("simulate", "--config", str(SCENARIOS / "tiny.toml"), "--out", str(tmp_path), "--set", "federation.rounds=-1")
+    proc = fedtune(
+        "simulate",
+        "--config",
+        str(SCENARIOS / "tiny.toml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "federation.rounds=-1",
+    )
     assert proc.returncode == 2
     assert "`federation.rounds`" in proc.stderr and "Traceback" not in proc.stderr

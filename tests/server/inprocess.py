@@ -33,7 +33,9 @@ class InProcessGrid:
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         replies = []
         for msg in messages:
             self.sent.append(msg)
@@ -47,5 +49,7 @@ class InProcessGrid:
             try:
                 replies.append(self.client_app(msg, self.contexts[node]))
             except Exception as err:  # what Flower's engines turn into an error reply
-                replies.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg))
+                replies.append(
+                    Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+                )
         return replies

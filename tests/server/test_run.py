@@ -14,9 +14,14 @@ from tests.server.inprocess import InProcessGrid
 
 
 def setup_run(tiny_cfg, tmp_path: Path, overrides=None):
-    cfg = tiny_cfg.model_copy(update={"federation": tiny_cfg.federation.model_copy(update=overrides or {})})
+    cfg = tiny_cfg.model_copy(
+        update={"federation": tiny_cfg.federation.model_copy(update=overrides or {})}
+    )
     cfg = prepare(cfg, tmp_path)
-    nodes = {100 + i: {"data-dir": str(tmp_path / "sites" / f"site-{i}"), "site-name": f"site-{i}"} for i in range(3)}
+    nodes = {
+        100 + i: {"data-dir": str(tmp_path / "sites" / f"site-{i}"), "site-name": f"site-{i}"}
+        for i in range(3)
+    }
     return cfg, nodes
 
 
@@ -55,7 +60,9 @@ def test_too_few_sites_is_an_error_not_a_silent_success(tiny_cfg, tmp_path: Path
     def fault(node, msg):
         return "drop" if node == 102 and msg.metadata.message_type == "train" else None
 
-    with pytest.raises(RoundError, match="round 1: 2 site\\(s\\) succeeded, `federation.min_sites` is 3"):
+    with pytest.raises(
+        RoundError, match="round 1: 2 site\\(s\\) succeeded, `federation.min_sites` is 3"
+    ):
         FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes, fault)).execute()
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -70,8 +77,17 @@ def test_malformed_update_is_rejected(tiny_cfg, tmp_path: Path):
 
     def fault(node, msg):
         if node == 100 and msg.metadata.message_type == "train":
-            bad = {k: np.full(v.numpy().shape, np.inf, np.float32) for k, v in msg.content["adapter"].items()}
-            content = RecordDict({"update": to_record(bad), "metrics": MetricRecord({"train-loss": 1.0, "num-examples": 5}), "site": ConfigRecord({"name": "site-0"})})
+            bad = {
+                k: np.full(v.numpy().shape, np.inf, np.float32)
+                for k, v in msg.content["adapter"].items()
+            }
+            content = RecordDict(
+                {
+                    "update": to_record(bad),
+                    "metrics": MetricRecord({"train-loss": 1.0, "num-examples": 5}),
+                    "site": ConfigRecord({"name": "site-0"}),
+                }
+            )
             return Message(content, reply_to=msg)
         return None
 

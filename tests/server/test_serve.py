@@ -296,3 +296,16 @@ def test_serve_refuses_a_tampered_folder(
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2
     assert "model.safetensors" in proc.stderr
+
+
+def test_refused_body_does_not_poison_a_kept_alive_connection(local: FedtuneHTTPServer) -> None:
+    host, port = local.server_address[0], local.server_address[1]
+    conn = http.client.HTTPConnection(str(host), int(port), timeout=30)
+    conn.request("POST", "/v1/nothing", body=json.dumps({"model": "tiny-model"}))
+    first = conn.getresponse()
+    first.read()
+    conn.request("GET", "/health")
+    second = conn.getresponse()
+    assert (first.status, second.status) == (404, 200)
+    assert json.loads(second.read())["status"] == "ok"
+    conn.close()

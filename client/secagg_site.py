@@ -1,0 +1,131 @@
+"""The site's side of secure aggregation over the Message API (docs/secure-aggregation.md).
+
+Three invocations per round, each possibly a new process (Flower's Deployment Engine):
+
+1. ``query.secagg-keys``: create a :class:`SecAggClient`, keep its state in ``context.state``,
+   reply with the public keys.
+2. ``train`` carrying a mask request: train locally, weight, prepare (institution-level DP hook),
+   clip, quantize and mask the update; reply with the masked vector and encrypted shares only.
+3. ``query.secagg-unmask``: reveal the shares that remove the masks, then forget the secrets.
+
+The client state holds secret keys: it lives in ``context.state`` on the site and is never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.adapters import flatten
+from common.config import Config
+from common.errors import SecAggError
+from common.secagg import MaskRequest, SecAggClient, SecAggParams, UnmaskRequest
+
+logger = logging.getLogger(__name__)
+
+# Record names shared with server/secagg_round.py (the wire contract of the three stages).
+KEYS_QUERY, UNMASK_QUERY = "secagg-keys", "secagg-unmask"
+SETUP, ADVERT, MASK_REQUEST = "secagg-setup", "secagg-advert", "secagg-request"
+MASKED, UPLOAD, UNMASK_REQUEST, UNMASK_REPLY = (
+    "secagg-masked",
+    "secagg-upload",
+    "secagg-unmask-request",
+    "secagg-unmask-reply",
+)
+STATE_KEY, WEIGHT_KEY = "secagg", "secagg-weight"
+PARAM_KEYS = ("threshold", "neighbours", "modulus_bits", "clip_range", "stochastic_rounding")
+
+
+def prepare_update(delta_flat: np.ndarray, cfg: Config, round_idx: int) -> np.ndarray:
+    """Hook for institution-level DP: clip the L2 norm and add this site's noise share here.
+
+    ``delta_flat`` is the site's weighted, flattened update (float64, (d,)): exactly what enters
+    the secure sum. Whatever this returns is then clipped per coordinate to
+    ``secagg.clip_range``, quantized and masked. Today it returns its input unchanged.
+    """
+    return delta_flat
+
+
+def clip_coordinates(vec: np.ndarray, bound: float) -> tuple[np.ndarray, int]:
+    """Clip to [-bound, bound] (the quantizer's range); return the vector and how many moved."""
+    clipped = int(np.count_nonzero(np.abs(vec) > bound))
+    return np.clip(vec, -bound, bound), clipped
+
+
+def advertise(content: RecordDict, state: RecordDict) -> RecordDict:
+    """Stage 1: fresh keys for this round; the secret state stays in ``context.state``."""
+    setup = content.config_records[SETUP]
+    params = SecAggParams.from_dict({k: setup[k] for k in PARAM_KEYS})
+    round_idx, site_id = int(_number(setup, "round")), int(_number(setup, "site-id"))
+    client = SecAggClient(site_id, params, round_idx)
+    _save(state, client, round_idx)
+    logger.info("secagg round %d: advertised keys as site %d", round_idx, site_id)
+    return RecordDict({ADVERT: ConfigRecord(client.advertise().to_dict())})
+
+
+def masked_reply(
+    delta: dict[str, np.ndarray],
+    content: RecordDict,
+    state: RecordDict,
+    cfg: Config,
+    metrics: MetricRecord,
+) -> RecordDict:
+    """Stage 2, after local training: weight, prepare, clip and mask. No plaintext update leaves."""
+    if MASK_REQUEST not in content:
+        raise SecAggError(
+            "`secagg.enabled` is true but the train message carries no mask request: "
+            "refusing to send a plaintext update"
+        )
+    conf = content.config_records["config"]
+    round_idx, weight = int(_number(conf, "round")), _number(conf, WEIGHT_KEY)
+    if not (np.isfinite(weight) and weight > 0):
+        raise SecAggError(f"`{WEIGHT_KEY}` must be a finite number > 0, got {weight!r}")
+    client = _load(state, round_idx)
+    # float64: float32 rounding of the weighted values would exceed the quantization error bound.
+    weighted = flatten(delta).astype(np.float64) * weight
+    prepared = prepare_update(weighted, cfg, round_idx)
+    vec, clipped = clip_coordinates(prepared, cfg.secagg.clip_range)
+    upload = client.mask(vec, MaskRequest.from_dict(content.config_records[MASK_REQUEST]))
+    _save(state, client, round_idx)
+    if clipped:
+        logger.warning("secagg round %d: %d coordinate(s) clipped to the range", round_idx, clipped)
+    metrics["secagg-clipped"] = clipped
+    return RecordDict(
+        {
+            MASKED: ArrayRecord(array_dict={"masked": Array(upload.masked)}),
+            UPLOAD: ConfigRecord(upload.to_dict()),
+            "metrics": metrics,
+        }
+    )
+
+
+def unmask(content: RecordDict, state: RecordDict) -> RecordDict:
+    """Stage 3: the shares that remove the masks; the client then forgets its secrets."""
+    request = UnmaskRequest.from_dict(content.config_records[UNMASK_REQUEST])
+    client = _load(state, request.round_id)
+    reply = client.unmask(request)
+    _save(state, client, request.round_id)
+    return RecordDict({UNMASK_REPLY: ConfigRecord(reply.to_dict())})
+
+
+def _number(record: ConfigRecord, key: str) -> float:
+    value = record.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise SecAggError(f"`{key}` must be a number in the secure-aggregation message")
+    return float(value)
+
+
+def _save(state: RecordDict, client: SecAggClient, round_idx: int) -> None:
+    state[STATE_KEY] = ConfigRecord({"client": client.to_bytes(), "round": round_idx})
+
+
+def _load(state: RecordDict, round_idx: int) -> SecAggClient:
+    record = state.config_records.get(STATE_KEY)
+    if record is None or record.get("round") != round_idx:
+        raise SecAggError(
+            f"no secure-aggregation state for round {round_idx} on this site: "
+            "its key advertisement for this round did not happen here"
+        )
+    return SecAggClient.from_bytes(bytes(record["client"]))  # type: ignore[arg-type]
