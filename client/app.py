@@ -7,6 +7,7 @@ Message types: ``query.check`` (preflight: data and model usable, record counts)
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -20,8 +21,32 @@ app = ClientApp()
 
 
 def _site(msg: Message, context: Context) -> SiteInfo:
-    data_root = str(msg.content.config_records["config"].get("data-root", ""))
-    return SiteInfo.from_node_config(context.node_config, data_root)
+    conf = msg.content.config_records["config"]
+    data_root, run_id = str(conf.get("data-root", "")), str(conf.get("run-id", ""))
+    return SiteInfo.from_node_config(context.node_config, data_root, run_id)
+
+
+def _privacy_state(context: Context) -> dict[str, Any]:
+    """The site's privacy accountant as kept in Flower's node state between messages."""
+    if "privacy" not in context.state:
+        return {}
+    return dict(context.state.config_records["privacy"])
+
+
+def _budget(context: Context) -> float | None:
+    """A site may cap its own record-level epsilon: node config `budget-epsilon`."""
+    value = context.node_config.get("budget-epsilon")
+    return None if value in (None, "") else float(str(value))
+
+
+def _declined(msg: Message, site: SiteInfo, reason: str, records: int) -> Message:
+    content = RecordDict(
+        {
+            "declined": ConfigRecord({"name": site.name, "reason": reason}),
+            "metrics": MetricRecord({"num-examples": records}),
+        }
+    )
+    return Message(content, reply_to=msg)
 
 
 @app.query("check")
@@ -39,9 +64,15 @@ def train(msg: Message, context: Context) -> Message:
     cfg = config_from_record(conf)
     site = _site(msg, context)
     global_state = from_record(msg.content.array_records["adapter"])
+    privacy_state = _privacy_state(context)
     update = run_local_round(
-        site, cfg, global_state, int(str(conf["round"])) - 1, str(conf.get("fingerprint", ""))
-    )
+        site, cfg, global_state, int(str(conf["round"])) - 1, str(conf.get("fingerprint", "")),
+        privacy_state, _budget(context),
+    )  # fmt: skip
+    if privacy_state:
+        context.state["privacy"] = ConfigRecord(privacy_state)
+    if update.declined or update.result is None:
+        return _declined(msg, site, update.declined or "no training result", update.records)
     r = update.result
     metrics = MetricRecord(
         {
@@ -50,6 +81,7 @@ def train(msg: Message, context: Context) -> Message:
             "last-loss": r.last_loss,
             "steps": r.steps,
             "num-examples": update.records,
+            **update.privacy,
         }
     )
     if cfg.secagg.enabled or secagg_site.MASK_REQUEST in msg.content:

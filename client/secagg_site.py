@@ -2,11 +2,11 @@
 
 Three invocations per round, each possibly a new process (Flower's Deployment Engine):
 
-1. ``query.secagg-keys``: create a :class:`SecAggClient`, keep its state in ``context.state``,
+1. ``query.secagg_keys``: create a :class:`SecAggClient`, keep its state in ``context.state``,
    reply with the public keys.
 2. ``train`` carrying a mask request: train locally, weight, prepare (institution-level DP hook),
    clip, quantize and mask the update; reply with the masked vector and encrypted shares only.
-3. ``query.secagg-unmask``: reveal the shares that remove the masks, then forget the secrets.
+3. ``query.secagg_unmask``: reveal the shares that remove the masks, then forget the secrets.
 
 The client state holds secret keys: it lives in ``context.state`` on the site and is never sent.
 """
@@ -26,7 +26,7 @@ from common.secagg import MaskRequest, SecAggClient, SecAggParams, UnmaskRequest
 logger = logging.getLogger(__name__)
 
 # Record names shared with server/secagg_round.py (the wire contract of the three stages).
-KEYS_QUERY, UNMASK_QUERY = "secagg-keys", "secagg-unmask"
+KEYS_QUERY, UNMASK_QUERY = "secagg_keys", "secagg_unmask"  # Flower: identifiers
 SETUP, ADVERT, MASK_REQUEST = "secagg-setup", "secagg-advert", "secagg-request"
 MASKED, UPLOAD, UNMASK_REQUEST, UNMASK_REPLY = (
     "secagg-masked",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,23 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from client.privacy_site import (
+    SiteAccountant,
+    check_budget,
+    dp_train_round,
+    noise_at_site,
+    privatize_update,
+)
 from client.train import TrainResult, train_round
-from common.adapters import attach_lora, exchanged_keys, frozen_fingerprint, get_state, set_state
+from common.adapters import (
+    attach_lora,
+    exchanged_keys,
+    flatten,
+    frozen_fingerprint,
+    get_state,
+    set_state,
+    unflatten,
+)
 from common.config import Config
 from common.errors import DataError, ModelError
 from common.models import load_base
@@ -33,16 +48,29 @@ class SiteInfo:
     name: str
     data_dir: Path
     index: int  # stable per site; seeds its data order
+    state_dir: Path | None = None  # where the site keeps its privacy accountant between restarts
+    run_key: str = ""
+
+    def state_file(self) -> Path | None:
+        if self.state_dir is None:
+            return None
+        return self.state_dir / f"accountant-{self.run_key or 'default'}.json"
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], data_root: str = "") -> SiteInfo:
-        """Deployment: `data-dir` (and `site-name`) in node config. Simulation: partition id."""
+    def from_node_config(
+        cls, node_config: Mapping[str, Any], data_root: str = "", run_key: str = ""
+    ) -> SiteInfo:
+        """Deployment: `data-dir`, `site-name`, `state-dir` in node config. Simulation: the
+        partition id names the site and its folder under ``data_root``."""
         pid = int(node_config.get("partition-id", 0))
         name = str(node_config.get("site-name", f"site-{pid}"))
+        default_state = Path.home() / ".cache" / "fedtune" / "site-state" / name
+        state = Path(str(node_config.get("state-dir", default_state)))
         if "data-dir" in node_config:
-            return cls(name, Path(str(node_config["data-dir"])), pid)
+            return cls(name, Path(str(node_config["data-dir"])), pid, state, run_key)
         if data_root:
-            return cls(name, Path(data_root) / name, pid)
+            sim_state = Path(data_root).parent / "site-state" / name
+            return cls(name, Path(data_root) / name, pid, sim_state, run_key)
         raise DataError(
             "this site has no data folder: start the SuperNode with "
             "--node-config \"data-dir='/path/to/records' site-name='my-hospital'\""
@@ -111,8 +139,10 @@ def check_site(site: SiteInfo, cfg: Config) -> dict[str, Any]:
 @dataclass
 class LocalUpdate:
     delta: dict[str, np.ndarray]
-    result: TrainResult
+    result: TrainResult | None
     records: int
+    declined: str | None = None
+    privacy: dict[str, float] = field(default_factory=dict)
 
 
 def run_local_round(
@@ -121,8 +151,14 @@ def run_local_round(
     global_state: dict[str, np.ndarray],
     round_idx: int,
     fingerprint: str,
+    privacy_state: dict[str, Any] | None = None,
+    budget: float | None = None,
 ) -> LocalUpdate:
-    """Set the global adapter, train locally, return new-minus-global (the update)."""
+    """Set the global adapter, train locally (DP-SGD if configured), return new minus global.
+
+    With institution-level DP the whole update is clipped to C (and noised at the site when the
+    noise is distributed) before it leaves. A site over its record-level budget declines.
+    """
     sm = site_model(cfg)
     if fingerprint != sm.fingerprint:
         raise ModelError(
@@ -134,15 +170,24 @@ def run_local_round(
     examples: list[Encoded] = encode(train, sm.tokenizer, cfg)
     pad = int(sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0)
     seed = cfg.train.seed + 1000 * round_idx + site.index
-    result = train_round(
-        sm.model,
-        examples,
-        cfg.train,
-        pad_id=pad,
-        round_idx=round_idx,
-        total_rounds=cfg.federation.rounds,
-        seed=seed,
-    )
+    privacy: dict[str, float] = {}
+    if cfg.privacy.record.enabled:
+        acc = SiteAccountant(privacy_state if privacy_state is not None else {},
+                             site.state_file(), cfg.privacy.record.accountant)  # fmt: skip
+        plan, reason = check_budget(acc, cfg, len(examples), budget)
+        if reason:
+            logger.warning("site %s: %s", site.name, reason)
+            return LocalUpdate({}, None, len(train), declined=reason)
+        result = dp_train_round(sm.model, examples, cfg, plan, acc, pad_id=pad, round_idx=round_idx)
+        privacy = {"record-epsilon": acc.accountant.epsilon(plan.delta), "record-delta": plan.delta}
+    else:
+        result = train_round(
+            sm.model, examples, cfg.train, pad_id=pad, round_idx=round_idx,
+            total_rounds=cfg.federation.rounds, seed=seed,
+        )  # fmt: skip
     new_state = get_state(sm.model, sm.keys)
     delta = {k: new_state[k] - global_state[k] for k in sm.keys}
-    return LocalUpdate(delta, result, len(train))
+    if cfg.privacy.institution.enabled:
+        vec, norm = privatize_update(flatten(delta), cfg, noise_at_site(cfg))
+        delta, privacy["update-norm"] = unflatten(vec, delta), norm
+    return LocalUpdate(delta, result, len(train), privacy=privacy)

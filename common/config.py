@@ -410,6 +410,15 @@ class Config(_Section):
             problems.append("`data.labels` must list the classes when `model.task` is `seq-cls`")
         if self.data.labels and len(set(self.data.labels)) != len(self.data.labels):
             problems.append("`data.labels` has duplicates")
+        inst = self.privacy.institution
+        if inst.enabled and fed.weighting == "records":
+            if "weighting" in fed.model_fields_set:
+                problems.append(
+                    "`federation.weighting` must be `uniform` with institution-level DP: weighting "
+                    "by records scales a site's sensitivity beyond the clip bound"
+                )
+            else:  # the default follows the privacy setting
+                fed.weighting = "uniform"
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from common.records import Record, read_folder
 from common.tasks import evaluate
 from common.wire import config_record, from_record, to_record
 from server.outputs import RunWriter
+from server.privacy_round import ServerPrivacy
 from server.secagg_round import SecAggRound
 from server.strategy import SiteSampler, SiteUpdate, WeightedFedAvg
 
@@ -40,6 +42,7 @@ class RoundOutcome:
     # `reports` the contributors' metrics (empty deltas); `extra` the secagg_* row keys.
     reports: list[SiteUpdate] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)  # site -> why (privacy budget)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class FederatedRun:
     rows: list[dict[str, Any]] = field(default_factory=list)
     site_names: dict[int, str] = field(default_factory=dict)
     site_records: dict[str, int] = field(default_factory=dict)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def execute(self) -> dict[str, Any]:
         start = time.monotonic()
@@ -67,20 +71,26 @@ class FederatedRun:
         self._preflight(nodes, fingerprint)
         state = get_state(model, keys)
         strategy, sampler = WeightedFedAvg(self.cfg.federation), SiteSampler(self.cfg.federation)
+        privacy = ServerPrivacy(self.cfg, len(nodes))
+        noise = privacy.noise_average if privacy.server_adds_noise() else None
         final = base
         for r in range(1, self.cfg.federation.rounds + 1):
             t0 = time.monotonic()
             sampled = sampler.sample(nodes, r)
             outcome = self._train_round(r, sampled, state, fingerprint)
-            state = strategy.apply(state, outcome.updates)
+            state = strategy.apply(state, outcome.updates, noise)
             set_state(model, state)
             writer.adapter(model, r)
             if self._eval_due(r):
                 final = self._evaluate(model, loaded.tokenizer, test)
             row = self._row(r, outcome, final if self._eval_due(r) else {}, len(sampled), state)
+            reports = outcome.reports if outcome.reports is not None else outcome.updates
+            row.update(privacy.record_round(r, reports, outcome.declined))
             row["seconds"] = round(time.monotonic() - t0, 3)
             self._record(writer, row)
         summary = self._summary(base, final, time.monotonic() - start, loaded.source)
+        if privacy.active:
+            summary["privacy"] = privacy.summary()
         writer.summary(summary)
         writer.plots(self.rows)
         return summary
@@ -146,7 +156,11 @@ class FederatedRun:
 
     def _config(self, round_idx: int, fingerprint: str) -> Any:
         return config_record(
-            self.cfg, round=round_idx, fingerprint=fingerprint, data_root=self.data_root
+            self.cfg,
+            round=round_idx,
+            fingerprint=fingerprint,
+            data_root=self.data_root,
+            run_id=self.run_id,
         )
 
     # -- one round ---------------------------------------------------------------------------
@@ -179,7 +193,8 @@ class FederatedRun:
         replies = self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s)
         outcome = self._collect(list(replies), sampled, state)
         if len(outcome.updates) < self.cfg.federation.min_sites:
-            detail = "; ".join(f"{s}: {e}" for s, e in outcome.failed.items()) or "none failed"
+            problems = {**outcome.failed, **outcome.declined}
+            detail = "; ".join(f"{s}: {e}" for s, e in problems.items()) or "none failed"
             raise RoundError(
                 f"round {r}: {len(outcome.updates)} site(s) succeeded, "
                 f"`federation.min_sites` is {self.cfg.federation.min_sites} ({detail})"
@@ -195,6 +210,11 @@ class FederatedRun:
             if reply.has_error():
                 outcome.failed[name] = str(reply.error.reason)
                 logger.warning("site %s failed this round: %s", name, reply.error.reason)
+                continue
+            if "declined" in reply.content:
+                reason = str(reply.content.config_records["declined"]["reason"])
+                outcome.declined[name] = reason
+                logger.warning("site %s declined this round: %s", name, reason)
                 continue
             try:
                 record = reply.content.array_records["update"]
@@ -268,6 +288,7 @@ class FederatedRun:
             "bytes_up": [row["bytes_up"] for row in self.rows],
             "bytes_down": [row["bytes_down"] for row in self.rows],
             "wall_time_s": round(wall, 2),
+            "run_id": self.run_id,
             "config_sha256": self.cfg.digest(),
         }
 

@@ -1,8 +1,8 @@
 """One training round under secure aggregation: the coordinator's driver over the Message API.
 
-Three site invocations (docs/secure-aggregation.md): ``query.secagg-keys`` -> ``train`` with the
+Three site invocations (docs/secure-aggregation.md): ``query.secagg_keys`` -> ``train`` with the
 mask request (the site trains, then uploads a masked vector and encrypted shares) ->
-``query.secagg-unmask``. The coordinator only ever holds masked vectors and the final sum.
+``query.secagg_unmask``. The coordinator only ever holds masked vectors and the final sum.
 
 Flower node ids (uint64) map to protocol site ids 0..n-1 by sorted node id. Sites pre-multiply
 their update by a public weight ``w_i`` (records / mean records of the sampled sites, from

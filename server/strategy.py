@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,9 +50,15 @@ class WeightedFedAvg:
         return out
 
     def apply(
-        self, global_state: dict[str, np.ndarray], updates: list[SiteUpdate]
+        self,
+        global_state: dict[str, np.ndarray],
+        updates: list[SiteUpdate],
+        noise: Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]] | None = None,
     ) -> OrderedDict[str, np.ndarray]:
-        avg = self.average(updates)
+        """Step the global adapter by the (optionally noised) average of the updates."""
+        avg: dict[str, np.ndarray] = self.average(updates)
+        if noise is not None:
+            avg = noise(avg, len(updates))
         lr = self.cfg.server_lr
         return OrderedDict((k, (global_state[k] + lr * avg[k]).astype(np.float32)) for k in avg)
 

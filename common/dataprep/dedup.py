@@ -25,12 +25,14 @@ import numpy as np
 
 from common.config import DedupConfig
 from common.dataprep.rows import Doc
+from common.errors import DataError
 
 _PRIME = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64((1 << 32) - 1)
+_EMPTY = np.uint32((1 << 32) - 1)
+_ROTATE = 0x9E3779B1  # odd constant: an empty bin differs from the bin it borrows from
 _WORD = re.compile(r"\w+")
 _SPACE = re.compile(r"\s+")
-_CHUNK = 1 << 14  # shingles per vectorized block: (16384 x 128) uint64 = 16 MiB
 MAX_PASSES = 10
 
 
@@ -88,19 +90,16 @@ class MinHasher:
         self.mix = rng.integers(1, 1 << 63, cfg.shingle_words, dtype=np.uint64) | np.uint64(1)
         self.k = cfg.shingle_words
 
-    def shingles(self, texts: list[str]) -> list[np.ndarray]:
-        """Per text, the sorted unique 32-bit hashes of its word k-grams (fewer words: one)."""
+    def shingles(self, texts: list[str]) -> np.ndarray:
+        """Sorted unique ``(text index << 32) | 32-bit k-gram hash`` of all texts at once."""
         vocab: defaultdict[str, int] = defaultdict(lambda: len(vocab))
-        words = [list(map(vocab.__getitem__, _WORD.findall(t))) for t in texts]
+        words = [list(map(vocab.__getitem__, t.split())) for t in texts]
         word_hash = np.fromiter((zlib.crc32(w.encode()) for w in vocab), np.uint64, len(vocab))
         lengths = np.fromiter(map(len, words), np.int64, len(words))
         ids = word_hash[np.fromiter(chain.from_iterable(words), np.int64, int(lengths.sum()))]
         owner = np.repeat(np.arange(len(texts), dtype=np.uint64), lengths)
         grams, gram_owner = self._grams(ids, owner, lengths)
-        packed = np.unique((gram_owner << np.uint64(32)) | grams)
-        bounds = np.searchsorted(packed >> np.uint64(32), np.arange(len(texts) + 1, dtype=np.uint64))
-        hashes = packed & _MAX32
-        return [hashes[bounds[i] : bounds[i + 1]] for i in range(len(texts))]
+        return np.unique((gram_owner << np.uint64(32)) | grams)
 
     def _grams(
         self, ids: np.ndarray, owner: np.ndarray, lengths: np.ndarray
@@ -113,30 +112,45 @@ class MinHasher:
         inside = owner[: len(grams)] == owner[k - 1 :]
         grams, gram_owner = grams[inside], owner[: len(grams)][inside]
         starts = np.r_[0, np.cumsum(lengths)[:-1]]
-        short = [(t, starts[t], n) for t, n in enumerate(lengths) if 0 < n < k]
-        extra = [(ids[s : s + n] * self.mix[:n]).sum() for _, s, n in short]
-        extra_owner = np.array([t for t, _, _ in short], dtype=np.uint64)
+        short = np.flatnonzero((lengths > 0) & (lengths < k))
+        extra = [(ids[starts[t] : starts[t] + lengths[t]] * self.mix[: lengths[t]]).sum() for t in short]
         grams = np.concatenate([grams, np.array(extra, dtype=np.uint64)]) >> np.uint64(32)
-        return grams, np.concatenate([gram_owner, extra_owner])
+        return grams, np.concatenate([gram_owner, short.astype(np.uint64)])
 
-    def signatures(self, sets: list[np.ndarray]) -> np.ndarray:
-        """(n, num_perm) uint32 signatures; every set must be non-empty."""
-        out = np.empty((len(sets), len(self.a)), dtype=np.uint32)
-        start = 0
-        while start < len(sets):
-            stop, total = start, 0
-            while stop < len(sets) and (total == 0 or total + len(sets[stop]) <= _CHUNK):
-                total += len(sets[stop])
-                stop += 1
-            out[start:stop] = self._block(sets[start:stop])
-            start = stop
-        return out
+    def signatures(self, packed: np.ndarray, n: int) -> np.ndarray:
+        """(n, num_perm) uint32 one-permutation MinHash signatures (Li, Owen, Zhang 2012).
 
-    def _block(self, sets: list[np.ndarray]) -> np.ndarray:
-        flat = np.concatenate(sets)[:, None]
-        offsets = np.cumsum([0] + [len(s) for s in sets[:-1]])
-        hashed = ((flat * self.a + self.b) % _PRIME) & _MAX32  # (shingles, num_perm)
-        return np.minimum.reduceat(hashed, offsets, axis=0)
+        One hash per shingle picks a bin and a value; each bin keeps its minimum; empty bins
+        borrow from the next filled bin (rotation densification, Shrivastava and Li 2014), so
+        k values cost one hash per shingle instead of k. Rows of texts without shingles are
+        meaningless and must be left out by the caller.
+        """
+        bins = len(self.a)
+        if n * bins >= 1 << 32:
+            raise DataError(f"too many records ({n}) for `dedup.num_perm` = {bins}")
+        h = ((packed & _MAX32) * self.a[0] + self.b[0]) % _PRIME
+        owner_bin = (packed >> np.uint64(32)) * np.uint64(bins) + (h >> np.uint64(32)) % np.uint64(bins)
+        keys = np.sort((owner_bin << np.uint64(32)) | (h & _MAX32))
+        hi = keys >> np.uint64(32)
+        first = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
+        sig = np.full(n * bins, _EMPTY, dtype=np.uint32)
+        sig[hi[first]] = keys[first] & _MAX32
+        return _densify(sig.reshape(n, bins))
+
+
+def _densify(sig: np.ndarray) -> np.ndarray:
+    """Fill each empty bin from the next filled bin to its right (circularly), offset by distance."""
+    n, bins = sig.shape
+    cols = np.arange(bins)
+    for start in range(0, n, 4096):
+        block = sig[start : start + 4096]
+        pos = np.where(block != _EMPTY, cols, 3 * bins)
+        both = np.concatenate([pos, pos + bins], axis=1)
+        nxt = np.minimum.accumulate(both[:, ::-1], axis=1)[:, ::-1][:, :bins]
+        rows = np.arange(len(block))[:, None]
+        shift = ((nxt - cols) * _ROTATE).astype(np.uint32)
+        sig[start : start + 4096] = block[rows, nxt % bins] + shift
+    return sig
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -203,9 +217,12 @@ def _near_passes(
     normalized: list[str], alive: list[int], cfg: DedupConfig, uf: UnionFind, dups: Duplicates
 ) -> None:
     hasher = MinHasher(cfg)
-    sets = dict(zip(alive, hasher.shingles([normalized[i] for i in alive]), strict=True))
-    alive = [i for i in alive if len(sets[i])]
-    sigs = dict(zip(alive, hasher.signatures([sets[i] for i in alive]), strict=True))
+    packed = hasher.shingles([normalized[i] for i in alive])
+    bounds = np.searchsorted(packed >> np.uint64(32), np.arange(len(alive) + 1, dtype=np.uint64))
+    signatures = hasher.signatures(packed, len(alive))
+    sets = {i: packed[bounds[k] : bounds[k + 1]] for k, i in enumerate(alive)}
+    sigs = {i: signatures[k] for k, i in enumerate(alive) if bounds[k + 1] > bounds[k]}
+    alive = list(sigs)
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
     while alive and dups.passes < MAX_PASSES:
         dups.passes += 1

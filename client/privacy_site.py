@@ -1,0 +1,114 @@
+"""A site's privacy machinery around the local round: its accountant, DP-SGD, update clipping.
+
+The record-level accountant lives in the node's state (Flower's ``context.state``) and in a file in
+the site's state folder, so epsilon composes over the whole run even across process restarts. A
+site whose next round would exceed its budget declines and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from client.dp import DPTrainer
+from client.train import TrainResult, lr_factor
+from common.config import Config
+from common.privacy import (
+    GaussianAccountant,
+    RecordPlan,
+    add_noise_share,
+    clip_update,
+    decline_reason,
+    record_plan,
+)
+from common.tasks import Encoded, collate
+
+logger = logging.getLogger(__name__)
+
+
+class SiteAccountant:
+    """Loads and saves one site's record-level accountant for one run."""
+
+    def __init__(self, state: dict[str, Any], state_file: Path | None, mechanism: str) -> None:
+        self.state, self.state_file = state, state_file
+        blob = state.get("accountant")
+        if blob is None and state_file is not None and state_file.is_file():
+            blob = state_file.read_bytes()
+        self.accountant = (
+            GaussianAccountant.from_bytes(bytes(blob)) if blob else GaussianAccountant(mechanism)  # type: ignore[arg-type]
+        )
+
+    def save(self) -> None:
+        blob = self.accountant.to_bytes()
+        self.state["accountant"] = blob
+        if self.state_file is not None:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_bytes(blob)
+            tmp.replace(self.state_file)
+
+
+def check_budget(
+    acc: SiteAccountant, cfg: Config, records: int, budget: float | None
+) -> tuple[RecordPlan, str | None]:
+    plan = record_plan(cfg, records)
+    limit = budget if budget is not None else cfg.privacy.record.budget_epsilon
+    return plan, decline_reason(acc.accountant, plan, limit)
+
+
+def dp_train_round(
+    model: nn.Module,
+    examples: list[Encoded],
+    cfg: Config,
+    plan: RecordPlan,
+    acc: SiteAccountant,
+    *,
+    pad_id: int,
+    round_idx: int,
+) -> TrainResult:
+    """``local_steps`` logical DP-SGD steps (Poisson batches, per-record clipping, noise)."""
+    train = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+    total = train.local_steps * cfg.federation.rounds
+    losses: list[float] = []
+    micro = max(1, train.batch_size // train.grad_accum)
+    model.train()
+    with DPTrainer(
+        model, opt, cfg.privacy.record, plan, acc.accountant, physical_batch_size=micro
+    ) as dp:
+        for s in range(train.local_steps):
+            for group in opt.param_groups:
+                group["lr"] = train.lr * lr_factor(round_idx * train.local_steps + s, total, train)
+            losses.append(dp.step(examples, lambda b: collate(b, pad_id)))
+    acc.save()
+    finite = [x for x in losses if np.isfinite(x)] or [float("nan")]
+    return TrainResult(
+        float(np.mean(finite)), finite[0], finite[-1], train.local_steps, len(examples)
+    )
+
+
+def privatize_update(vec: np.ndarray, cfg: Config, noise_at_site: bool) -> tuple[np.ndarray, float]:
+    """Institution-level DP at the site: clip the whole update to C, add this site's noise share.
+
+    The share's std is sigma*C/sqrt(min_sites), so the sum over at least ``min_sites`` survivors
+    carries the full sigma*C (distributed DP, as in Kairouz et al. 2021).
+    """
+    inst = cfg.privacy.institution
+    clipped, norm = clip_update(vec, inst.clip_norm)
+    if noise_at_site:
+        clipped = add_noise_share(
+            clipped, noise_multiplier=inst.noise_multiplier, clip_norm=inst.clip_norm,
+            min_sites=cfg.federation.min_sites,
+        )  # fmt: skip
+    return clipped.astype(np.float32), norm
+
+
+def noise_at_site(cfg: Config) -> bool:
+    where = cfg.privacy.institution.noise_at
+    return where == "sites" or (where == "auto" and cfg.secagg.enabled)

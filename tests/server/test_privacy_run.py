@@ -1,0 +1,77 @@
+"""Both privacy levels through the real round loop (ClientApp in-process), and the ledger."""
+
+import json
+from pathlib import Path
+
+from client.app import app as client_app
+from client.privacy_site import SiteAccountant
+from common.config import build_config
+from common.privacy import GaussianAccountant
+from server.run import FederatedRun
+from simulations.run import prepare
+from tests.server.inprocess import InProcessGrid
+
+
+def private_cfg(tiny_cfg, **overrides):
+    tree = tiny_cfg.model_dump(mode="json")
+    tree["privacy"] = {"enabled": True, "record": {"max_grad_norm": 1.0}}
+    tree["train"]["batch_size"] = 8
+    del tree["federation"]["weighting"]  # left to follow the privacy setting
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = value
+    return build_config(tree)
+
+
+def nodes_for(tmp_path: Path, budgets=None):
+    budgets = budgets or {}
+    return {
+        100 + i: {
+            "data-dir": str(tmp_path / "sites" / f"site-{i}"),
+            "site-name": f"site-{i}",
+            "state-dir": str(tmp_path / "state" / f"site-{i}"),
+            **({"budget-epsilon": budgets[i]} if i in budgets else {}),
+        }
+        for i in range(3)
+    }
+
+
+def test_both_levels_are_accounted_per_round(tiny_cfg, tmp_path: Path):
+    cfg = prepare(private_cfg(tiny_cfg), tmp_path)
+    assert cfg.federation.weighting == "uniform"  # institution DP needs equal weights
+    summary = FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes_for(tmp_path))).execute()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for site in ("site-0", "site-1", "site-2"):
+        eps = [row["record_epsilon"][site] for row in rows]
+        assert 0 < eps[0] < eps[1] <= 8.0 + 1e-6
+    inst = [row["institution_epsilon"] for row in rows]
+    assert 0 < inst[0] < inst[1]
+    privacy = summary["privacy"]
+    assert privacy["institution_epsilon"] == inst[-1]
+    assert "Each patient record" in privacy["statement"] and "Each institution" in privacy["statement"]
+    assert all((tmp_path / "state" / f"site-{i}").glob("accountant-*.json") for i in range(3))
+
+
+def test_site_over_budget_declines_and_the_run_ends(tiny_cfg, tmp_path: Path):
+    cfg = prepare(private_cfg(tiny_cfg, **{"federation.min_sites": 2}), tmp_path)
+    grid = InProcessGrid(client_app, nodes_for(tmp_path, budgets={1: 0.01}))
+    summary = FederatedRun(cfg, tmp_path / "run", grid).execute()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("site-1" in row["sites_declined"] for row in rows)
+    assert "declining to train" in rows[0]["sites_declined"]["site-1"]
+    assert all(row["sites"] == ["site-0", "site-2"] for row in rows)
+    assert summary["rounds"] == 2 and "site-1" not in summary["privacy"]["record_epsilon"]
+
+
+def test_restarted_site_continues_from_its_saved_epsilon(tmp_path: Path):
+    path = tmp_path / "accountant-run.json"
+    first = SiteAccountant({}, path, "rdp")
+    first.accountant.step(noise_multiplier=1.0, sample_rate=0.1, steps=50)
+    first.save()
+    spent = first.accountant.epsilon(1e-5)
+    restarted = SiteAccountant({}, path, "rdp")  # new process: empty node state, same file
+    assert restarted.accountant.epsilon(1e-5) == spent
+    restarted.accountant.step(noise_multiplier=1.0, sample_rate=0.1, steps=50)
+    reference = GaussianAccountant("rdp")
+    reference.step(noise_multiplier=1.0, sample_rate=0.1, steps=100)
+    assert abs(restarted.accountant.epsilon(1e-5) - reference.epsilon(1e-5)) < 1e-9
