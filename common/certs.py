@@ -40,7 +40,9 @@ DEFAULT_IPS = ("127.0.0.1",)
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest server-certificate lifetime common TLS clients accept
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_DNS_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+_DNS_NAME = re.compile(
+    r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$"
+)
 
 
 class CertificateError(FedtuneError):

@@ -20,8 +20,8 @@ from common import __version__
 from common.errors import FedtuneError
 
 logger = logging.getLogger(__name__)
-console = Console(stderr=True)
-out_console = Console()
+console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning.")
 T = TypeVar("T")
 
@@ -95,6 +95,143 @@ def simulate(
     summary = run_user(go)
     out_console.print(summary_table(summary))
     out_console.print(f"Run folder: {out}")
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys of the coordinator.")
+app.add_typer(keys_app, name="keys")
+PASSPHRASE_ENV = "FEDTUNE_KEY_PASSPHRASE"
+
+
+def _passphrase(ask: bool, confirm: bool = False) -> str | None:
+    """From the environment (never the command line, which `ps` shows), or asked for."""
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV]
+    if ask:
+        return str(typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm))
+    return None
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the key pair.")],
+    passphrase: Annotated[
+        bool,
+        typer.Option("--passphrase", help=f"Encrypt the private key (or set {PASSPHRASE_ENV})."),
+    ] = False,
+) -> None:
+    """Create an Ed25519 signing key pair (private key file mode 0600)."""
+    from common.signing import generate_keys
+
+    private, public = run_user(lambda: generate_keys(out, _passphrase(passphrase, confirm=True)))
+    out_console.print(f"private key: {private}\npublic key:  {public}")
+
+
+@app.command()
+def publish(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Model folder to write (must not exist).")
+    ],
+    signing_key: Annotated[Path, typer.Option("--signing-key", help="Ed25519 private key (PEM).")],
+    round_: Annotated[
+        int | None, typer.Option("--round", help="Round to publish; default the last.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Publish even if worse than the base model.")
+    ] = False,
+    passphrase: Annotated[
+        bool, typer.Option("--passphrase", help="Ask for the key's passphrase.")
+    ] = False,
+) -> None:
+    """Merge the run's adapter into the base model; write a signed Hugging Face folder."""
+    from server.publish import publish as do_publish
+
+    key_pass = _passphrase(passphrase)
+    manifest = run_user(lambda: do_publish(run_dir, out, signing_key, round_, force, key_pass))
+    files = len(manifest.get("files", []))
+    out_console.print(f"published round {manifest.get('round')} to {out} ({files} files, signed)")
+
+
+@app.command()
+def verify(
+    model_dir: Annotated[Path, typer.Argument(help="A published model folder.")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="The coordinator's public key.")],
+) -> None:
+    """Check the signature and every file's hash; name the first file that does not match."""
+    from common.signing import load_public_key, verify_folder
+
+    manifest = run_user(lambda: verify_folder(model_dir, load_public_key(public_key)))
+    out_console.print(f"OK: signature and {len(manifest.get('files', {}))} file hashes match")
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="A published model folder.")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="The coordinator's public key.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="FEDTUNE_API_KEY", help="Require this bearer key."),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="torch threads; 0 = default.")] = 0,
+) -> None:
+    """Verify, load and serve an OpenAI-compatible API (/v1/models, completions, chat)."""
+    from server.serve import main_serve
+
+    run_user(lambda: main_serve(model_dir, public_key, host, port, api_key, None, threads))
+
+
+@app.command("privacy-report")
+def privacy_report(
+    run_dir: Annotated[Path | None, typer.Argument(help="A run folder (after a run).")] = None,
+    plan: Annotated[
+        Path | None, typer.Option("--plan", help="A config: what it will spend.")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """State the run's privacy guarantee in plain words, or what a config plans to spend."""
+    from common.privacy import report_text
+
+    if (run_dir is None) == (plan is None):
+        console.print("[bold red]error:[/] give a run folder or `--plan CONFIG` (one of them)")
+        raise typer.Exit(2)
+    if plan is not None:
+        out_console.print(run_user(lambda: report_text(_planned(plan, set_ or []))))
+        return
+    if run_dir is not None:
+        folder = run_dir
+        out_console.print(run_user(lambda: report_text(_run_privacy(folder))))
+
+
+def _planned(config: Path, overrides: list[str]) -> Any:
+    """The plan for a scenario: site sizes from its partition (written to a scratch folder)."""
+    import tempfile
+
+    from common.config import load_config
+    from common.privacy import plan
+    from simulations.run import prepare
+
+    cfg = load_config(config, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = prepare(cfg, Path(tmp))
+        sites = sorted((Path(tmp) / "sites").iterdir())
+        counts = {p.name: sum(1 for _ in (p / "records.jsonl").open()) for p in sites}
+    return plan(cfg, counts)
+
+
+def _run_privacy(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    from common.errors import PrivacyError
+
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise PrivacyError(f"`{path}` does not exist: is `{run_dir}` a finished run folder?")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if "privacy" not in summary:
+        raise PrivacyError(f"run `{run_dir}` trained without differential privacy: no guarantee")
+    return {k: v for k, v in summary["privacy"].items() if k != "statement"}
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

@@ -21,10 +21,30 @@ from server.run import FederatedRun
 logger = logging.getLogger(__name__)
 
 
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def _resolve(path: str) -> str:
+    """Paths in run config may be relative to the app folder (Flower copies apps elsewhere)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return str(p)
+    return str(APP_DIR / p)
+
+
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    cfg = from_run_config(dict(run_config))
-    out = Path(str(run_config.get("out", "runs/latest")))
-    data_root = str(run_config.get("data-root", ""))
+    conf = dict(run_config)
+    if conf.get("scenario"):
+        conf["scenario"] = _resolve(str(conf["scenario"]))
+    cfg = from_run_config(conf)
+    out = Path(str(conf.get("out", "runs/latest"))).expanduser().resolve()
+    data_root = str(conf.get("data-root", ""))
+    if conf.get("simulate-sites") is True and not data_root:
+        # `flwr run .` on a simulation federation: write the scenario's virtual sites first.
+        from simulations.run import prepare
+
+        cfg = prepare(cfg, out)
+        data_root = str(out / "sites")
     logger.info("run %s: %d round(s), writing to %s", cfg.name, cfg.federation.rounds, out)
     return FederatedRun(cfg, out, grid, data_root=data_root).execute()
 

@@ -220,7 +220,7 @@ def _near_passes(
     packed = hasher.shingles([normalized[i] for i in alive])
     bounds = np.searchsorted(packed >> np.uint64(32), np.arange(len(alive) + 1, dtype=np.uint64))
     signatures = hasher.signatures(packed, len(alive))
-    sets = {i: packed[bounds[k] : bounds[k + 1]] for k, i in enumerate(alive)}
+    sets = {i: packed[bounds[k] : bounds[k + 1]] & _MAX32 for k, i in enumerate(alive)}
     sigs = {i: signatures[k] for k, i in enumerate(alive) if bounds[k + 1] > bounds[k]}
     alive = list(sigs)
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)

@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory):
 def test_every_output_file_is_written(tiny_run):
     out, proc = tiny_run
     cfg = load_config(out / "config.toml")
-    assert cfg.name == "tiny" and cfg.data.labels == ["blue", "green", "red"]
+    assert cfg.name == "tiny" and sorted(cfg.data.labels) == ["blue", "green", "red"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
@@ -90,3 +90,42 @@ def test_bad_config_exits_with_the_field_named(tmp_path):
     )
     assert proc.returncode == 2
     assert "`federation.rounds`" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_publish_then_verify_through_the_cli(tiny_run, tmp_path):
+    out, _ = tiny_run
+    keys = tmp_path / "keys"
+    proc = fedtune("keys", "generate", "--out", str(keys))
+    assert proc.returncode == 0, proc.stderr
+    key = next(keys.glob("*key.pem"))
+    pub = next(keys.glob("*.pub.pem"))
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    model_dir = tmp_path / "model"
+    proc = fedtune("publish", str(out), "--out", str(model_dir), "--signing-key", str(key))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"manifest.json", "manifest.sig", "MODEL_CARD.md", "config.json"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    proc = fedtune("verify", str(model_dir), "--public-key", str(pub))
+    assert proc.returncode == 0 and "OK" in proc.stdout
+    weights = model_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = fedtune("verify", str(model_dir), "--public-key", str(pub))
+    assert proc.returncode == 2 and "model.safetensors" in proc.stderr
+
+
+def test_privacy_report_says_when_there_is_no_guarantee(tiny_run):
+    out, _ = tiny_run
+    proc = fedtune("privacy-report", str(out))
+    assert proc.returncode == 2 and "without differential privacy" in proc.stderr
+
+
+def test_privacy_report_plans_a_config():
+    proc = fedtune(
+        "privacy-report", "--plan", str(SCENARIOS / "tiny.toml"), "--set", "privacy.enabled=true"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Each patient record: (8.00" in proc.stdout
+    assert "Each institution's entire dataset" in proc.stdout

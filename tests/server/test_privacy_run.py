@@ -39,7 +39,9 @@ def nodes_for(tmp_path: Path, budgets=None):
 def test_both_levels_are_accounted_per_round(tiny_cfg, tmp_path: Path):
     cfg = prepare(private_cfg(tiny_cfg), tmp_path)
     assert cfg.federation.weighting == "uniform"  # institution DP needs equal weights
-    summary = FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes_for(tmp_path))).execute()
+    summary = FederatedRun(
+        cfg, tmp_path / "run", InProcessGrid(client_app, nodes_for(tmp_path))
+    ).execute()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for site in ("site-0", "site-1", "site-2"):
         eps = [row["record_epsilon"][site] for row in rows]
@@ -48,7 +50,9 @@ def test_both_levels_are_accounted_per_round(tiny_cfg, tmp_path: Path):
     assert 0 < inst[0] < inst[1]
     privacy = summary["privacy"]
     assert privacy["institution_epsilon"] == inst[-1]
-    assert "Each patient record" in privacy["statement"] and "Each institution" in privacy["statement"]
+    assert (
+        "Each patient record" in privacy["statement"] and "Each institution" in privacy["statement"]
+    )
     assert all((tmp_path / "state" / f"site-{i}").glob("accountant-*.json") for i in range(3))
 
 
