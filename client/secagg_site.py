@@ -39,11 +39,12 @@ PARAM_KEYS = ("threshold", "neighbours", "modulus_bits", "clip_range", "stochast
 
 
 def prepare_update(delta_flat: np.ndarray, cfg: Config, round_idx: int) -> np.ndarray:
-    """Hook for institution-level DP: clip the L2 norm and add this site's noise share here.
+    """The weighted, flattened update (float64, (d,)) exactly as it enters the secure sum.
 
-    ``delta_flat`` is the site's weighted, flattened update (float64, (d,)): exactly what enters
-    the secure sum. Whatever this returns is then clipped per coordinate to
-    ``secagg.clip_range``, quantized and masked. Today it returns its input unchanged.
+    Institution-level DP has already been applied by ``client.site.run_local_round`` (L2 clip to
+    C and this site's noise share, before any weighting: institution DP forces uniform weights,
+    so the weight is 1). Whatever this returns is clipped per coordinate to
+    ``secagg.clip_range``, quantized and masked.
     """
     return delta_flat
 

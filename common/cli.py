@@ -35,9 +35,13 @@ def setup_logging(verbose: bool = False) -> None:
     """Handlers live here only: library modules just get their logger."""
     level = logging.DEBUG if verbose else logging.INFO
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    if not verbose:
+        # Flower resets its own logger's level on import; keep its debug chatter off our console.
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("flwr"))
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
-    for noisy in ("flwr", "ray", "urllib3", "filelock", "httpx", "transformers", "peft"):
+    for noisy in ("ray", "urllib3", "filelock", "httpx", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -249,8 +249,15 @@ class LoopbackFederation:
                     os.kill(pid, sig)
             if pids and sig == signal.SIGTERM:
                 time.sleep(1.0)
-        for pid in tagged_pids(self.tag):
+        deadline = time.monotonic() + 5.0
+        while (left := tagged_pids(self.tag)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:
             logger.warning("process %d still alive after SIGKILL", pid)
+
+    def leftover(self) -> list[int]:
+        """Tagged processes still alive (empty after :meth:`close`)."""
+        return tagged_pids(self.tag)
 
     def __enter__(self) -> LoopbackFederation:
         return self

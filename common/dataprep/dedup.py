@@ -49,6 +49,7 @@ class Duplicates:
     """Which records repeat an earlier one (index -> kept index), and how."""
 
     of: dict[int, int] = field(default_factory=dict)
+    kind: dict[int, str] = field(default_factory=dict)  # index -> `exact` or `near`
     exact: int = 0
     near: int = 0
     cross_split: int = 0  # evaluation records with a duplicate in the training split
@@ -99,7 +100,7 @@ class MinHasher:
         ids = word_hash[np.fromiter(chain.from_iterable(words), np.int64, int(lengths.sum()))]
         owner = np.repeat(np.arange(len(texts), dtype=np.uint64), lengths)
         grams, gram_owner = self._grams(ids, owner, lengths)
-        return np.unique((gram_owner << np.uint64(32)) | grams)
+        return _sorted_unique((gram_owner << np.uint64(32)) | grams)
 
     def _grams(
         self, ids: np.ndarray, owner: np.ndarray, lengths: np.ndarray
@@ -136,6 +137,12 @@ class MinHasher:
         sig = np.full(n * bins, _EMPTY, dtype=np.uint32)
         sig[hi[first]] = keys[first] & _MAX32
         return _densify(sig.reshape(n, bins))
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy 2's hash-based unique is many times slower here)."""
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
 
 
 def _densify(sig: np.ndarray) -> np.ndarray:
@@ -209,6 +216,7 @@ def _exact_pass(normalized: list[str], uf: UnionFind, dups: Duplicates) -> list[
         else:
             uf.union(j, i)
             dups.of[i] = j
+            dups.kind[i] = "exact"
             dups.exact += 1
     return alive
 
@@ -230,6 +238,7 @@ def _near_passes(
         removed = _near_pass(alive, sig, sets, cfg.threshold, (bands, rows), uf)
         for i in removed:
             dups.of[i] = uf.find(i)
+            dups.kind[i] = "near"
         dups.near += len(removed)
         if not removed:
             return

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.certs import CaPaths, SiteKeyPaths, init_ca, site_keys
-from deploy.loopback import LoopbackFederation, Started, prepare_sites, tagged_pids
+from deploy.loopback import LoopbackFederation, Started, prepare_sites
 from tests.conftest import ROOT, SCENARIOS
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
         yield Deployment(fed, ca, keys, out, run, stranger, no_ca)
     finally:
         fed.close()
-        assert not tagged_pids(fed.tag), "processes outlived the teardown"
+        left = fed.leftover()
+        assert not left, f"processes outlived the teardown: {left}"
 
 
 def _exit(started: Started, timeout: float) -> int:
@@ -97,8 +98,9 @@ def test_client_without_ca_certificate_cannot_connect(deployment: Deployment) ->
     address = f"127.0.0.1:{deployment.fed.port}"
     cfg.write_text(text + f'\n[superlink.no-ca]\naddress = "{address}"\n', encoding="utf-8")
     cli = deployment.fed.spawn("flwr-ls-no-ca", ["flwr", "supernode", "ls", "no-ca"])
-    assert _exit(cli, 60) != 0
-    assert "CERTIFICATE_VERIFY_FAILED" in cli.text() or "SSL" in cli.text(), cli.text()[-2000:]
+    assert _exit(cli, 60) != 0, cli.text()[-2000:]
+    assert "unavailable" in cli.text(), cli.text()[-2000:]
+    # (With the CA certificate the same command works: see `nodes()` in the run test.)
 
 
 def test_tiny_runs_to_completion_with_tls_and_node_auth(deployment: Deployment) -> None:

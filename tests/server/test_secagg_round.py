@@ -66,7 +66,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, dict[int, di
 def plain(base: tuple[Config, dict[int, dict], Path]) -> tuple[Recorder, dict[str, Any]]:
     cfg, nodes, root = base
     recorder = Recorder()
-    FederatedRun(cfg, root / "plain", InProcessGrid(recorder, nodes)).execute()  # type: ignore[arg-type]
+    FederatedRun(cfg, root / "plain", InProcessGrid(recorder, nodes)).execute()
     return recorder, _row(root / "plain")
 
 
@@ -79,7 +79,7 @@ def secure(base: tuple[Config, dict[int, dict], Path], name: str, fault: Any = N
         }
     )
     recorder = Recorder()
-    grid = InProcessGrid(recorder, nodes, fault)  # type: ignore[arg-type]
+    grid = InProcessGrid(recorder, nodes, fault)
     FederatedRun(cfg, root / name, grid).execute()
     return (
         recorder,
@@ -89,24 +89,17 @@ def secure(base: tuple[Config, dict[int, dict], Path], name: str, fault: Any = N
     )
 
 
-def expected_adapter(
-    plain: Recorder, contributors: list[int], lr: float = 1.0
-) -> dict[str, np.ndarray]:
-    """Numpy reference: global + lr * sum_i r_i delta_i / sum_i r_i over the contributors."""
+def expected_adapter(plain: Recorder, contributors: list[int]) -> dict[str, np.ndarray]:
+    """Numpy reference: global + sum_i r_i delta_i / sum_i r_i over the contributors (lr 1)."""
     weights = np.array([plain.records[n] for n in contributors], dtype=np.float64)
     weights /= weights.sum()
-    glob = plain.sent[contributors[0]]
-    return {
-        k: (
-            glob[k]
-            + lr
-            * sum(
-                w * plain.updates[n][k].astype(np.float64)
-                for w, n in zip(weights, contributors, strict=True)
-            )
-        ).astype(np.float32)
-        for k in glob
-    }
+    out = {}
+    for key, glob in plain.sent[contributors[0]].items():
+        deltas = [plain.updates[n][key].astype(np.float64) for n in contributors]
+        out[key] = (glob + sum(w * d for w, d in zip(weights, deltas, strict=True))).astype(
+            np.float32
+        )
+    return out
 
 
 def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], bound: float) -> float:

@@ -1,0 +1,97 @@
+"""Federation overhead: the same local training steps (a) in-process with no federation and
+(b) as a simulated federation of 3 sites through Flower's simulation engine (Ray), side by side.
+
+Prints the wall-time ratio b/a (goal <= 1.3) as one JSON object on its last line:
+``{"overhead_ratio": ..., ...}``. ``round_overhead_ratio`` compares only the rounds (excluding
+engine start-up and the one-time preflight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from client.site import SiteInfo, run_local_round, site_model
+from common.adapters import get_state
+from common.config import Config, load_config
+from server.strategy import SiteUpdate, WeightedFedAvg
+from simulations.run import prepare, simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_config(steps: int, rounds: int, hidden: int, layers: int) -> Config:
+    return load_config(
+        ROOT / "simulations/scenarios/tiny.toml",
+        [
+            f"train.local_steps={steps}",
+            f"federation.rounds={rounds}",
+            f"model.tiny.hidden_size={hidden}",
+            f"model.tiny.num_layers={layers}",
+            f"model.tiny.intermediate_size={hidden * 2}",
+            "model.max_length=96",
+            "federation.evaluate_every=0",
+            "evaluation.max_records=8",
+        ],
+    )
+
+
+def in_process(cfg: Config, out: Path) -> float:
+    """(a): the same sites, rounds and steps, one process, plain FedAvg, no Flower."""
+    start = time.perf_counter()
+    cfg = prepare(cfg, out)
+    sites = [
+        SiteInfo(f"site-{i}", out / "sites" / f"site-{i}", i)
+        for i in range(cfg.simulation.partition.num_sites)
+    ]
+    sm = site_model(cfg)
+    state = get_state(sm.model, sm.keys)
+    strategy = WeightedFedAvg(cfg.federation)
+    for r in range(cfg.federation.rounds):
+        updates = []
+        for site in sites:
+            up = run_local_round(site, cfg, state, r, sm.fingerprint)
+            updates.append(SiteUpdate(site.name, up.delta, up.records, {}))
+        state = strategy.apply(state, updates)
+    return time.perf_counter() - start
+
+
+def federated(cfg: Config, out: Path) -> tuple[float, float]:
+    start = time.perf_counter()
+    simulate(cfg, out)
+    wall = time.perf_counter() - start
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return wall, sum(r["seconds"] for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=20, help="local steps per site per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cfg = bench_config(args.steps, args.rounds, args.hidden, args.layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = in_process(cfg, Path(tmp) / "a")
+        fed_wall, fed_rounds = federated(cfg, Path(tmp) / "b")
+    result = {
+        "overhead_ratio": round(fed_wall / plain, 3),
+        "round_overhead_ratio": round(fed_rounds / plain, 3),
+        "in_process_s": round(plain, 2),
+        "federated_s": round(fed_wall, 2),
+        "federated_rounds_s": round(fed_rounds, 2),
+        "sites": cfg.simulation.partition.num_sites,
+        "rounds": cfg.federation.rounds,
+        "local_steps": cfg.train.local_steps,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

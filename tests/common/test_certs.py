@@ -1,0 +1,155 @@
+"""common.certs: the CA, the SuperLink TLS certificate and site node keys, as Flower reads them."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from common.certs import CertificateError, certs_init, certs_site, fingerprint, init_ca, site_keys
+from common.errors import FedtuneError
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_init_ca_writes_a_ca_and_a_server_certificate_it_signed(tmp_path: Path) -> None:
+    paths = init_ca(tmp_path / "certs", ["link.example.org"], ["10.1.2.3", "::1"])
+    assert _mode(paths.ca_key) == 0o600 and _mode(paths.server_key) == 0o600
+    ca, server = _cert(paths.ca_cert), _cert(paths.server_cert)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    # localhost / 127.0.0.1 always: the SuperLink's own ServerApp runner connects on loopback.
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "link.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address(a) for a in ("127.0.0.1", "10.1.2.3", "::1")
+    ]
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in eku
+    key = serialization.load_pem_private_key(paths.server_key.read_bytes(), None)
+    assert key.public_key() == server.public_key()
+
+
+def test_init_ca_defaults_to_localhost(tmp_path: Path) -> None:
+    san = (
+        _cert(init_ca(tmp_path, [], []).server_cert)
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+
+
+def test_init_ca_names_every_bad_name_and_address(tmp_path: Path) -> None:
+    with pytest.raises(CertificateError, match="not valid IP addresses: '300.1.1.1', 'x'"):
+        init_ca(tmp_path, [], ["300.1.1.1", "x"])
+    with pytest.raises(CertificateError, match="'bad name'"):
+        init_ca(tmp_path, ["bad name"], [])
+    assert not list(tmp_path.iterdir())
+
+
+def test_nothing_is_overwritten(tmp_path: Path) -> None:
+    init_ca(tmp_path, [], [])
+    before = (tmp_path / "ca.key").read_bytes()
+    with pytest.raises(CertificateError, match="refusing to overwrite"):
+        init_ca(tmp_path, [], [])
+    assert (tmp_path / "ca.key").read_bytes() == before
+    site_keys(tmp_path, "bank-a")
+    with pytest.raises(FedtuneError, match="refusing to overwrite"):
+        site_keys(tmp_path, "bank-a")
+
+
+def test_site_keys_are_what_flower_node_auth_loads(tmp_path: Path) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+
+    paths = site_keys(tmp_path / "keys", "hospital-1")
+    assert _mode(paths.private_key) == 0o600
+    assert paths.private_key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    # flower-supernode --auth-supernode-private-key: load_ssh_private_key, an EC key
+    private = serialization.load_ssh_private_key(paths.private_key.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert isinstance(private.curve, ec.SECP384R1)
+    # flwr supernode register NAME.pub: OpenSSH public key on a NIST curve
+    public = serialization.load_ssh_public_key(paths.public_key.read_bytes())
+    assert public == private.public_key()
+    assert try_load_public_key(paths.public_key)
+    assert fingerprint(paths.public_key).startswith("SHA256:")
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a b", "-flag", "x" * 65, "site/1"])
+def test_site_names_that_are_not_plain_file_names_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(CertificateError, match="site name"):
+        site_keys(tmp_path, name)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_functions_print_paths_never_key_material(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    certs_init(tmp_path / "certs", ["coordinator.local"], [])
+    certs_site("bank-b", tmp_path / "keys")
+    out = capsys.readouterr().out
+    assert "ca.crt" in out and "bank-b.pub" in out and "flwr supernode register" in out
+    assert "PRIVATE KEY" not in out and "BEGIN" not in out
+
+
+def _tls_server(cert: Path, key: Path) -> tuple[int, threading.Thread, socket.socket]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+
+    def serve() -> None:
+        for _ in range(3):
+            try:
+                conn, _addr = sock.accept()
+            except OSError:
+                return
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(b"ok")
+            except (ssl.SSLError, OSError):
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return int(sock.getsockname()[1]), thread, sock
+
+
+def test_tls_handshake_succeeds_with_the_ca_and_fails_without(tmp_path: Path) -> None:
+    paths = init_ca(tmp_path, [], [])
+    port, thread, sock = _tls_server(paths.server_cert, paths.server_key)
+    try:
+        trusting = ssl.create_default_context(cafile=str(paths.ca_cert))
+        for host in ("localhost", "127.0.0.1"):
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                trusting.wrap_socket(raw, server_hostname=host) as tls,
+            ):
+                assert tls.recv(2) == b"ok"
+        untrusting = ssl.create_default_context()  # system trust store only
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            pytest.raises(ssl.SSLCertVerificationError),
+        ):
+            untrusting.wrap_socket(raw, server_hostname="localhost")
+    finally:
+        sock.close()
+        thread.join(timeout=5)
