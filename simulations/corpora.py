@@ -59,10 +59,8 @@ def drugreview() -> Corpus:
             if r.get("condition") and r.get("review")
         ]
 
-    prompt = (
-        "Which condition is this drug review about? Options: {options}.\n\n"
-        "Review: {text}\n\nAnswer with the condition only."
-    )
+    # Short on purpose: every prompt token is paid for in every step, the review needs them more.
+    prompt = "Which condition ({options}) is this drug review about?\n\n{text}"
     return Corpus(rows("drugsComTrain.tsv"), rows("drugsComTest.tsv"), prompt)
 
 

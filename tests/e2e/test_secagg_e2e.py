@@ -1,5 +1,5 @@
 """End to end: `fedtune simulate` on tiny.toml with secure aggregation, through Flower's real
-simulation engine (Ray), against the same run in plaintext. Two engine runs in all."""
+simulation engine (Ray), against the session's plaintext run of the same scenario."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.conftest import SCENARIOS
-from tests.e2e.test_simulate import fedtune
+from tests.e2e.conftest import fedtune
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +25,14 @@ def simulate(out: Path, *overrides: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_run
+) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     root = tmp_path_factory.mktemp("secagg-e2e")
+    plain = tiny_run[0]
+    plain_rows = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
     return {
-        "plain": (root / "plain", simulate(root / "plain")),
+        "plain": (plain, plain_rows),
         "secure": (root / "secure", simulate(root / "secure", "secagg.enabled=true")),
     }
 

@@ -1,31 +1,14 @@
 """End to end: `fedtune simulate` on tiny.toml through Flower's real simulation engine (Ray)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from common.config import load_config
-from tests.conftest import ROOT, SCENARIOS
+from tests.conftest import SCENARIOS
+from tests.e2e.conftest import fedtune
 
 pytestmark = pytest.mark.slow
-
-
-def fedtune(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "common.cli", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    proc = fedtune("simulate", "--config", str(SCENARIOS / "tiny.toml"), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
 
 
 def test_every_output_file_is_written(tiny_run):
