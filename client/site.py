@@ -111,7 +111,20 @@ def site_model(cfg: Config) -> SiteModel:
 
 
 def load_records(site: SiteInfo, cfg: Config) -> list[Record]:
-    return read_folder(site.data_dir, cfg.data.form, cfg.data.labels)
+    """The site's records; prepared on the fly when `data.prepare` enables a rule.
+
+    The preparation counts (numbers only) are then available from
+    ``common.dataprep.onthefly.last_counts(site.data_dir)`` for the run's metrics.
+    """
+    records = read_folder(site.data_dir, cfg.data.form, cfg.data.labels)
+    if not cfg.data.prepare.enabled:
+        return records
+    from common.dataprep.onthefly import prepare_records
+
+    prepared, _ = prepare_records(records, cfg.data.prepare, site.data_dir)
+    if not prepared:
+        raise DataError(f"data folder `{site.data_dir}`: no records left after `data.prepare`")
+    return prepared
 
 
 def split_eval(records: list[Record], cfg: Config, seed: int) -> tuple[list[Record], list[Record]]:

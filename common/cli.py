@@ -78,15 +78,26 @@ def version() -> None:
 
 @app.command()
 def simulate(
-    config: ConfigOpt,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Scenario or config TOML file.")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path(
         "runs/latest"
     ),
     set_: SetOpt = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue this run folder after its last round.")
+    ] = None,
 ) -> None:
     """Run a scenario: N virtual sites on this machine through Flower's simulation engine."""
     from common.config import load_config
     from simulations.run import simulate as run_simulation
+
+    if (config is None) == (resume is None):
+        console.print("[bold red]error:[/] give `--config SCENARIO` or `--resume RUN_DIR`")
+        raise typer.Exit(2)
+    if resume is not None:
+        config, out = resume / "config.toml", resume
 
     def go() -> dict[str, Any]:
         cfg = load_config(config, set_ or [])
@@ -94,7 +105,7 @@ def simulate(
             f"[bold]fedtune simulate[/] {cfg.name}: {cfg.simulation.partition.num_sites} sites, "
             f"{cfg.federation.rounds} rounds, model {cfg.model.source} -> {out}"
         )
-        return run_simulation(cfg, out)
+        return run_simulation(cfg, out, resume=resume is not None)
 
     summary = run_user(go)
     out_console.print(summary_table(summary))

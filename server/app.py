@@ -46,7 +46,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         cfg = prepare(cfg, out)
         data_root = str(out / "sites")
     logger.info("run %s: %d round(s), writing to %s", cfg.name, cfg.federation.rounds, out)
-    return FederatedRun(cfg, out, grid, data_root=data_root).execute()
+    resume = conf.get("resume") is True
+    return FederatedRun(cfg, out, grid, data_root=data_root, resume=resume).execute()
 
 
 def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:

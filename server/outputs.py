@@ -22,13 +22,18 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class RunWriter:
-    def __init__(self, out: Path, cfg: Config) -> None:
+    def __init__(
+        self, out: Path, cfg: Config, keep_rows: list[dict[str, Any]] | None = None
+    ) -> None:
+        """A fresh run folder, or (``keep_rows``) one being resumed: its metrics are rewritten to
+        exactly the checkpointed rounds, so no round appears twice."""
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         (out / "rounds").mkdir(exist_ok=True)
         write_atomic(out / "config.toml", to_toml(cfg))
         self.metrics_path = out / "metrics.jsonl"
-        self.metrics_path.write_text("", encoding="utf-8")
+        rows = "".join(json.dumps(r) + "\n" for r in keep_rows or [])
+        write_atomic(self.metrics_path, rows)
 
     def round_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:

@@ -78,6 +78,17 @@ class ServerPrivacy:
             "sites_declined": declined,
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        acc = self.accountant.state_dict() if self.accountant else None
+        return {"ledger": self.ledger.to_json(), "accountant": acc}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.ledger = PrivacyLedger.from_json(state["ledger"])
+        if self.accountant is not None and state.get("accountant") is not None:
+            self.accountant.load_state_dict(state["accountant"])
+
     def summary(self) -> dict[str, Any]:
         if not self.active:
             return {}

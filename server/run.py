@@ -24,6 +24,7 @@ from common.models import load_base
 from common.records import Record, read_folder
 from common.tasks import evaluate
 from common.wire import config_record, from_record, to_record
+from server import checkpoint
 from server.outputs import RunWriter
 from server.privacy_round import ServerPrivacy
 from server.secagg_round import SecAggRound
@@ -56,25 +57,33 @@ class FederatedRun:
     site_names: dict[int, str] = field(default_factory=dict)
     site_records: dict[str, int] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    resume: bool = False
 
     def execute(self) -> dict[str, Any]:
+        """Preflight, every round (resuming: from the checkpoint's next), then the outputs."""
         start = time.monotonic()
-        writer = RunWriter(self.out, self.cfg)
+        ckpt = checkpoint.load(self.out, self.cfg.digest()) if self.resume else None
+        if not self.resume:
+            (self.out / checkpoint.NAME).unlink(missing_ok=True)
+        writer = RunWriter(self.out, self.cfg, keep_rows=ckpt.rows if ckpt else None)
         loaded = load_base(self.cfg.model, self.cfg.data.labels)
         model = attach_lora(loaded.model, self.cfg.lora, self.cfg.model)
         keys = exchanged_keys(model, self.cfg.lora)
         fingerprint = frozen_fingerprint(model, self.cfg.lora)
         test = self._test_records()
-        base = self._evaluate(model, loaded.tokenizer, test)
+        base = ckpt.base if ckpt else self._evaluate(model, loaded.tokenizer, test)
         logger.info("base model: %s", _fmt(base))
         nodes = self._wait_for_nodes()
         self._preflight(nodes, fingerprint)
-        state = get_state(model, keys)
-        strategy, sampler = WeightedFedAvg(self.cfg.federation), SiteSampler(self.cfg.federation)
         privacy = ServerPrivacy(self.cfg, len(nodes))
+        state: dict[str, np.ndarray] = get_state(model, keys)
+        final, first, elapsed = base, 1, 0.0
+        if ckpt:
+            state, final, first, elapsed = self._restore(ckpt, keys, privacy)
+            set_state(model, state)
+        strategy, sampler = WeightedFedAvg(self.cfg.federation), SiteSampler(self.cfg.federation)
         noise = privacy.noise_average if privacy.server_adds_noise() else None
-        final = base
-        for r in range(1, self.cfg.federation.rounds + 1):
+        for r in range(first, self.cfg.federation.rounds + 1):
             t0 = time.monotonic()
             sampled = sampler.sample(nodes, r)
             outcome = self._train_round(r, sampled, state, fingerprint)
@@ -88,12 +97,38 @@ class FederatedRun:
             row.update(privacy.record_round(r, reports, outcome.declined))
             row["seconds"] = round(time.monotonic() - t0, 3)
             self._record(writer, row)
-        summary = self._summary(base, final, time.monotonic() - start, loaded.source)
+            wall = elapsed + time.monotonic() - start
+            checkpoint.save(self.out, self._checkpoint(r, base, final, wall, privacy))
+        summary = self._summary(base, final, elapsed + time.monotonic() - start, loaded.source)
         if privacy.active:
             summary["privacy"] = privacy.summary()
         writer.summary(summary)
         writer.plots(self.rows)
         return summary
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _checkpoint(
+        self,
+        r: int,
+        base: dict[str, float],
+        final: dict[str, float],
+        wall: float,
+        privacy: ServerPrivacy,
+    ) -> checkpoint.Checkpoint:
+        return checkpoint.Checkpoint(
+            round=r, run_id=self.run_id, config_sha256=self.cfg.digest(), base=base, final=final,
+            rows=self.rows, site_records=self.site_records, elapsed_s=wall,
+            privacy=privacy.state_dict(),
+        )  # fmt: skip
+
+    def _restore(
+        self, ckpt: checkpoint.Checkpoint, keys: list[str], privacy: ServerPrivacy
+    ) -> tuple[dict[str, np.ndarray], dict[str, float], int, float]:
+        self.run_id, self.rows = ckpt.run_id, list(ckpt.rows)
+        privacy.load_state_dict(ckpt.privacy)
+        state = checkpoint.load_adapter(self.out, ckpt.round, keys)
+        logger.info("resuming after round %d of %d", ckpt.round, self.cfg.federation.rounds)
+        return state, ckpt.final, ckpt.round + 1, ckpt.elapsed_s
 
     # -- setup -------------------------------------------------------------------------------
     def _test_records(self) -> list[Record]:

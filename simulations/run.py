@@ -66,8 +66,12 @@ def prepare(cfg: Config, out: Path) -> Config:
     return cfg.model_copy(update={"evaluation": ev})
 
 
-def simulate(cfg: Config, out: str | Path) -> dict[str, Any]:
-    """Run the scenario through Flower's simulation engine; returns the run summary."""
+def simulate(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run the scenario through Flower's simulation engine; returns the run summary.
+
+    ``resume``: continue the run in ``out`` after its last completed round (its own config and
+    site folders are reused; ``cfg`` must be that config).
+    """
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
@@ -75,12 +79,14 @@ def simulate(cfg: Config, out: str | Path) -> dict[str, Any]:
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = prepare(cfg, out)
+    if not resume:
+        cfg = prepare(cfg, out)
     (out / "summary.json").unlink(missing_ok=True)
     run_config = {
         "fedtune-config": json.dumps(cfg.model_dump(mode="json")),
         "out": str(out),
         "data-root": str(out / "sites"),
+        "resume": resume,
     }
     sites = cfg.simulation.partition.num_sites
     cpus = os.cpu_count() or 1

@@ -1,0 +1,179 @@
+"""check and prepare on real folders: bad input, originals untouched, idempotence, drug reviews."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from client.site import SiteInfo, load_records
+from common.config import Config
+from common.dataprep import check_folder, data_check, data_prepare, prepare_folder
+from common.dataprep.onthefly import last_counts
+from common.errors import DataError
+from common.tiny import byte_tokenizer
+
+CFG = Config.model_validate({"model": {"source": "tiny:llama", "max_length": 64}})
+TOK = byte_tokenizer()
+TEXT = "the patient reported a mild headache after the second dose and recovered"
+
+
+def _jsonl(path: Path, rows: list[object]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    src = tmp_path / "site"
+    src.mkdir()
+    _jsonl(src / "a.jsonl", [
+        {"text": f"<b>{TEXT}</b> &amp; more", "label": "x"},
+        {"text": f"call +31 6 1234 5678 or mail a.b@c.org, card 4111 1111 1111 1111", "label": "y"},
+        {"text": f"{TEXT} &amp; more", "label": "x"},
+        {"text": "", "label": "x"},
+        {"text": f"{TEXT} &amp; less", "label": "y"},
+    ])  # fmt: skip
+    with (src / "b.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerows([["text", "label"], ["seen 2021-03-04, ok", "x"], ["plain text", "y"]])
+    (src / "c.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "x"}\n{"text": "fine", "label": "y"}\n')
+    (src / "d.jsonl").write_bytes("\ufeff".encode("utf-16") + b"x\x00")
+    (src / "README.txt").write_text("not records")
+    return src
+
+
+def test_check_reports_problems_by_file_and_line_without_contents(site: Path) -> None:
+    report = check_folder(site, CFG, TOK)
+    assert not report.usable
+    assert report.records == 7 and report.forms == {"classification": 7}
+    assert report.issues_by_kind == {"empty": 1, "encoding": 1}
+    assert any(i.startswith("a.jsonl:4:") for i in report.issues)
+    assert any(i.startswith("c.jsonl:1:") for i in report.issues)
+    assert {f.name: f.skipped[:9] for f in report.files}["d.jsonl"] == "is UTF-16"
+    assert report.ignored_files == ["README.txt"]
+    assert report.labels == {"x": 3, "y": 4}
+    assert report.duplicates["exact"] == 1 and report.duplicates["near"] >= 0
+    pii = report.personal_data
+    assert pii["phone"] == 1 and pii["email"] == 1 and pii["card"] == 1 and pii["date"] == 1
+    blob = report.to_json()
+    assert "a.b@c.org" not in blob and "1234 5678" not in blob and TEXT not in blob
+    assert report.tokens.max > 64 and 1 <= report.tokens.truncated < 7
+
+
+def test_prepare_writes_copy_report_and_leaves_original_alone(site: Path, tmp_path: Path) -> None:
+    before = _digest(site)
+    out = tmp_path / "out"
+    report = prepare_folder(site, out, clean=True, dedup=True, redact=True, cfg=CFG)
+    assert _digest(site) == before
+    assert sorted(p.name for p in out.iterdir()) == ["a.jsonl", "b.csv", "c.jsonl", "prepare-report.json"]
+    rows = [json.loads(line) for line in (out / "a.jsonl").read_text().splitlines()]
+    assert rows[0] == {"text": f"{TEXT} & more", "label": "x"}
+    assert rows[1]["text"] == "call [PHONE] or mail [EMAIL], card [CARD]"
+    dropped = {(d["where"], d["rule"]) for d in report.dropped}
+    assert ("a.jsonl:3", "dedup.exact") in dropped and ("a.jsonl:4", "read.empty") in dropped
+    assert ("c.jsonl:1", "read.encoding") in dropped
+    assert report.skipped_files == {"d.jsonl": pytest.approx(report.skipped_files["d.jsonl"])}
+    assert report.counts["clean.html"] == 3 and report.counts["redact.card"] == 1
+    saved = json.loads((out / "prepare-report.json").read_text())
+    assert saved["records_out"] == report.records_out == 6
+    assert list(csv.reader((out / "b.csv").open()))[1] == ["seen [DATE], ok", "x"]
+
+
+def test_prepare_is_idempotent_and_rewrites_atomically(site: Path, tmp_path: Path) -> None:
+    out, again = tmp_path / "out", tmp_path / "again"
+    prepare_folder(site, out, True, True, True, CFG)
+    first = _digest(out)
+    prepare_folder(site, out, True, True, True, CFG)  # re-run into the same folder
+    assert _digest(out) == first
+    report = prepare_folder(out, again, True, True, True, CFG)
+    data = {k: v for k, v in _digest(again).items() if k != "prepare-report.json"}
+    assert data == {k: v for k, v in first.items() if k != "prepare-report.json"}
+    assert report.dropped == [] and report.records_in == report.records_out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_prepare_refuses_unsafe_out_and_empty_folders(site: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="outside"):
+        prepare_folder(site, site / "out", True, False, False, CFG)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty"):
+        prepare_folder(site, other, True, False, False, CFG)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="has no"):
+        check_folder(empty, CFG, TOK)
+    assert data_check(empty) == 2
+
+
+def test_huge_lines_bad_json_bad_csv_and_mixed_forms(tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    src.mkdir()
+    huge = json.dumps({"text": "x" * 5000, "label": "a"})
+    (src / "a.jsonl").write_text(f'{huge}\n{{"text": "ok", "label": "a"}}\n{{bad\n[1]\n')
+    (src / "b.jsonl").write_text('{"instruction": "do", "output": "done"}\n{"text": "t", "label": "a"}\n')
+    (src / "c.csv").write_text('text,label\n"unterminated,a\n')
+    cfg = CFG.model_copy(deep=True)
+    cfg.data.prepare.max_line_bytes = 1000
+    report = check_folder(src, cfg, TOK)
+    kinds = report.issues_by_kind
+    assert kinds["too-long"] == 1 and kinds["json"] == 2 and kinds["mixed-form"] == 1
+    assert report.records == 2 and not report.usable
+    assert "mixed record forms" in " ".join(report.warnings)
+
+
+def test_parquet_is_read_and_converted(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    src = tmp_path / "s"
+    src.mkdir()
+    pq.write_table(pa.table({"text": ["a &amp; b", "c"], "label": ["x", "y"]}), src / "t.parquet")
+    report = check_folder(src, CFG, TOK)
+    assert report.records == 2 and report.usable and "Parquet" in report.warnings[0]
+    assert data_prepare(src, tmp_path / "o", clean=True) == 0
+    rows = (tmp_path / "o" / "t.parquet.jsonl").read_text().splitlines()
+    assert json.loads(rows[0]) == {"text": "a & b", "label": "x"}
+
+
+def test_client_prepares_on_the_fly_like_the_cli(site: Path, tmp_path: Path) -> None:
+    for bad in ("c.jsonl", "d.jsonl"):
+        (site / bad).unlink()
+    _jsonl(site / "a.jsonl", [r for i, r in enumerate(map(json.loads, (site / "a.jsonl").read_text().splitlines())) if i != 3])
+    cfg = CFG.model_copy(deep=True)
+    for section in (cfg.data.prepare.clean, cfg.data.prepare.dedup, cfg.data.prepare.redact):
+        section.enabled = True
+    records = load_records(SiteInfo("s", site, 0), cfg)
+    prepare_folder(site, tmp_path / "o", False, False, False, cfg)
+    from common.records import read_folder
+
+    assert records == [r for r in read_folder(tmp_path / "o")]
+    counts = last_counts(site)
+    assert counts["prepare.records_out"] == len(records) and counts["prepare.dedup.exact"] == 1
+    assert all(isinstance(v, int) for v in counts.values())
+
+
+def test_drug_reviews_go_through_check_and_prepare(tmp_path: Path) -> None:
+    from simulations.corpora import drugreview
+
+    corpus = drugreview()
+    src = tmp_path / "drugs"
+    src.mkdir()
+    _jsonl(src / "train.jsonl", corpus.train)
+    _jsonl(src / "test.jsonl", corpus.test)
+    report = check_folder(src, CFG, TOK)
+    assert report.usable and report.records == len(corpus.train) + len(corpus.test)
+    assert "Bipolar Disorde" in report.labels and report.tokens.truncated > 0
+    assert report.duplicates["eval_with_duplicate_in_train"] >= 1
+    prepared = prepare_folder(src, tmp_path / "out", True, True, True, CFG)
+    assert prepared.records_out == report.records - report.duplicates["exact"] - report.duplicates["near"]
+    assert prepared.counts["redact.date"] == report.personal_data["date"]
+    assert check_folder(tmp_path / "out", CFG, TOK).duplicates["exact"] == 0
