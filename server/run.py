@@ -17,7 +17,14 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.adapters import attach_lora, exchanged_keys, frozen_fingerprint, get_state, set_state
+from common.adapters import (
+    attach_lora,
+    exchanged_keys,
+    flatten,
+    frozen_fingerprint,
+    get_state,
+    set_state,
+)
 from common.config import Config
 from common.errors import FedtuneError, RoundError
 from common.models import load_base
@@ -254,6 +261,7 @@ class FederatedRun:
             try:
                 record = reply.content.array_records["update"]
                 delta = from_record(record, expected=state)
+                self._check_norm(delta)
             except (FedtuneError, KeyError) as err:
                 outcome.failed[name] = f"malformed update rejected: {err}"
                 logger.warning("site %s: malformed update rejected: %s", name, err)
@@ -267,6 +275,15 @@ class FederatedRun:
             outcome.failed[name] = "no reply within `federation.round_timeout_s`"
             logger.warning("site %s did not reply in time", name)
         return outcome
+
+    def _check_norm(self, delta: dict[str, np.ndarray]) -> None:
+        """With institution-level DP and the noise added here, every update must be clipped."""
+        inst = self.cfg.privacy.institution
+        if not inst.enabled or not ServerPrivacy(self.cfg, 1).server_adds_noise():
+            return
+        norm = float(np.linalg.norm(flatten(delta)))
+        if norm > inst.clip_norm * (1 + 1e-4):
+            raise RoundError(f"update norm {norm:.4g} exceeds `privacy.institution.clip_norm`")
 
     def _row(
         self,

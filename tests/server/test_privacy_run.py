@@ -79,3 +79,39 @@ def test_restarted_site_continues_from_its_saved_epsilon(tmp_path: Path):
     reference = GaussianAccountant("rdp")
     reference.step(noise_multiplier=1.0, sample_rate=0.1, steps=100)
     assert abs(restarted.accountant.epsilon(1e-5) - reference.epsilon(1e-5)) < 1e-9
+
+
+def test_unclipped_update_is_rejected_under_institution_dp(tiny_cfg, tmp_path: Path):
+    import numpy as np
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from common.wire import to_record
+
+    tree = tiny_cfg.model_dump(mode="json")
+    del tree["federation"]["weighting"]
+    tree["privacy"] = {"institution": {"enabled": True, "clip_norm": 0.5}}
+    tree["federation"].update(min_sites=2, rounds=1)
+    cfg = prepare(build_config(tree), tmp_path)
+
+    def fault(node, msg):
+        if node == 100 and msg.metadata.message_type == "train":
+            big = {
+                k: np.ones(v.numpy().shape, np.float32) for k, v in msg.content["adapter"].items()
+            }
+            metrics = MetricRecord({"train-loss": 1.0, "num-examples": 5})
+            content = RecordDict(
+                {
+                    "update": to_record(big),
+                    "metrics": metrics,
+                    "site": ConfigRecord({"name": "site-0"}),
+                }
+            )
+            return Message(content, reply_to=msg)
+        return None
+
+    FederatedRun(
+        cfg, tmp_path / "run", InProcessGrid(client_app, nodes_for(tmp_path), fault)
+    ).execute()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "exceeds `privacy.institution.clip_norm`" in row["sites_failed"]["site-0"]
+    assert row["sites"] == ["site-1", "site-2"]
