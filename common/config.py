@@ -75,7 +75,10 @@ class LoraConfig(_Section):
     init_seed: int = Field(1234, description="Seed of the shared adapter initialisation.")
 
 
-REDACT_KINDS = ("email", "phone", "date", "id", "card", "iban", "name", "url", "ip")
+RedactKind = Literal["email", "phone", "date", "id", "card", "iban", "name", "url", "ip"]
+REDACT_KINDS: tuple[RedactKind, ...] = (
+    "email", "phone", "date", "id", "card", "iban", "name", "url", "ip",
+)  # fmt: skip
 DEFAULT_ID_PATTERNS = [
     r"\b\d{3}-\d{2}-\d{4}\b",  # US social security number
     r"\b(?:MRN|medical record (?:no\.?|number))[\s:#-]*(?P<value>[A-Z0-9][A-Z0-9-]{4,})\b",
@@ -114,8 +117,8 @@ class RedactConfig(_Section):
     """Personal-data redaction of `data prepare --redact`: typed placeholders such as `[EMAIL]`."""
 
     enabled: bool = Field(False, description="Replace personal data with typed placeholders.")
-    kinds: list[Literal["email", "phone", "date", "id", "card", "iban", "name", "url", "ip"]] = (
-        Field(default_factory=lambda: list(REDACT_KINDS), description="Built-in kinds to redact.")
+    kinds: list[RedactKind] = Field(
+        default_factory=lambda: list(REDACT_KINDS), description="Built-in kinds to redact."
     )
     id_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ID_PATTERNS),

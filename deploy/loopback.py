@@ -310,8 +310,12 @@ def rehearse(scenario: Path, out: Path, workdir: Path, secure: bool, timeout: fl
         for n in names:
             key = keys[n].private_key if secure else None
             fed.start_supernode(n, workdir / "data" / "sites" / n, key, fed.ca_cert)
-        run_config = {"scenario": str(scenario.resolve()), "out": str(out.resolve())}
-        run_config["overrides"] = ";".join(overrides)
+        run_config = {
+            "scenario": str(scenario.resolve()),
+            "out": str(out.resolve()),
+            "overrides": ";".join(overrides),
+            "simulate-sites": False,  # real sites hold the data; the coordinator writes none
+        }
         fed.flwr_run(run_config, timeout)
     return out
 

@@ -53,7 +53,7 @@ def check_folder(
         "clusters_with_conflicting_labels": dups.label_conflicts,
     }
     report.personal_data = personal_data(loaded, cfg)
-    _verdict(report, files, cfg)
+    _verdict(report, cfg)
     logger.info("checked %s: %d records, usable=%s", folder, report.records, report.usable)
     return report
 
@@ -119,7 +119,7 @@ def personal_data(loaded: Loaded, cfg: Config) -> dict[str, int]:
     return {**dict(sorted(found.items())), "records_with_any": records}
 
 
-def _verdict(report: CheckReport, files: list[FileRows], cfg: Config) -> None:
+def _verdict(report: CheckReport, cfg: Config) -> None:
     for f in report.files:
         if f.skipped:
             report.reasons.append(f"`{f.name}` {f.skipped}")

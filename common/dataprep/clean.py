@@ -94,7 +94,7 @@ def rules(cfg: CleanConfig) -> list[Rule]:
 
 
 def clean_texts(texts: list[str], chosen: list[Rule], counts: Counter[str]) -> list[str]:
-    """Apply every rule to every text of one record; count the record once per rule that changed it."""
+    """Apply every rule to every text of one record; count it once per rule that changed it."""
     for rule in chosen:
         new = [rule.apply(t) for t in texts]
         if new != texts:

@@ -114,7 +114,9 @@ class MinHasher:
         grams, gram_owner = grams[inside], owner[: len(grams)][inside]
         starts = np.r_[0, np.cumsum(lengths)[:-1]]
         short = np.flatnonzero((lengths > 0) & (lengths < k))
-        extra = [(ids[starts[t] : starts[t] + lengths[t]] * self.mix[: lengths[t]]).sum() for t in short]
+        extra = [
+            (ids[starts[t] : starts[t] + lengths[t]] * self.mix[: lengths[t]]).sum() for t in short
+        ]
         grams = np.concatenate([grams, np.array(extra, dtype=np.uint64)]) >> np.uint64(32)
         return grams, np.concatenate([gram_owner, short.astype(np.uint64)])
 
@@ -130,7 +132,9 @@ class MinHasher:
         if n * bins >= 1 << 32:
             raise DataError(f"too many records ({n}) for `dedup.num_perm` = {bins}")
         h = ((packed & _MAX32) * self.a[0] + self.b[0]) % _PRIME
-        owner_bin = (packed >> np.uint64(32)) * np.uint64(bins) + (h >> np.uint64(32)) % np.uint64(bins)
+        owner_bin = (packed >> np.uint64(32)) * np.uint64(bins) + (h >> np.uint64(32)) % np.uint64(
+            bins
+        )
         keys = np.sort((owner_bin << np.uint64(32)) | (h & _MAX32))
         hi = keys >> np.uint64(32)
         first = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
@@ -146,7 +150,7 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
 
 
 def _densify(sig: np.ndarray) -> np.ndarray:
-    """Fill each empty bin from the next filled bin to its right (circularly), offset by distance."""
+    """Fill each empty bin from the next filled bin to its right (circularly), plus an offset."""
     n, bins = sig.shape
     cols = np.arange(bins)
     for start in range(0, n, 4096):
@@ -164,11 +168,11 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """Bands and rows minimizing false positives plus false negatives (as datasketch does)."""
     s = np.linspace(0.0, 1.0, 501)
     below, above = s <= threshold, s >= threshold
-    best, best_err = (1, num_perm), np.inf
+    best, best_err = (1, num_perm), float("inf")
     for bands in range(1, num_perm + 1):
         for rows in range(1, num_perm // bands + 1):
             p = 1 - (1 - s**rows) ** bands  # chance a pair of similarity s shares a bucket
-            err = np.trapezoid(p[below], s[below]) + np.trapezoid(1 - p[above], s[above])
+            err = float(np.trapezoid(p[below], s[below]) + np.trapezoid(1 - p[above], s[above]))
             if err < best_err:
                 best, best_err = (bands, rows), err
     return best

@@ -53,7 +53,9 @@ def _check_paths(src: Path, out: Path) -> None:
     if not src.is_dir():
         raise DataError(f"data folder `{src}` does not exist or is not a folder")
     if out == src or out.is_relative_to(src) or src.is_relative_to(out):
-        raise DataError(f"`--out` ({out}) must be outside the data folder `{src}` and not contain it")
+        raise DataError(
+            f"`--out` ({out}) must be outside the data folder `{src}` and not contain it"
+        )
     if out.exists() and not out.is_dir():
         raise DataError(f"`--out` ({out}) exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / REPORT_NAME).is_file():
@@ -71,7 +73,9 @@ def _report(
     report.records_in = len(loaded.rows) + len(loaded.issues)
     report.records_out = len(prepared.kept)
     report.counts = dict(sorted(prepared.counts.items()))
-    unread = [{"where": i.where, "rule": f"read.{i.kind}", "detail": i.message} for i in loaded.issues]
+    unread = [
+        {"where": i.where, "rule": f"read.{i.kind}", "detail": i.message} for i in loaded.issues
+    ]
     report.dropped = unread + [asdict(d) for d in prepared.dropped]
     for issue in loaded.issues:
         report.counts[f"read.{issue.kind}"] = report.counts.get(f"read.{issue.kind}", 0) + 1
@@ -86,7 +90,9 @@ def _settings(pcfg: PrepareConfig) -> dict[str, Any]:
     return settings
 
 
-def _outputs(files: list[FileRows], loaded: Loaded, prepared: Prepared) -> dict[str, list[dict[str, Any]]]:
+def _outputs(
+    files: list[FileRows], loaded: Loaded, prepared: Prepared
+) -> dict[str, list[dict[str, Any]]]:
     """Output file name -> rows to write, in source order; files with nothing kept are left out."""
     by_file: dict[str, list[dict[str, Any]]] = {}
     for i in prepared.kept:
@@ -103,7 +109,10 @@ def _out_name(path: Path) -> str:
 
 
 def _write_atomically(
-    out: Path, outputs: dict[str, list[dict[str, Any]]], files: list[FileRows], report: PrepareReport
+    out: Path,
+    outputs: dict[str, list[dict[str, Any]]],
+    files: list[FileRows],
+    report: PrepareReport,
 ) -> None:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

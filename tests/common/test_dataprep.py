@@ -94,7 +94,9 @@ def test_names_and_site_patterns() -> None:
     )
     assert out == "Dr. [NAME] saw [NAME] in [WARD]"
     assert counts == {"name": 2, "ward": 1}
-    out, _ = _redact("Patient: Alice Brown.", name_patterns=[r"Patient: (?P<value>[A-Z]\w+ [A-Z]\w+)"])
+    out, _ = _redact(
+        "Patient: Alice Brown.", name_patterns=[r"Patient: (?P<value>[A-Z]\w+ [A-Z]\w+)"]
+    )
     assert out == "Patient: [NAME]."
 
 
@@ -109,7 +111,9 @@ def _docs(*texts: str) -> list[Doc]:
     return [Doc(f"f.jsonl:{i + 1}", [t], None) for i, t in enumerate(texts)]
 
 
-WORDS = "the patient reported mild headache after the second dose and recovered fully within two days"
+WORDS = (
+    "the patient reported mild headache after the second dose and recovered fully within two days"
+)
 
 
 def _shingle_jaccard(a: str, b: str, k: int = 3) -> float:

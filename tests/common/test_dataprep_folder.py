@@ -35,7 +35,7 @@ def site(tmp_path: Path) -> Path:
     src.mkdir()
     _jsonl(src / "a.jsonl", [
         {"text": f"<b>{TEXT}</b> &amp; more", "label": "x"},
-        {"text": f"call +31 6 1234 5678 or mail a.b@c.org, card 4111 1111 1111 1111", "label": "y"},
+        {"text": "call +31 6 1234 5678 or mail a.b@c.org, card 4111 1111 1111 1111", "label": "y"},
         {"text": f"{TEXT} &amp; more", "label": "x"},
         {"text": "", "label": "x"},
         {"text": f"{TEXT} &amp; less", "label": "y"},
@@ -43,7 +43,9 @@ def site(tmp_path: Path) -> Path:
     with (src / "b.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerows([["text", "label"], ["seen 2021-03-04, ok", "x"], ["plain text", "y"]])
-    (src / "c.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "x"}\n{"text": "fine", "label": "y"}\n')
+    (src / "c.jsonl").write_bytes(
+        b'{"text": "caf\xe9", "label": "x"}\n{"text": "fine", "label": "y"}\n'
+    )
     (src / "d.jsonl").write_bytes("\ufeff".encode("utf-16") + b"x\x00")
     (src / "README.txt").write_text("not records")
     return src
@@ -72,7 +74,12 @@ def test_prepare_writes_copy_report_and_leaves_original_alone(site: Path, tmp_pa
     out = tmp_path / "out"
     report = prepare_folder(site, out, clean=True, dedup=True, redact=True, cfg=CFG)
     assert _digest(site) == before
-    assert sorted(p.name for p in out.iterdir()) == ["a.jsonl", "b.csv", "c.jsonl", "prepare-report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.jsonl",
+        "b.csv",
+        "c.jsonl",
+        "prepare-report.json",
+    ]
     rows = [json.loads(line) for line in (out / "a.jsonl").read_text().splitlines()]
     assert rows[0] == {"text": f"{TEXT} & more", "label": "x"}
     assert rows[1]["text"] == "call [PHONE] or mail [EMAIL], card [CARD]"
@@ -120,7 +127,9 @@ def test_huge_lines_bad_json_bad_csv_and_mixed_forms(tmp_path: Path) -> None:
     src.mkdir()
     huge = json.dumps({"text": "x" * 5000, "label": "a"})
     (src / "a.jsonl").write_text(f'{huge}\n{{"text": "ok", "label": "a"}}\n{{bad\n[1]\n')
-    (src / "b.jsonl").write_text('{"instruction": "do", "output": "done"}\n{"text": "t", "label": "a"}\n')
+    (src / "b.jsonl").write_text(
+        '{"instruction": "do", "output": "done"}\n{"text": "t", "label": "a"}\n'
+    )
     (src / "c.csv").write_text('text,label\n"unterminated,a\n')
     cfg = CFG.model_copy(deep=True)
     cfg.data.prepare.max_line_bytes = 1000
@@ -148,7 +157,14 @@ def test_parquet_is_read_and_converted(tmp_path: Path) -> None:
 def test_client_prepares_on_the_fly_like_the_cli(site: Path, tmp_path: Path) -> None:
     for bad in ("c.jsonl", "d.jsonl"):
         (site / bad).unlink()
-    _jsonl(site / "a.jsonl", [r for i, r in enumerate(map(json.loads, (site / "a.jsonl").read_text().splitlines())) if i != 3])
+    _jsonl(
+        site / "a.jsonl",
+        [
+            r
+            for i, r in enumerate(map(json.loads, (site / "a.jsonl").read_text().splitlines()))
+            if i != 3
+        ],
+    )
     cfg = CFG.model_copy(deep=True)
     for section in (cfg.data.prepare.clean, cfg.data.prepare.dedup, cfg.data.prepare.redact):
         section.enabled = True
@@ -175,6 +191,9 @@ def test_drug_reviews_go_through_check_and_prepare(tmp_path: Path) -> None:
     assert "Bipolar Disorde" in report.labels and report.tokens.truncated > 0
     assert report.duplicates["eval_with_duplicate_in_train"] >= 1
     prepared = prepare_folder(src, tmp_path / "out", True, True, True, CFG)
-    assert prepared.records_out == report.records - report.duplicates["exact"] - report.duplicates["near"]
+    assert (
+        prepared.records_out
+        == report.records - report.duplicates["exact"] - report.duplicates["near"]
+    )
     assert prepared.counts["redact.date"] == report.personal_data["date"]
     assert check_folder(tmp_path / "out", CFG, TOK).duplicates["exact"] == 0

@@ -62,6 +62,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
             "scenario": str(SCENARIOS / "tiny.toml"),
             "out": str(out),
             "overrides": ";".join(overrides),
+            "simulate-sites": False,
         }
         run = fed.spawn("flwr-run", fed.flwr_run_cmd(run_config), cwd=ROOT)
         yield Deployment(fed, ca, keys, out, run, stranger, no_ca)
@@ -113,6 +114,7 @@ def test_tiny_runs_to_completion_with_tls_and_node_auth(deployment: Deployment) 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(sorted(r["sites"]) == SITES and r["sites_failed"] == {} for r in rows)
+    assert not (out / "sites").exists()  # the coordinator wrote no virtual sites of its own
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and sorted(summary["sites"]) == SITES
     # Only allow-listed keys are known to the SuperLink; the three sites were the ones online.
