@@ -141,12 +141,17 @@ def check_site(site: SiteInfo, cfg: Config) -> dict[str, Any]:
     sm = site_model(cfg)
     encoded = encode(records, sm.tokenizer, cfg)
     train, held = split_eval(records, cfg, cfg.train.seed + site.index)
-    return {
+    info: dict[str, Any] = {
         "records": len(train),
         "eval-records": len(held),
         "max-tokens": max(len(e.input_ids) for e in encoded),
         "fingerprint": sm.fingerprint,
     }
+    if cfg.data.prepare.enabled:  # counts only, never contents
+        from common.dataprep.onthefly import last_counts
+
+        info.update({f"prepare:{k}": v for k, v in last_counts(site.data_dir).items()})
+    return info
 
 
 @dataclass

@@ -249,6 +249,45 @@ def _run_privacy(run_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in summary["privacy"].items() if k != "statement"}
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and prepare a site's records.")
+app.add_typer(data_app, name="data")
+ConfigOrNone = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Config (model for token lengths, rules).")
+]
+
+
+@data_app.command("check")
+def data_check(
+    folder: Annotated[Path, typer.Argument(help="The site's data folder.")],
+    config: ConfigOrNone = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+) -> None:
+    """Report records, fields, labels, lengths, malformed lines, duplicates, personal data
+    (counts only). Exit 0 if the folder is usable for training."""
+    from common.dataprep import data_check as check
+
+    raise typer.Exit(check(folder, config, as_json))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    folder: Annotated[Path, typer.Argument(help="The site's data folder (never modified).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the prepared copy.")],
+    clean: Annotated[
+        bool, typer.Option("--clean", help="HTML, control chars, Unicode, space.")
+    ] = False,
+    dedup: Annotated[bool, typer.Option("--dedup", help="Exact and near duplicates.")] = False,
+    redact: Annotated[
+        bool, typer.Option("--redact", help="Personal data -> [EMAIL], [PHONE]...")
+    ] = False,
+    config: ConfigOrNone = None,
+) -> None:
+    """Write a cleaned copy and a report of every change (the original stays as it is)."""
+    from common.dataprep import data_prepare as prepare
+
+    raise typer.Exit(prepare(folder, out, clean, dedup, redact, config))
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     """Base vs federated metrics, then train loss and bytes per round."""
     table = Table(title=f"fedtune run `{summary['name']}` ({summary['wall_time_s']:.0f} s)")

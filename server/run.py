@@ -63,6 +63,7 @@ class FederatedRun:
     rows: list[dict[str, Any]] = field(default_factory=list)
     site_names: dict[int, str] = field(default_factory=dict)
     site_records: dict[str, int] = field(default_factory=dict)
+    site_prepare: dict[str, dict[str, int]] = field(default_factory=dict)  # counts per rule
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     resume: bool = False
 
@@ -187,6 +188,9 @@ class FederatedRun:
             info = reply.content.config_records["site"]
             self.site_names[node] = str(info["name"])
             self.site_records[str(info["name"])] = int(str(info["records"]))
+            prep = {k[8:]: int(str(v)) for k, v in info.items() if k.startswith("prepare:")}
+            if prep:
+                self.site_prepare[str(info["name"])] = prep
         missing = set(nodes) - {r.metadata.src_node_id for r in replies}
         problems += [f"node {n}: no answer within the round timeout" for n in sorted(missing)]
         if problems:
@@ -333,7 +337,13 @@ class FederatedRun:
             "model": source,
             "task": self.cfg.model.task,
             "rounds": len(self.rows),
-            "sites": {name: {"records": n} for name, n in sorted(self.site_records.items())},
+            "sites": {
+                name: {
+                    "records": n,
+                    **({"prepare": self.site_prepare[name]} if name in self.site_prepare else {}),
+                }
+                for name, n in sorted(self.site_records.items())
+            },
             "base": base,
             "final": final,
             "train_loss": [row["train_loss"] for row in self.rows],

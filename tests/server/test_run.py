@@ -94,3 +94,21 @@ def test_malformed_update_is_rejected(tiny_cfg, tmp_path: Path):
     FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes, fault)).execute()
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "site-0" not in row["sites"] and "NaN or Inf" in row["sites_failed"]["site-0"]
+
+
+def test_on_the_fly_preparation_counts_reach_the_summary(tiny_cfg, tmp_path: Path):
+    cfg, nodes = setup_run(tiny_cfg, tmp_path, {"rounds": 1})
+    prep = cfg.data.prepare.model_copy(
+        update={"dedup": cfg.data.prepare.dedup.model_copy(update={"enabled": True})}
+    )
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"prepare": prep})})
+    site0 = tmp_path / "sites" / "site-0" / "records.jsonl"
+    first = site0.read_text().splitlines()[0]
+    site0.write_text(site0.read_text() + first + "\n")  # one exact duplicate
+    summary = FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes)).execute()
+    counts = summary["sites"]["site-0"]["prepare"]
+    assert (
+        counts["prepare.dedup.exact"] == 1
+        and counts["prepare.records_out"] == counts["prepare.records_in"] - 1
+    )
+    assert all(isinstance(v, int) for v in counts.values())
