@@ -288,6 +288,37 @@ def data_prepare(
     raise typer.Exit(prepare(folder, out, clean, dedup, redact, config))
 
 
+certs_app = typer.Typer(no_args_is_help=True, help="TLS certificates and site node keys.")
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the CA and server cert.")],
+    name: Annotated[
+        list[str] | None, typer.Option("--name", help="DNS name of the SuperLink (repeat).")
+    ] = None,
+    ip: Annotated[
+        list[str] | None, typer.Option("--ip", help="IP of the SuperLink (repeat).")
+    ] = None,
+) -> None:
+    """Create a certificate authority and the SuperLink's TLS certificate (keys 0600)."""
+    from common.certs import certs_init as init
+
+    run_user(lambda: init(out, name or [], ip or []))
+
+
+@certs_app.command("site")
+def certs_site(
+    name: Annotated[str, typer.Argument(help="The site's name, e.g. st-marys.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the site's key pair.")],
+) -> None:
+    """Create a site's node-authentication key pair (register the .pub with the SuperLink)."""
+    from common.certs import certs_site as site
+
+    run_user(lambda: site(name, out))
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     """Base vs federated metrics, then train loss and bytes per round."""
     table = Table(title=f"fedtune run `{summary['name']}` ({summary['wall_time_s']:.0f} s)")

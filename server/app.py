@@ -39,7 +39,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = from_run_config(conf)
     out = Path(str(conf.get("out", "runs/latest"))).expanduser().resolve()
     data_root = str(conf.get("data-root", ""))
-    if conf.get("simulate-sites") is True and not data_root:
+    if conf.get("simulate-sites") is True and not data_root and conf.get("resume") is not True:
         # `flwr run .` on a simulation federation: write the scenario's virtual sites first.
         from simulations.run import prepare
 
