@@ -13,7 +13,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secagg_site
-from client.site import SiteInfo, check_site, run_local_round
+from client.site import LocalUpdate, SiteInfo, check_site, run_local_round
+from common.config import Config
 from common.wire import config_from_record, from_record, to_record
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,17 @@ def _budget(context: Context) -> float | None:
     """A site may cap its own record-level epsilon: node config `budget-epsilon`."""
     value = context.node_config.get("budget-epsilon")
     return None if value in (None, "") else float(str(value))
+
+
+def _metrics(update: LocalUpdate, cfg: Config) -> dict[str, Any]:
+    """What a site reports besides its update. Its training losses are computed on its private
+    records outside any DP accounting and (under secure aggregation) outside the masked sum, so
+    they are only reported when neither record-level DP nor secure aggregation is on."""
+    r = update.result
+    out: dict[str, Any] = {"num-examples": update.records, **update.privacy}
+    if r is not None and not (cfg.privacy.record.enabled or cfg.secagg.enabled):
+        out.update({"train-loss": r.loss, "first-loss": r.first_loss, "last-loss": r.last_loss})
+    return out
 
 
 def _declined(msg: Message, site: SiteInfo, reason: str, records: int) -> Message:
@@ -73,17 +85,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state["privacy"] = ConfigRecord(privacy_state)
     if update.declined or update.result is None:
         return _declined(msg, site, update.declined or "no training result", update.records)
-    r = update.result
-    metrics = MetricRecord(
-        {
-            "train-loss": r.loss,
-            "first-loss": r.first_loss,
-            "last-loss": r.last_loss,
-            "steps": r.steps,
-            "num-examples": update.records,
-            **update.privacy,
-        }
-    )
+    metrics = MetricRecord(_metrics(update, cfg))
     if cfg.secagg.enabled or secagg_site.MASK_REQUEST in msg.content:
         # Secure aggregation: only the masked update leaves the site (refuses without a request).
         masked = secagg_site.masked_reply(update.delta, msg.content, context.state, cfg, metrics)

@@ -43,6 +43,19 @@ class SiteAccountant:
             GaussianAccountant.from_bytes(bytes(blob)) if blob else GaussianAccountant(mechanism)  # type: ignore[arg-type]
         )
 
+    def earlier_epsilon(self, delta: float) -> float:
+        """Epsilon spent on these records by the site's earlier runs (other accountant files).
+
+        Runs on the same records compose: summing their epsilons (and deltas) is the basic
+        composition theorem, a valid upper bound, so a site's budget holds across runs too.
+        """
+        if self.state_file is None or not self.state_file.parent.is_dir():
+            return 0.0
+        others = [
+            f for f in self.state_file.parent.glob("accountant-*.json") if f != self.state_file
+        ]
+        return sum(GaussianAccountant.from_bytes(f.read_bytes()).epsilon(delta) for f in others)
+
     def save(self) -> None:
         blob = self.accountant.to_bytes()
         self.state["accountant"] = blob
@@ -56,9 +69,22 @@ class SiteAccountant:
 def check_budget(
     acc: SiteAccountant, cfg: Config, records: int, budget: float | None
 ) -> tuple[RecordPlan, str | None]:
+    """The round's plan and, if the site must decline, why. The tighter of the site's own cap
+    (node config) and the run's cap applies, net of what earlier runs spent on these records."""
     plan = record_plan(cfg, records)
-    limit = budget if budget is not None else cfg.privacy.record.budget_epsilon
-    return plan, decline_reason(acc.accountant, plan, limit)
+    limits = [b for b in (budget, cfg.privacy.record.budget_epsilon) if b is not None]
+    if not limits:
+        return plan, None
+    limit, earlier = min(limits), acc.earlier_epsilon(plan.delta)
+    if earlier >= limit:
+        return plan, (
+            f"declining to train: earlier runs on these records already spent epsilon "
+            f"{earlier:.3f} of the budget {limit:.3f}"
+        )
+    reason = decline_reason(acc.accountant, plan, limit - earlier)
+    if reason and earlier:
+        reason += f"; earlier runs on these records spent {earlier:.3f} of {limit:.3f}"
+    return plan, reason
 
 
 def dp_train_round(

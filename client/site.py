@@ -207,5 +207,7 @@ def run_local_round(
     delta = {k: new_state[k] - global_state[k] for k in sm.keys}
     if cfg.privacy.institution.enabled:
         vec, norm = privatize_update(flatten(delta), cfg, noise_at_site(cfg))
-        delta, privacy["update-norm"] = unflatten(vec, delta), norm
+        # The pre-clip norm is what institution-level DP hides: it stays here, in the local log.
+        logger.debug("site %s: update norm %.4g before clipping", site.name, norm)
+        delta = unflatten(vec, delta)
     return LocalUpdate(delta, result, len(train), privacy=privacy)

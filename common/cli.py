@@ -39,7 +39,7 @@ def setup_logging(verbose: bool = False) -> None:
         # Flower resets its own logger's level on import; keep its debug chatter off our console.
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("flwr"))
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
-    for noisy in ("ray", "urllib3", "filelock", "httpx", "transformers", "peft"):
+    for noisy in ("ray", "urllib3", "filelock", "httpx", "transformers", "peft", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -335,7 +335,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         rounds.add_column(col, justify="right")
     zipped = zip(summary["train_loss"], summary["bytes_up"], summary["bytes_down"], strict=True)
     for i, (loss, up, down) in enumerate(zipped, start=1):
-        rounds.add_row(str(i), f"{loss:.4f}", _bytes(up), _bytes(down))
+        rounds.add_row(str(i), _num(loss), _bytes(up), _bytes(down))
     grid = Table.grid(padding=1)
     grid.add_row(table)
     grid.add_row(rounds)

@@ -422,9 +422,36 @@ class Config(_Section):
                 )
             else:  # the default follows the privacy setting
                 fed.weighting = "uniform"
+        problems += self._noise_checks()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _noise_checks(self) -> list[str]:
+        """Distributed noise needs secure aggregation, and room in the quantizer's range."""
+        inst, sec = self.privacy.institution, self.secagg
+        if not inst.enabled:
+            return []
+        if inst.noise_at == "sites" and not sec.enabled:
+            return [
+                '`privacy.institution.noise_at` = "sites" needs `secagg.enabled`: without it '
+                "the coordinator sees each site's update with only a share of the noise"
+            ]
+        if not sec.enabled or inst.noise_at == "server":
+            return []
+        # Each site's update has norm <= C and noise of std sigma*C/sqrt(min_sites) per coordinate;
+        # the quantizer clips coordinates to +-clip_range, which must not eat the noise.
+        share = inst.noise_multiplier * inst.clip_norm / self.federation.min_sites**0.5
+        needed = inst.clip_norm + 6 * share
+        if sec.clip_range >= needed:
+            return []
+        if "clip_range" in sec.model_fields_set:
+            return [
+                f"`secagg.clip_range` ({sec.clip_range}) must be at least {needed:.3g} "
+                "(C + 6 noise std) with institution-level noise added at the sites"
+            ]
+        sec.clip_range = round(needed, 3)
+        return []
 
     def digest(self) -> str:
         """sha256 of the canonical JSON form: identifies a configuration in manifests."""
@@ -436,11 +463,13 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """All problems at once, each as ``field.path: message``."""
     lines = [f"{source}: {err.error_count()} invalid field(s):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = str(e["msg"]).removeprefix("Value error, ")
         got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
         if isinstance(e.get("input"), dict):
             got = ""
-        lines.append(f"  - `{loc}`: {e['msg']}{got}")
+        # Cross-field rules name their fields in the message itself.
+        lines.append(f"  - `{loc}`: {msg}{got}" if loc else f"  - {msg}")
     return "\n".join(lines)
 
 

@@ -204,11 +204,13 @@ class RecordPlan:
 def record_plan(cfg: Config, num_records: int) -> RecordPlan:
     """The record-level mechanism a site with ``num_records`` records runs under ``cfg``."""
     rec, train = cfg.privacy.record, cfg.train
-    batch = train.batch_size * train.grad_accum
-    if batch > num_records:
+    # `train.batch_size` is the records per optimizer step with or without DP; `grad_accum`
+    # only splits it into micro-batches (the expected Poisson batch here).
+    batch = train.batch_size
+    if batch >= num_records:
         raise PrivacyError(
-            f"`train.batch_size` x `train.grad_accum` ({batch}) exceeds the site's "
-            f"{num_records} records: DP-SGD needs a sample rate below 1"
+            f"`train.batch_size` ({batch}) is not below the site's {num_records} records: "
+            "DP-SGD needs a sample rate below 1"
         )
     q, steps = batch / num_records, cfg.federation.rounds * train.local_steps
     delta = rec.delta if rec.delta is not None else default_delta(num_records)

@@ -81,7 +81,10 @@ def _to_record(row: dict[str, Any], form: str, where: str, labels: list[str]) ->
         return _chat_record(row["messages"], where)
     label = str(row["label"])
     if labels and label not in labels:
-        raise ValueError(f"field `label`: unknown label {label!r} (allowed: {', '.join(labels)})")
+        # The value itself stays out: a label (a diagnosis) can be private and errors travel.
+        raise ValueError(
+            f"field `label`: unknown label (not one of `data.labels`: {', '.join(labels)})"
+        )
     return Record([{"role": "user", "content": str(row["text"])}], label, label, where)
 
 

@@ -93,7 +93,12 @@ def encode(records: list[Record], tok: PreTrainedTokenizerBase, cfg: Config) -> 
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad to the longest sequence of the batch."""
+    """Pad to the longest sequence of the batch.
+
+    Causal LMs are padded on the left (the answer ends every row, so its logits are the last
+    positions) with position ids that start at each row's first real token. Classifiers are padded
+    on the right: encoders pool position 0 (`[CLS]`).
+    """
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -101,18 +106,21 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long) if causal else None
     for i, e in enumerate(batch):
         n = len(e.input_ids)
-        ids[i, width - n :] = torch.tensor(e.input_ids)
-        mask[i, width - n :] = 1
+        span = slice(width - n, width) if causal else slice(0, n)
+        ids[i, span] = torch.tensor(e.input_ids)
+        mask[i, span] = 1
         if labels is not None and isinstance(e.labels, list):
-            labels[i, width - n :] = torch.tensor(e.labels)
+            labels[i, span] = torch.tensor(e.labels)
     if labels is None:
         labels = torch.tensor([int(e.labels) for e in batch])  # type: ignore[arg-type]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """Logits of the last ``keep`` positions only (0 = all): the answer sits at the end."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    kwargs = {k: v for k, v in batch.items() if k != "labels"}
     if keep:
         try:
             return model(**kwargs, logits_to_keep=keep).logits
@@ -206,7 +214,9 @@ def _label_first_tokens(tok: PreTrainedTokenizerBase, cfg: Config) -> list[int]:
 
 def _classify_lm(model, tok, records, cfg, batch_size) -> list[int]:
     """Score each label by the summed log-probability of its tokens after the prompt."""
-    label_ids = [answer_ids(tok, label)[:-1] for label in cfg.data.labels]
+    label_ids = [
+        list(tok(label, add_special_tokens=False)["input_ids"]) for label in cfg.data.labels
+    ]
     budget = cfg.model.max_length - max(len(ids) for ids in label_ids) - 1
     prompts = [prompt_ids(tok, prepare_prompt(r, cfg), budget) for r in records]
     return _full_choice(model, prompts, label_ids, _pad(tok), batch_size)
@@ -217,7 +227,7 @@ def _full_choice(model, prompts, label_ids, pad, batch_size) -> list[int]:
     for p in prompts:
         seqs = [Encoded(p + ids, [IGNORE] * len(p) + ids) for ids in label_ids]
         b = collate(seqs, pad)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = _forward(model, b, 0)
         logp = torch.log_softmax(logits[:, :-1].float(), -1)
         targets = b["labels"][:, 1:]
         picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)

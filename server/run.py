@@ -39,6 +39,7 @@ from server.strategy import SiteSampler, SiteUpdate, WeightedFedAvg
 
 logger = logging.getLogger(__name__)
 NODE_WAIT_S = 120.0
+NODE_POLL_S = 2.0
 
 
 @dataclass
@@ -95,7 +96,8 @@ class FederatedRun:
             t0 = time.monotonic()
             sampled = sampler.sample(nodes, r)
             outcome = self._train_round(r, sampled, state, fingerprint)
-            state = strategy.apply(state, outcome.updates, noise)
+            contributors = len(outcome.reports if outcome.reports is not None else outcome.updates)
+            state = strategy.apply(state, outcome.updates, noise, contributors)
             set_state(model, state)
             writer.adapter(model, r)
             if self._eval_due(r):
@@ -159,11 +161,14 @@ class FederatedRun:
         fed = self.cfg.federation
         needed = max(fed.min_sites, fed.sites_per_round)
         deadline = time.monotonic() + NODE_WAIT_S
+        previous: list[int] = []
         while True:
+            # Enough sites, and the same set as a moment ago: late starters are not left out.
             nodes = sorted(int(n) for n in self.grid.get_node_ids())
-            if len(nodes) >= needed or time.monotonic() > deadline:
+            if (len(nodes) >= needed and nodes == previous) or time.monotonic() > deadline:
                 break
-            time.sleep(1.0)
+            previous = nodes
+            time.sleep(NODE_POLL_S)
         if len(nodes) < needed:
             raise RoundError(
                 f"only {len(nodes)} site(s) connected after {NODE_WAIT_S:.0f} s; "
@@ -185,12 +190,10 @@ class FederatedRun:
             if reply.has_error():
                 problems.append(f"site on node {node}: {reply.error.reason}")
                 continue
-            info = reply.content.config_records["site"]
-            self.site_names[node] = str(info["name"])
-            self.site_records[str(info["name"])] = int(str(info["records"]))
-            prep = {k[8:]: int(str(v)) for k, v in info.items() if k.startswith("prepare:")}
-            if prep:
-                self.site_prepare[str(info["name"])] = prep
+            try:
+                self._register_site(node, reply.content.config_records["site"], fingerprint)
+            except (KeyError, ValueError, RoundError) as err:
+                problems.append(f"site on node {node}: {err}")
         missing = set(nodes) - {r.metadata.src_node_id for r in replies}
         problems += [f"node {n}: no answer within the round timeout" for n in sorted(missing)]
         if problems:
@@ -199,6 +202,22 @@ class FederatedRun:
             "preflight ok: %s",
             ", ".join(f"{k} ({v} records)" for k, v in self.site_records.items()),
         )
+
+    def _register_site(self, node: int, info: Any, fingerprint: str) -> None:
+        """Record a site's preflight answer: a unique name, its counts, the same frozen A."""
+        name = str(info["name"])
+        if name in self.site_records:
+            raise RoundError(f"site name `{name}` is used by two nodes (`site-name`)")
+        if str(info["fingerprint"]) != fingerprint:
+            raise RoundError(
+                f"`{name}`'s frozen LoRA A differs from the coordinator's (same base model, "
+                "`lora` settings and fedtune version needed)"
+            )
+        self.site_names[node] = name
+        self.site_records[name] = int(str(info["records"]))
+        prep = {k[8:]: int(str(v)) for k, v in info.items() if k.startswith("prepare:")}
+        if prep:
+            self.site_prepare[name] = prep
 
     def _config(self, round_idx: int, fingerprint: str) -> Any:
         return config_record(
@@ -222,8 +241,9 @@ class FederatedRun:
             aggregate = SiteUpdate(
                 f"secure sum of {len(stats.reports)}", result.delta, result.records, {}
             )
+            failed = {k: v for k, v in stats.failed.items() if k not in stats.declined}
             return RoundOutcome(
-                [aggregate], stats.failed, stats.bytes_up, stats.reports, stats.row()
+                [aggregate], failed, stats.bytes_up, stats.reports, stats.row(), stats.declined
             )
         payload = to_record(state)
         self._bytes_down = payload.count_bytes() * len(sampled)
@@ -266,13 +286,15 @@ class FederatedRun:
                 record = reply.content.array_records["update"]
                 delta = from_record(record, expected=state)
                 self._check_norm(delta)
-            except (FedtuneError, KeyError) as err:
+                raw = reply.content.metric_records["metrics"]
+                metrics = {k: float(str(v)) for k, v in raw.items()}
+                records = int(metrics["num-examples"])
+            except (FedtuneError, KeyError, ValueError, TypeError) as err:
                 outcome.failed[name] = f"malformed update rejected: {err}"
                 logger.warning("site %s: malformed update rejected: %s", name, err)
                 continue
-            metrics = {k: float(str(v)) for k, v in reply.content.metric_records["metrics"].items()}
             outcome.bytes_up += record.count_bytes()
-            outcome.updates.append(SiteUpdate(name, delta, int(metrics["num-examples"]), metrics))
+            outcome.updates.append(SiteUpdate(name, delta, records, metrics))
         answered = {r.metadata.src_node_id for r in replies}
         for node in sorted(set(sampled) - answered):
             name = self.site_names.get(node, str(node))
@@ -298,15 +320,18 @@ class FederatedRun:
         state: dict[str, Any],
     ) -> dict[str, Any]:
         reports = outcome.updates if outcome.reports is None else outcome.reports
-        weights = np.array([u.records for u in reports], dtype=np.float64)
-        losses = np.array([u.metrics["train-loss"] for u in reports])
+        with_loss = [u for u in reports if "train-loss" in u.metrics]
+        weights = np.array([u.records for u in with_loss], dtype=np.float64)
+        losses = np.array([u.metrics["train-loss"] for u in with_loss])
+        # Sites report no loss under record-level DP or secure aggregation (it is not private).
+        train_loss = float((weights * losses).sum() / weights.sum()) if with_loss else None
         row: dict[str, Any] = {
             "round": r,
             "sites": sorted(u.site for u in reports),
             "sites_sampled": sampled,
             "sites_failed": outcome.failed,
-            "train_loss": float((weights * losses).sum() / weights.sum()),
-            "site_train_loss": {u.site: u.metrics["train-loss"] for u in reports},
+            "train_loss": train_loss,
+            "site_train_loss": {u.site: u.metrics["train-loss"] for u in with_loss},
             "bytes_up": outcome.bytes_up,
             "bytes_down": self._bytes_down,
         }
@@ -318,11 +343,11 @@ class FederatedRun:
         self.rows.append(row)
         writer.round_metrics(row)
         logger.info(
-            "round %d/%d: %d site(s), train loss %.4f%s, %.1f s",
+            "round %d/%d: %d site(s), train loss %s%s, %.1f s",
             row["round"],
             self.cfg.federation.rounds,
             len(row["sites"]),
-            row["train_loss"],
+            "not reported" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
             "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("eval_")),
             row["seconds"],
         )

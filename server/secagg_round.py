@@ -64,6 +64,7 @@ class SecAggStats:
     bytes_down: int = 0
     error_bound: float = 0.0  # per coordinate, on the averaged update, in-range inputs
     clipped: int = 0  # coordinates clipped to `secagg.clip_range`, summed over sites
+    declined: dict[str, str] = field(default_factory=dict)  # site -> why (privacy budget)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -158,6 +159,10 @@ class SecAggRound:
 
     def _upload(self, server: SecAggServer, node: int, content: RecordDict, size: int) -> None:
         """Check one site's upload and add it to the masked sum; keep its metrics only."""
+        if "declined" in content:  # over its privacy budget: a dropout, said out loud
+            reason = str(content.config_records["declined"]["reason"])
+            self.stats.declined[self.names[node]] = reason
+            raise SecAggError(f"declined: {reason}")
         metrics = {k: float(v) for k, v in content.metric_records["metrics"].items()}  # type: ignore[arg-type]
         report = SiteUpdate(self.names[node], {}, int(metrics["num-examples"]), metrics)
         masked = content.array_records[MASKED]["masked"].numpy()

@@ -54,11 +54,16 @@ class WeightedFedAvg:
         global_state: dict[str, np.ndarray],
         updates: list[SiteUpdate],
         noise: Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]] | None = None,
+        contributors: int | None = None,
     ) -> OrderedDict[str, np.ndarray]:
-        """Step the global adapter by the (optionally noised) average of the updates."""
+        """Step the global adapter by the (optionally noised) average of the updates.
+
+        ``contributors``: how many sites the average is over (under secure aggregation the one
+        update is already their average); the noise on a mean of n is sigma*C/n.
+        """
         avg: dict[str, np.ndarray] = self.average(updates)
         if noise is not None:
-            avg = noise(avg, len(updates))
+            avg = noise(avg, contributors or len(updates))
         lr = self.cfg.server_lr
         return OrderedDict((k, (global_state[k] + lr * avg[k]).astype(np.float32)) for k in avg)
 

@@ -79,3 +79,28 @@ def test_packaged_smollm2_loads_and_generates(tmp_path: Path):
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padding_does_not_change_a_rows_logits(arch):
+    """Left padding with position ids (causal) leaves each row's logits as if unpadded."""
+    from common.tasks import Encoded, _forward, collate
+
+    model, _ = build_tiny(arch, TinyModelConfig())
+    model.eval()
+    short, long = [5, 6, 7], [8, 9, 10, 11, 12, 13]
+    batch = collate([Encoded(short, [-100] * 3), Encoded(long, [-100] * 6)], pad_id=0)
+    alone = collate([Encoded(short, [-100] * 3)], pad_id=0)
+    with torch.no_grad():
+        padded = _forward(model, batch, 0)[0, -3:]
+        single = _forward(model, alone, 0)[0]
+    torch.testing.assert_close(padded, single, rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_batches_are_padded_on_the_right():
+    from common.tasks import Encoded, collate
+
+    batch = collate([Encoded([1, 2], 0), Encoded([3, 4, 5, 6], 1)], pad_id=0)
+    assert batch["input_ids"][0].tolist() == [1, 2, 0, 0]
+    assert batch["attention_mask"][0].tolist() == [1, 1, 0, 0]
+    assert "position_ids" not in batch

@@ -57,7 +57,7 @@ def test_all_three_forms_and_csv(tmp_path: Path):
         (
             "x.jsonl",
             jsonl({"text": "ok", "label": "zebra"}),
-            "x.jsonl:1: field `label`: unknown label 'zebra'",
+            "x.jsonl:1: field `label`: unknown label (not one of `data.labels`",
         ),
         ("x.csv", "text,label\nfine,a\n,a\n", "x.csv:3: missing field `text`"),
         ("x.jsonl", jsonl({"foo": 1}), "x.jsonl:1: no known form"),

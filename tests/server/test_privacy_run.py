@@ -115,3 +115,24 @@ def test_unclipped_update_is_rejected_under_institution_dp(tiny_cfg, tmp_path: P
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "exceeds `privacy.institution.clip_norm`" in row["sites_failed"]["site-0"]
     assert row["sites"] == ["site-1", "site-2"]
+
+
+def test_budget_counts_earlier_runs_on_the_same_records(tiny_cfg, tmp_path: Path):
+    from client.privacy_site import check_budget
+
+    cfg = private_cfg(tiny_cfg)
+    earlier = SiteAccountant({}, tmp_path / "accountant-run1.json", "rdp")
+    earlier.accountant.step(noise_multiplier=0.8, sample_rate=0.1, steps=200)
+    earlier.save()
+    spent = earlier.accountant.epsilon(1e-5)
+    now = SiteAccountant({}, tmp_path / "accountant-run2.json", "rdp")
+    assert now.earlier_epsilon(1e-5) == spent
+    _, reason = check_budget(now, cfg, 80, budget=spent * 0.9)
+    assert reason and "earlier runs on these records already spent" in reason
+    _, reason = check_budget(now, cfg, 80, budget=spent + 100.0)
+    assert reason is None
+    # The tighter of the site's and the run's caps applies.
+    capped = cfg.model_copy(deep=True)
+    capped.privacy.record.budget_epsilon = spent * 0.5
+    _, reason = check_budget(now, capped, 80, budget=spent + 100.0)
+    assert reason is not None
