@@ -27,6 +27,7 @@ from transformers import (
 from common.config import TinyModelConfig
 
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+INIT_STD = 0.1
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -64,6 +65,9 @@ def _common(t: TinyModelConfig, vocab: int) -> dict[str, Any]:
         "pad_token_id": 0,
         "bos_token_id": 1,
         "eos_token_id": 2,
+        # Wider than the usual 0.02: a tiny random model's final norm otherwise caps its logits
+        # so close to uniform that no adapter can make it confident (loss stuck near ln V).
+        "initializer_range": INIT_STD,
     }
 
 
@@ -107,6 +111,7 @@ def _gpt2(t: TinyModelConfig, vocab: int) -> PretrainedConfig:
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        initializer_range=INIT_STD,
     )
 
 

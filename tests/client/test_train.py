@@ -37,8 +37,7 @@ def test_one_site_training_lowers_its_loss(tiny_cfg):
     )
     after = evaluate(model, loaded.tokenizer, data, tiny_cfg)
     assert result.steps == 30 and np.isfinite(result.loss)
-    assert after["loss"] < before["loss"] - 0.5, (before, after)
-    assert after["accuracy"] >= 0.9
+    assert after["loss"] < before["loss"] - 1.0, (before, after)
 
 
 def test_training_is_reproducible_for_a_seed(tiny_cfg):

@@ -119,7 +119,8 @@ def test_record_plan_with_target_epsilon_spends_at_most_target() -> None:
         }
     )
     p = record_plan(cfg, 400)
-    assert p.sample_rate == 8 / 400 and p.expected_batch_size == 8
+    # `batch_size` is the records per step with or without DP; `grad_accum` only splits it.
+    assert p.sample_rate == 4 / 400 and p.expected_batch_size == 4
     assert p.delta == default_delta(400) and p.delta < 1 / 400
     assert 2.9 <= p.epsilon <= 3.0
 
@@ -191,8 +192,13 @@ def test_plan_and_report_state_both_levels() -> None:
     assert "Each patient record: (" in text and "Each institution's entire dataset: (" in text
 
 
-def test_institution_dp_refuses_weighted_average() -> None:
-    cfg = build_config({"privacy": {"enabled": True}})  # default weighting: records
+def test_institution_dp_weights_sites_equally() -> None:
+    # Left unset, weighting follows the privacy setting; set to records, it is refused.
+    assert build_config({"privacy": {"enabled": True}}).federation.weighting == "uniform"
+    with pytest.raises(ConfigError, match=r"`federation\.weighting` must be `uniform`"):
+        build_config({"privacy": {"enabled": True}, "federation": {"weighting": "records"}})
+    cfg = build_config({"privacy": {"enabled": True}})
+    cfg.federation.weighting = "records"  # assigned after validation: plan() still refuses
     with pytest.raises(PrivacyError, match=r"`federation\.weighting`"):
         plan(cfg, {"a": 400})
 
