@@ -377,7 +377,14 @@ class SecAggConfig(_Section):
     neighbours: int = Field(0, ge=0, description="0 = everyone (SecAgg); k = k-regular (SecAgg+).")
     threshold: float = Field(0.66, gt=0, le=1, description="Share of sites needed to unmask.")
     modulus_bits: int = Field(32, ge=16, le=62, description="Quantized values live mod 2^bits.")
-    clip_range: float = Field(1.0, gt=0, description="Quantization range per coordinate.")
+    clip_range: float = Field(
+        8.0,
+        gt=0,
+        description=(
+            "Quantization range per coordinate of a (weighted) update; values beyond are clipped "
+            "and counted. The error bound grows with it: range * 2 * n / 2^modulus_bits."
+        ),
+    )
 
 
 class Config(_Section):

@@ -65,7 +65,7 @@ def test_secure_rounds_give_the_plain_adapter_within_the_bound(runs):
     bound = sum(r["secagg_error_bound"] for r in rows) + 2 * (ulp1 + ulp2)
     assert diff2 <= 20 * bound
     ratio = rows[-1]["bytes_up"] / plain_rows[-1]["bytes_up"]
-    assert 1.0 < ratio < 1.2
+    assert 0.5 < ratio < 1.2  # one flat masked vector + shares vs one array per LoRA module
     print(f"\nround 2 max |secagg - plain| {diff2:.3g} (bounds {bound:.3g}); bytes up x{ratio:.4f}")
 
 

@@ -110,5 +110,8 @@ def test_privacy_report_plans_a_config():
         "privacy-report", "--plan", str(SCENARIOS / "tiny.toml"), "--set", "privacy.enabled=true"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Each patient record: (8.00" in proc.stdout
+    import re
+
+    worst = float(re.search(r"Each patient record: \(([0-9.]+),", proc.stdout).group(1))
+    assert 7.5 <= worst <= 8.0  # calibrated to the target epsilon of the shortcut
     assert "Each institution's entire dataset" in proc.stdout

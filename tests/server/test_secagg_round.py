@@ -144,7 +144,7 @@ def test_secure_round_equals_the_plain_round_within_the_bound(base, plain):
     train_replies = [r for r in rec.replies if r.metadata.message_type == "train"]
     assert all("update" not in r.content for r in train_replies)  # no plaintext update left
     ratio = row["bytes_up"] / row_plain["bytes_up"]
-    assert 1.0 <= ratio < 1.2
+    assert 0.5 < ratio < 1.2  # one flat masked vector + shares vs one array per LoRA module
     print(f"\nmax |secagg - plain| {worst:.3g} (bound {bound:.3g}); bytes up ratio {ratio:.4f}")
 
 
