@@ -70,7 +70,7 @@ def federated(cfg: Config, out: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=20, help="local steps per site per round")
+    parser.add_argument("--steps", type=int, default=60, help="local steps per site per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
