@@ -206,7 +206,7 @@ def privacy_report(
     set_: SetOpt = None,
 ) -> None:
     """State the run's privacy guarantee in plain words, or what a config plans to spend."""
-    from common.privacy import report_text
+    from common.privacy_report import report_text
 
     if (run_dir is None) == (plan is None):
         console.print("[bold red]error:[/] give a run folder or `--plan CONFIG` (one of them)")
@@ -224,7 +224,7 @@ def _planned(config: Path, overrides: list[str]) -> Any:
     import tempfile
 
     from common.config import load_config
-    from common.privacy import plan
+    from common.privacy_report import plan
     from simulations.run import prepare
 
     cfg = load_config(config, overrides)

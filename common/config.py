@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from common.config_base import Section
+from common.config_prepare import (  # noqa: F401  (re-exported: one import path for the tree)
+    REDACT_KINDS,
+    CleanConfig,
+    DedupConfig,
+    PrepareConfig,
+    RedactConfig,
+    RedactKind,
+)
+from common.config_privacy import (  # noqa: F401  (re-exported)
+    InstitutionDPConfig,
+    PrivacyConfig,
+    RecordDPConfig,
+)
 from common.errors import ConfigError
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = Section
 
 
 class TinyModelConfig(_Section):
@@ -73,115 +84,6 @@ class LoraConfig(_Section):
         ),
     )
     init_seed: int = Field(1234, description="Seed of the shared adapter initialisation.")
-
-
-RedactKind = Literal["email", "phone", "date", "id", "card", "iban", "name", "url", "ip"]
-REDACT_KINDS: tuple[RedactKind, ...] = (
-    "email", "phone", "date", "id", "card", "iban", "name", "url", "ip",
-)  # fmt: skip
-DEFAULT_ID_PATTERNS = [
-    r"\b\d{3}-\d{2}-\d{4}\b",  # US social security number
-    r"\b(?:MRN|medical record (?:no\.?|number))[\s:#-]*(?P<value>[A-Z0-9][A-Z0-9-]{4,})\b",
-]
-
-
-class CleanConfig(_Section):
-    """Text cleaning rules of `data prepare --clean`."""
-
-    enabled: bool = Field(False, description="Apply the cleaning rules below.")
-    html: bool = Field(True, description="Decode HTML entities and remove HTML tags.")
-    control_chars: bool = Field(True, description="Remove control and zero-width characters.")
-    unicode_form: Literal["NFC", "NFKC", "none"] = Field(
-        "NFC", description="Unicode normalization form; `none` leaves text as it is."
-    )
-    whitespace: bool = Field(True, description="Collapse runs of spaces, trim lines and ends.")
-    min_chars: int = Field(1, ge=0, description="Drop records whose text is shorter (characters).")
-    max_chars: int = Field(0, ge=0, description="Drop records whose text is longer; 0 = no limit.")
-
-
-class DedupConfig(_Section):
-    """Duplicate removal of `data prepare --dedup`; keeps the first record of each cluster."""
-
-    enabled: bool = Field(False, description="Remove exact and near duplicates.")
-    exact: bool = Field(True, description="Remove records whose normalized text is identical.")
-    near: bool = Field(True, description="Remove near duplicates found with MinHash LSH.")
-    threshold: float = Field(
-        0.8, gt=0, le=1, description="Jaccard similarity of word shingles for a near duplicate."
-    )
-    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (signature size).")
-    shingle_words: int = Field(3, ge=1, le=10, description="Words per shingle.")
-    seed: int = Field(1, description="Seed of the MinHash permutations.")
-
-
-class RedactConfig(_Section):
-    """Personal-data redaction of `data prepare --redact`: typed placeholders such as `[EMAIL]`."""
-
-    enabled: bool = Field(False, description="Replace personal data with typed placeholders.")
-    kinds: list[RedactKind] = Field(
-        default_factory=lambda: list(REDACT_KINDS), description="Built-in kinds to redact."
-    )
-    id_patterns: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_ID_PATTERNS),
-        description=(
-            "Regexes of national or medical record numbers, replaced by `[ID]`; a named group "
-            "`value` limits the replacement to that group."
-        ),
-    )
-    names: list[str] = Field(
-        default_factory=list, description="Names replaced by `[NAME]` (whole words, any case)."
-    )
-    name_patterns: list[str] = Field(
-        default_factory=list, description="Regexes of names, replaced by `[NAME]` (group `value`)."
-    )
-    extra_patterns: dict[str, str] = Field(
-        default_factory=dict,
-        description="Site-specific kinds: `{kind = regex}`, replaced by `[KIND]` (group `value`).",
-    )
-
-    @model_validator(mode="after")
-    def _patterns_compile(self) -> RedactConfig:
-        problems = [
-            f"`{where}`: {problem}"
-            for where, pattern in self._patterns()
-            if (problem := _regex_problem(pattern))
-        ]
-        problems += [
-            f"`extra_patterns.{k}`: kind must be lowercase letters, digits or `_`"
-            for k in self.extra_patterns
-            if not re.fullmatch(r"[a-z][a-z0-9_]*", k)
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-    def _patterns(self) -> list[tuple[str, str]]:
-        pairs = [(f"id_patterns[{i}]", p) for i, p in enumerate(self.id_patterns)]
-        pairs += [(f"name_patterns[{i}]", p) for i, p in enumerate(self.name_patterns)]
-        return pairs + [(f"extra_patterns.{k}", p) for k, p in self.extra_patterns.items()]
-
-
-def _regex_problem(pattern: str) -> str:
-    try:
-        compiled = re.compile(pattern)
-    except re.error as err:
-        return f"not a valid regex ({err})"
-    return "" if compiled.match("") is None else "matches the empty string"
-
-
-class PrepareConfig(_Section):
-    """Site data preparation (`fedtune data prepare`, or on the fly in the ClientApp)."""
-
-    clean: CleanConfig = Field(default_factory=CleanConfig, description="Text cleaning.")
-    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate removal.")
-    redact: RedactConfig = Field(default_factory=RedactConfig, description="Redaction.")
-    max_line_bytes: int = Field(
-        16 * 2**20, gt=0, description="Lines longer than this are skipped and reported."
-    )
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any rule is on (the ClientApp then prepares records on the fly)."""
-        return self.clean.enabled or self.dedup.enabled or self.redact.enabled
 
 
 class DataConfig(_Section):
@@ -266,110 +168,6 @@ class SimulationConfig(_Section):
         default_factory=PartitionConfig, description="How the corpus is split into sites."
     )
     backend_cpus_per_site: float = Field(1.0, gt=0, description="Ray CPUs reserved per site.")
-
-
-class RecordDPConfig(_Section):
-    """Record-level DP: DP-SGD at each site (Abadi et al. 2016) with Opacus."""
-
-    enabled: bool = Field(False, description="Train each site with DP-SGD (Opacus).")
-    noise_multiplier: float | None = Field(
-        None,
-        ge=0,
-        description="DP-SGD noise std / clipping bound; exclusive with `target_epsilon`.",
-    )
-    target_epsilon: float | None = Field(
-        None,
-        gt=0,
-        description=(
-            "Epsilon for the whole run; the noise is calibrated for the planned rounds and steps. "
-            "Exclusive with `noise_multiplier`."
-        ),
-    )
-    max_grad_norm: float = Field(1.0, gt=0, description="Per-record clipping bound.")
-    delta: float | None = Field(
-        None, gt=0, lt=1, description="Delta; default min(1e-5, 1/(10·records)) per site."
-    )
-    budget_epsilon: float | None = Field(
-        None, gt=0, description="A site declines a round that would take it past this epsilon."
-    )
-    accountant: Literal["rdp", "prv"] = Field("rdp", description="Privacy accountant.")
-    grad_sample_mode: Literal["hooks", "ghost"] = Field(
-        "hooks", description="Opacus per-sample gradient mode; `ghost` = fast gradient clipping."
-    )
-
-    @model_validator(mode="after")
-    def _noise_xor_target(self) -> RecordDPConfig:
-        if not self.enabled:
-            return self
-        has_noise, has_target = self.noise_multiplier is not None, self.target_epsilon is not None
-        if has_noise == has_target:
-            got = "both" if has_noise else "neither"
-            raise ValueError(
-                "record-level DP needs exactly one of `noise_multiplier` and `target_epsilon` "
-                f"(got {got})"
-            )
-        target, budget = self.target_epsilon, self.budget_epsilon
-        if target is not None and budget is not None and target > budget:
-            raise ValueError(
-                f"`target_epsilon` ({target}) exceeds `budget_epsilon` ({budget}): "
-                "the site would stop before the planned run ends"
-            )
-        return self
-
-
-class InstitutionDPConfig(_Section):
-    """Institution-level DP: clip each site's whole update, Gaussian noise on the sum."""
-
-    enabled: bool = Field(False, description="Clip and noise each site's whole update.")
-    clip_norm: float = Field(1.0, gt=0, description="Bound C on each site's update norm.")
-    noise_multiplier: float = Field(1.0, ge=0, description="Noise std of the sum / C.")
-    delta: float = Field(1e-5, gt=0, lt=1, description="Delta of the institution-level guarantee.")
-    accountant: Literal["rdp", "prv"] = Field("rdp", description="Privacy accountant.")
-    noise_at: Literal["auto", "sites", "server"] = Field(
-        "auto",
-        description=(
-            "Who adds the noise: `sites` (distributed: each adds a share, needs secure "
-            "aggregation to mean anything), `server` (trusted server adds it to the sum), or "
-            "`auto` (`sites` when `secagg.enabled`, else `server`)."
-        ),
-    )
-
-
-# Defaults filled in by `privacy.enabled = true` (each can still be set explicitly).
-_DEFAULT_TARGET_EPSILON = 8.0
-
-
-class PrivacyConfig(_Section):
-    enabled: bool = Field(False, description="Shortcut: turn on both levels with defaults.")
-    record: RecordDPConfig = Field(default_factory=RecordDPConfig, description="Record-level DP.")
-    institution: InstitutionDPConfig = Field(
-        default_factory=InstitutionDPConfig, description="Institution-level DP."
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shortcut(cls, data: Any) -> Any:
-        """``enabled = true`` turns on both levels unless a level says ``enabled = false``.
-
-        Applies to input trees (TOML, ``--set``); on attribute assignment the sections are
-        already models and are left as they are.
-        """
-        if not isinstance(data, dict) or data.get("enabled") is not True:
-            return data
-        data = dict(data)
-        record = data.get("record", {})
-        if isinstance(record, dict):
-            record = dict(record)
-            if (
-                record.setdefault("enabled", True) is True
-                and record.get("noise_multiplier") is None
-            ):
-                record.setdefault("target_epsilon", _DEFAULT_TARGET_EPSILON)
-            data["record"] = record
-        institution = data.get("institution", {})
-        if isinstance(institution, dict):
-            data["institution"] = {"enabled": True, **institution}
-        return data
 
 
 class SecAggConfig(_Section):

@@ -16,11 +16,10 @@ from common.adapters import flatten, unflatten
 from common.config import Config
 from common.privacy import (
     InstitutionAccountant,
-    PrivacyLedger,
     add_server_noise,
     institution_sample_rate,
-    report_text,
 )
+from common.privacy_report import PrivacyLedger, report_text
 from server.strategy import SiteUpdate
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,6 @@ from common.errors import ConfigError, PrivacyError
 from common.privacy import (
     GaussianAccountant,
     InstitutionAccountant,
-    PrivacyLedger,
-    PrivacySummary,
     add_noise_share,
     add_server_noise,
     calibrate_noise,
@@ -24,10 +22,9 @@ from common.privacy import (
     decline_reason,
     default_delta,
     institution_sample_rate,
-    plan,
     record_plan,
-    report_text,
 )
+from common.privacy_report import PrivacyLedger, PrivacySummary, plan, report_text
 
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 20, 1e-5
 
