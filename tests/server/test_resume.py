@@ -11,8 +11,8 @@ from safetensors.numpy import load_file
 from client.app import app as client_app
 from common.errors import FedtuneError
 from server.run import FederatedRun
-from simulations.run import prepare
 from tests.server.inprocess import InProcessGrid
+from tests.server.test_run import setup_run
 
 
 class ServerKilled(Exception):
@@ -20,13 +20,7 @@ class ServerKilled(Exception):
 
 
 def setup(tiny_cfg, tmp_path: Path):
-    fed = tiny_cfg.federation.model_copy(update={"rounds": 3})
-    cfg = prepare(tiny_cfg.model_copy(update={"federation": fed}), tmp_path)
-    nodes = {
-        100 + i: {"data-dir": str(tmp_path / "sites" / f"site-{i}"), "site-name": f"site-{i}"}
-        for i in range(3)
-    }
-    return cfg, nodes
+    return setup_run(tiny_cfg, tmp_path, {"rounds": 3})
 
 
 def test_resume_continues_after_the_last_completed_round(tiny_cfg, tmp_path: Path):
