@@ -266,26 +266,24 @@ def _refuse_existing(paths: list[Path]) -> None:
         )
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the start (never world-readable, even briefly)."""
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (never overwrite) with ``mode`` from the start: a private key is never
+    world-readable, even briefly (fchmod as well, since the umask may narrow the open mode)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
         raise CertificateError(f"refusing to overwrite {path}") from None
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    _write_new(path, data, 0o600)
+
+
 def _write_public(path: Path, data: bytes) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        raise CertificateError(f"refusing to overwrite {path}") from None
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    _write_new(path, data, 0o644)

@@ -25,6 +25,14 @@ from server.strategy import SiteUpdate
 logger = logging.getLogger(__name__)
 
 
+def server_adds_noise(cfg: Config) -> bool:
+    """Institution-level noise is added by the coordinator (else by the sites, in shares)."""
+    inst = cfg.privacy.institution
+    return inst.enabled and (
+        inst.noise_at == "server" or (inst.noise_at == "auto" and not cfg.secagg.enabled)
+    )
+
+
 class ServerPrivacy:
     def __init__(self, cfg: Config, num_sites: int) -> None:
         self.cfg = cfg
@@ -41,10 +49,7 @@ class ServerPrivacy:
         return self.cfg.privacy.record.enabled or self.cfg.privacy.institution.enabled
 
     def server_adds_noise(self) -> bool:
-        inst = self.cfg.privacy.institution
-        return inst.enabled and (
-            inst.noise_at == "server" or (inst.noise_at == "auto" and not self.cfg.secagg.enabled)
-        )
+        return server_adds_noise(self.cfg)
 
     def noise_average(
         self, average: dict[str, np.ndarray], contributors: int

@@ -33,7 +33,7 @@ from common.tasks import evaluate
 from common.wire import config_record, from_record, to_record
 from server import checkpoint
 from server.outputs import RunWriter
-from server.privacy_round import ServerPrivacy
+from server.privacy_round import ServerPrivacy, server_adds_noise
 from server.secagg_round import SecAggRound
 from server.strategy import SiteSampler, SiteUpdate, WeightedFedAvg
 
@@ -305,7 +305,7 @@ class FederatedRun:
     def _check_norm(self, delta: dict[str, np.ndarray]) -> None:
         """With institution-level DP and the noise added here, every update must be clipped."""
         inst = self.cfg.privacy.institution
-        if not inst.enabled or not ServerPrivacy(self.cfg, 1).server_adds_noise():
+        if not server_adds_noise(self.cfg):
             return
         norm = float(np.linalg.norm(flatten(delta)))
         if norm > inst.clip_norm * (1 + 1e-4):
