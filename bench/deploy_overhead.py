@@ -1,17 +1,21 @@
 """Deployment Engine overhead: seconds per round with real SuperLink/SuperNodes over simulation.
 
-Same scenario, side by side in one run: ``fedtune simulate`` (Flower's simulation engine, Ray) and
-the Deployment Engine on loopback (one SuperLink and one SuperNode per site on 127.0.0.1, insecure:
-TLS costs are not what is measured here; started by deploy/loopback.py, everything stopped by PID).
+Side by side in one run, same scenario: ``fedtune simulate`` (Flower's simulation engine, Ray),
+then the Deployment Engine on loopback (one SuperLink and one SuperNode per site on 127.0.0.1,
+insecure: TLS is not what is measured; started by deploy/loopback.py, stopped by PID) twice:
+``warm`` with `fedtune site-exec` beside each SuperNode (what deploy/ sets up), and ``cold`` with
+Flower's default executor, which starts a fresh `flwr-clientapp` per message.
+
 Seconds per round come from each run's metrics.jsonl (`seconds`: sampling to aggregated update and
-evaluation, as the server measures it). In deployment every ClientApp message starts a new process
-(Python, torch, transformers imported again); in simulation Ray's actors stay warm. The last line
-printed is one JSON object with ``deploy_over_sim_ratio`` (mean over all rounds) and
-``deploy_share_outside_training_min``: a simulated round bounds local training time from above, so
-at least that share of a deployed round goes to process starts, imports and transport.
+evaluation, as the server measures it); `site_seconds` is each site's time inside its train
+handler (load, local training, pack), so ``1 - max(site_seconds) / seconds`` is the share of a
+round spent outside local work: process start, imports, polling and transport. The cost of a
+ClientApp process start is measured on its own as well: a fresh Python importing fedtune's
+ClientApp (what every cold message pays) against a fork from site-exec's forkserver.
+The last line printed is one JSON object with ``deploy_over_sim_ratio`` (warm, mean over rounds).
 
     .venv/bin/python bench/deploy_overhead.py [--scenario simulations/scenarios/tiny.toml]
-        [--set federation.rounds=3]
+        [--set federation.rounds=3] [--skip-cold]
 """
 
 from __future__ import annotations
@@ -36,9 +40,51 @@ from deploy.loopback import LoopbackFederation, prepare_sites  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+def _rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _seconds(out: Path) -> list[float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [float(r["seconds"]) for r in rows]
+    return [float(r["seconds"]) for r in _rows(out)]
+
+
+def _outside_share(out: Path) -> float:
+    """Mean over rounds of the share of the round not spent in the slowest site's handler."""
+    shares = [
+        1 - max(r["site_seconds"].values()) / r["seconds"] for r in _rows(out) if r["site_seconds"]
+    ]
+    return round(statistics.fmean(shares), 3) if shares else float("nan")
+
+
+def process_start_costs(repeat: int = 3) -> dict[str, float]:
+    """Seconds until fedtune's ClientApp is importable: fresh interpreter vs warm fork."""
+    code = "import flwr.supernode.runtime.run_clientapp, client.app"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cold = []
+    for _ in range(repeat):
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+        cold.append(time.monotonic() - t0)
+    from client.site_exec import ForkserverExecutor
+
+    executor = ForkserverExecutor()
+    warm = []
+    for _ in range(repeat):
+        t0 = time.monotonic()
+        proc = executor._ctx.Process(target=_import_client_app)
+        proc.start()
+        proc.join()
+        warm.append(time.monotonic() - t0)
+    executor.close()
+    return {
+        "cold_s": round(statistics.median(cold), 3),
+        "warm_s": round(statistics.median(warm), 3),
+        "preload_s": round(executor.preload_s, 2),
+    }
+
+
+def _import_client_app() -> None:
+    import client.app  # noqa: F401
 
 
 def run_simulation(scenario: Path, overrides: list[str], out: Path) -> tuple[list[float], float]:
@@ -56,12 +102,12 @@ def run_simulation(scenario: Path, overrides: list[str], out: Path) -> tuple[lis
 
 
 def run_deployment(
-    scenario: Path, overrides: list[str], work: Path, sites: int
-) -> tuple[list[float], float]:
+    scenario: Path, overrides: list[str], work: Path, sites: int, warm: bool
+) -> tuple[list[float], float, float]:
     run_overrides = prepare_sites(scenario, work / "data", overrides)
     out = work / "out"
     t0 = time.monotonic()
-    with LoopbackFederation(work / "federation", secure=False) as fed:
+    with LoopbackFederation(work / "federation", secure=False, warm=warm) as fed:
         fed.start_superlink(None, None, None)
         for i in range(sites):
             name = f"site-{i}"
@@ -73,7 +119,7 @@ def run_deployment(
             "simulate-sites": False,
         }
         fed.flwr_run(run_config, timeout=1800)
-    return _seconds(out), time.monotonic() - t0
+    return _seconds(out), time.monotonic() - t0, _outside_share(out)
 
 
 def _stats(per_round: list[float]) -> dict[str, Any]:
@@ -89,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenario", type=Path, default=ROOT / "simulations/scenarios/tiny.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--skip-cold", action="store_true", help="no run with Flower's executor")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from common.config import load_config
@@ -96,37 +143,41 @@ def main() -> None:
     scenario = args.scenario.resolve()
     cfg = load_config(scenario, args.overrides)
     sites = cfg.simulation.partition.num_sites
+    starts = process_start_costs()
     with tempfile.TemporaryDirectory(prefix="fedtune-deploy-bench-") as tmp:
         work = Path(tmp)
         sim, sim_wall = run_simulation(scenario, args.overrides, work / "sim")
-        dep, dep_wall = run_deployment(scenario, args.overrides, work / "deploy", sites)
-    s, d = _stats(sim), _stats(dep)
+        warm = run_deployment(scenario, args.overrides, work / "warm", sites, warm=True)
+        cold = None
+        if not args.skip_cold:
+            cold = run_deployment(scenario, args.overrides, work / "cold", sites, warm=False)
+    s = _stats(sim)
     print(
         f"scenario {cfg.name}: {sites} sites, {cfg.federation.rounds} rounds, cpus {os.cpu_count()}"
     )
-    print(
-        f"simulation  s/round {s['per_round_s']}  mean {s['mean_s']}  (run wall {sim_wall:.1f} s)"
-    )
-    print(
-        f"deployment  s/round {d['per_round_s']}  mean {d['mean_s']}  (run wall {dep_wall:.1f} s)"
-    )
-    result = {
+    print(f"simulation       s/round {s['per_round_s']}  (run wall {sim_wall:.1f} s)")
+    result: dict[str, Any] = {
         "scenario": cfg.name,
         "sites": sites,
         "rounds": cfg.federation.rounds,
         "sim": s,
-        "deploy": d,
         "sim_wall_s": round(sim_wall, 1),
-        "deploy_wall_s": round(dep_wall, 1),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-        # A simulated round (warm actors) bounds local training from above, so in deployment at
-        # least this share of a round goes to everything else (process starts, imports, I/O).
-        "deploy_share_outside_training_min": round(1 - s["mean_s"] / d["mean_s"], 3),
-        "deploy_over_sim_ratio_after_first": round(
-            d["mean_after_first_s"] / s["mean_after_first_s"], 2
-        ),
-        "deploy_over_sim_ratio": round(d["mean_s"] / s["mean_s"], 2),
+        "clientapp_start_s": starts,
     }
+    for name, res in (("warm", warm), ("cold", cold)):
+        if res is None:
+            continue
+        d = _stats(res[0])
+        print(f"deploy {name:<9} s/round {d['per_round_s']}  (run wall {res[1]:.1f} s)")
+        result[f"deploy_{name}"] = {**d, "wall_s": round(res[1], 1), "share_outside_site": res[2]}
+        result[f"deploy_{name}_over_sim_ratio"] = round(d["mean_s"] / s["mean_s"], 2)
+    print(
+        f"ClientApp process start: fresh {starts['cold_s']} s, warm fork {starts['warm_s']} s "
+        f"(preload once {starts['preload_s']} s)"
+    )
+    result["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    result["deploy_share_outside_training"] = warm[2]
+    result["deploy_over_sim_ratio"] = result["deploy_warm_over_sim_ratio"]
     print(json.dumps(result))
 
 

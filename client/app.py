@@ -7,6 +7,7 @@ Message types: ``query.check`` (preflight: data and model usable, record counts)
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -40,14 +41,16 @@ def _budget(context: Context) -> float | None:
     return None if value in (None, "") else float(str(value))
 
 
-def _metrics(update: LocalUpdate, cfg: Config) -> dict[str, Any]:
-    """What a site reports besides its update. Its training losses are computed on its private
+def _metrics(update: LocalUpdate, cfg: Config, seconds: float) -> dict[str, Any]:
+    """What a site reports besides its update. Its training losses (and how long its round took,
+    which under Poisson sampling follows the batch sizes drawn) are computed on its private
     records outside any DP accounting and (under secure aggregation) outside the masked sum, so
     they are only reported when neither record-level DP nor secure aggregation is on."""
     r = update.result
     out: dict[str, Any] = {"num-examples": update.records, **update.privacy}
     if r is not None and not (cfg.privacy.record.enabled or cfg.secagg.enabled):
         out.update({"train-loss": r.loss, "first-loss": r.first_loss, "last-loss": r.last_loss})
+        out["site-seconds"] = round(seconds, 3)  # the train handler: load, train, pack
     return out
 
 
@@ -72,6 +75,7 @@ def check(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.monotonic()
     conf = msg.content.config_records["config"]
     cfg = config_from_record(conf)
     site = _site(msg, context)
@@ -85,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state["privacy"] = ConfigRecord(privacy_state)
     if update.declined or update.result is None:
         return _declined(msg, site, update.declined or "no training result", update.records)
-    metrics = MetricRecord(_metrics(update, cfg))
+    metrics = MetricRecord(_metrics(update, cfg, time.monotonic() - started))
     if cfg.secagg.enabled or secagg_site.MASK_REQUEST in msg.content:
         # Secure aggregation: only the masked update leaves the site (refuses without a request).
         masked = secagg_site.masked_reply(update.delta, msg.content, context.state, cfg, metrics)

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class SiteKeyPaths:
 
     private_key: Path
     public_key: Path
+    exec_secret: Path
 
 
 # -- public API ------------------------------------------------------------------------------
@@ -147,6 +149,7 @@ def init_ca(
 def site_keys(out_dir: str | Path, name: str) -> SiteKeyPaths:
     """Create site ``name``'s node-authentication key pair: ``NAME.key`` (0600) and ``NAME.pub``.
 
+    Also ``NAME.superexec`` (0600), the secret the site's SuperNode and `fedtune site-exec` share.
     The private key stays at the site (``flower-supernode --auth-supernode-private-key``); the
     public key goes to the coordinator, who puts it on the allow-list with ``flwr supernode
     register NAME.pub <federation>``. Refuses to overwrite existing files.
@@ -157,8 +160,8 @@ def site_keys(out_dir: str | Path, name: str) -> SiteKeyPaths:
             "and start with a letter or digit"
         )
     out = Path(out_dir)
-    paths = SiteKeyPaths(out / f"{name}.key", out / f"{name}.pub")
-    _refuse_existing([paths.private_key, paths.public_key])
+    paths = SiteKeyPaths(out / f"{name}.key", out / f"{name}.pub", out / f"{name}.superexec")
+    _refuse_existing([paths.private_key, paths.public_key, paths.exec_secret])
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
@@ -171,6 +174,9 @@ def site_keys(out_dir: str | Path, name: str) -> SiteKeyPaths:
     )
     _write_private(paths.private_key, private)
     _write_public(paths.public_key, public + f" fedtune-{name}\n".encode())
+    # Shared by the site's SuperNode and `fedtune site-exec` (--superexec-auth-secret-file): only
+    # a holder may take the site's ClientApp tasks from the local Runtime API.
+    _write_private(paths.exec_secret, secrets.token_hex(32).encode())
     logger.info("node key pair for site %s written to %s", name, out)
     return paths
 
@@ -205,6 +211,7 @@ def certs_site(name: str, out: Path) -> None:
     print(f"private key (stays at the site, 0600): {paths.private_key}")
     print(f"public key (send to the coordinator):  {paths.public_key}")
     print(f"fingerprint (confirm out of band):     {fingerprint(paths.public_key)}")
+    print(f"SuperExec secret (stays at the site):  {paths.exec_secret}")
     print(f"coordinator: flwr supernode register {paths.public_key.name} <federation>")
 
 

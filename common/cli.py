@@ -319,6 +319,38 @@ def certs_site(
     run_user(lambda: site(name, out))
 
 
+@app.command("site-exec")
+def site_exec(
+    runtime_api_address: Annotated[
+        str, typer.Option("--runtime-api-address", help="The SuperNode's Runtime API (host:port).")
+    ] = "127.0.0.1:9094",
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plain HTTP to the Runtime API (loopback).")
+    ] = False,
+    root_certificates: Annotated[
+        Path | None, typer.Option("--root-certificates", help="CA of the Runtime API's TLS.")
+    ] = None,
+    auth_secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--superexec-auth-secret-file",
+            help="The secret also given to the SuperNode's --superexec-auth-secret-file.",
+        ),
+    ] = None,
+    poll_interval: Annotated[
+        float, typer.Option("--poll-interval", help="Seconds between task polls.")
+    ] = 0.2,
+) -> None:
+    """Run ClientApp tasks from warm forks (beside `flower-supernode --isolation process`)."""
+    from client.site_exec import run_site_exec
+
+    run_user(
+        lambda: run_site_exec(
+            runtime_api_address, insecure, root_certificates, auth_secret_file, poll_interval
+        )
+    )
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     """Base vs federated metrics, then train loss and bytes per round."""
     table = Table(title=f"fedtune run `{summary['name']}` ({summary['wall_time_s']:.0f} s)")

@@ -101,6 +101,8 @@ class LoopbackFederation:
     started: list[Started] = field(default_factory=list)
     port: int = 0
     ca_cert: Path | None = None
+    warm: bool = True
+    superlink: Started | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -147,9 +149,16 @@ class LoopbackFederation:
             raise RuntimeError(f"`{' '.join(cmd)}` failed ({rc}):\n{started.text()[-3000:]}")
         return started.text()
 
-    def start_superlink(self, ca_cert: Path | None, cert: Path | None, key: Path | None) -> int:
-        """Coordinator: `flower-superlink` with TLS and `--enable-supernode-auth` (or insecure)."""
-        self.port = free_port()
+    def start_superlink(
+        self, ca_cert: Path | None, cert: Path | None, key: Path | None, restart: bool = False
+    ) -> int:
+        """Coordinator: `flower-superlink` with TLS and `--enable-supernode-auth` (or insecure).
+
+        ``restart`` starts it again on the same port and database (allow-list and node ids kept),
+        as a coordinator does after a crash; connected SuperNodes reconnect by themselves.
+        """
+        if not restart:
+            self.port = free_port()
         cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--database", str(self.workdir / "superlink.db")]
         cmd += ["--disable-runtime-dependency-installation"]
@@ -161,7 +170,8 @@ class LoopbackFederation:
             cmd += ["--ssl-keyfile", str(key), "--enable-supernode-auth"]
         else:
             cmd += ["--insecure"]
-        started = self.spawn("superlink", cmd)
+        started = self.spawn("superlink-restarted" if restart else "superlink", cmd)
+        self.superlink = started
         wait_for_port(self.port, started.proc, timeout=90)
         self._write_flwr_config()
         return self.port
@@ -192,10 +202,19 @@ class LoopbackFederation:
         key: Path | None = None,
         root_cert: Path | None = None,
         extra: list[str] | None = None,
+        warm: bool | None = None,
     ) -> Started:
-        """Site: `flower-supernode` with its node key and the CA certificate (or insecure)."""
+        """Site: `flower-supernode` with its node key and the CA certificate (or insecure).
+
+        With ``warm`` (the federation's default: on) the SuperNode runs in ``--isolation process``
+        and the site's `fedtune site-exec` starts its ClientApp tasks from a forkserver that
+        imported torch, transformers and peft once; otherwise Flower starts a fresh
+        `flwr-clientapp` per message.
+        """
+        runtime = f"127.0.0.1:{free_port()}"
+        host, port = runtime.split(":")
         cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}"]
-        cmd += ["--host", "127.0.0.1", "--port", str(free_port())]
+        cmd += ["--host", host, "--port", port]
         if self.secure:
             if root_cert is not None:
                 cmd += ["--root-certificates", str(root_cert)]
@@ -205,7 +224,22 @@ class LoopbackFederation:
             cmd += ["--insecure"]
         if data_dir is not None:
             cmd += ["--node-config", f"data-dir='{data_dir}' site-name='{name}'"]
-        return self.spawn(f"supernode-{name}", cmd + list(extra or []))
+        if not (self.warm if warm is None else warm):
+            return self.spawn(f"supernode-{name}", cmd + list(extra or []))
+        # The SuperNode and its SuperExec share a secret: no other local process can take tasks.
+        # `fedtune certs site` writes it beside the node key; insecure runs get a throwaway one.
+        secret = key.with_suffix(".superexec") if key is not None else Path()
+        if not secret.is_file():
+            secret = self.workdir / "secrets" / f"{name}.superexec"
+            secret.parent.mkdir(mode=0o700, exist_ok=True)
+            secret.touch(mode=0o600)
+            secret.write_bytes(os.urandom(32).hex().encode())
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+        node = self.spawn(f"supernode-{name}", cmd + list(extra or []))
+        exec_cmd = ["fedtune", "site-exec", "--runtime-api-address", runtime, "--insecure"]
+        exec_cmd += ["--superexec-auth-secret-file", str(secret)]
+        self.spawn(f"site-exec-{name}", exec_cmd)
+        return node
 
     def flwr_run_cmd(self, run_config: dict[str, Any]) -> list[str]:
         """ML engineer: `flwr run <app> <federation> --run-config FILE --stream`."""
@@ -254,6 +288,26 @@ class LoopbackFederation:
             time.sleep(0.2)
         for pid in left:
             logger.warning("process %d still alive after SIGKILL", pid)
+
+    def kill_tree(self, root: Started) -> list[int]:
+        """SIGKILL ``root`` and every process it started, all at once (a machine-crash stand-in)."""
+        parents: dict[int, int] = {}
+        for pid in tagged_pids(self.tag):
+            with contextlib.suppress(OSError):
+                stat = (Path("/proc") / str(pid) / "stat").read_text()
+                parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        tree, grew = {root.proc.pid}, True
+        while grew:
+            grew = False
+            for pid, ppid in parents.items():
+                if ppid in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        root.proc.wait()
+        return sorted(tree)
 
     def leftover(self) -> list[int]:
         """Tagged processes still alive (empty after :meth:`close`)."""

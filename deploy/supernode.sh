@@ -12,6 +12,12 @@ set -a; source "$env_file"; set +a
 [[ -d "$FEDTUNE_DATA" ]] || { echo "data folder $FEDTUNE_DATA does not exist" >&2; exit 2; }
 args=(--superlink "$FEDTUNE_SUPERLINK" --host 127.0.0.1 --port "$FEDTUNE_RUNTIME_PORT"
       --node-config "data-dir='$FEDTUNE_DATA' site-name='$FEDTUNE_SITE'")
+# process: ClientApp tasks are run by `fedtune site-exec` (deploy/site-exec.sh), warm;
+# subprocess: Flower starts a fresh flwr-clientapp (torch imported again) for every message.
+if [[ "${FEDTUNE_ISOLATION:-process}" == "process" ]]; then
+  [[ -r "$FEDTUNE_EXEC_SECRET" ]] || { echo "missing SuperExec secret $FEDTUNE_EXEC_SECRET: run 'fedtune certs site'" >&2; exit 2; }
+  args+=(--isolation process --superexec-auth-secret-file "$FEDTUNE_EXEC_SECRET")
+fi
 if (( insecure )); then
   cat >&2 <<'WARN'
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!

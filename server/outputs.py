@@ -74,3 +74,24 @@ class RunWriter:
             fig.tight_layout()
             fig.savefig(plots / f"{key}.png", dpi=100)
             plt.close(fig)
+
+
+def dropouts(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per site, the rounds it was missing from and why: failed, declined, dropped or offline."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def note(site: str, r: int, why: str) -> None:
+        entry = out.setdefault(site, {"rounds": [], "reasons": {}})
+        if r not in entry["rounds"]:
+            entry["rounds"].append(r)
+        entry["reasons"][str(r)] = why
+
+    for row in rows:
+        r = int(row["round"])
+        for site in row.get("sites_offline", []):
+            note(site, r, "offline")
+        for site, why in row.get("sites_failed", {}).items():
+            note(site, r, str(why))
+        for site, stage in row.get("secagg_dropped", {}).items():
+            note(site, r, f"dropped out of secure aggregation at {stage}")
+    return out

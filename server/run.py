@@ -32,7 +32,8 @@ from common.records import Record, read_folder
 from common.tasks import evaluate
 from common.wire import config_record, from_record, to_record
 from server import checkpoint
-from server.outputs import RunWriter
+from server.exchange import send_and_receive
+from server.outputs import RunWriter, dropouts
 from server.privacy_round import ServerPrivacy, server_adds_noise
 from server.secagg_round import SecAggRound
 from server.strategy import SiteSampler, SiteUpdate, WeightedFedAvg
@@ -67,6 +68,7 @@ class FederatedRun:
     site_prepare: dict[str, dict[str, int]] = field(default_factory=dict)  # counts per rule
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     resume: bool = False
+    _offline: set[int] = field(default_factory=set)
 
     def execute(self) -> dict[str, Any]:
         """Preflight, every round (resuming: from the checkpoint's next), then the outputs."""
@@ -94,7 +96,7 @@ class FederatedRun:
         noise = privacy.noise_average if privacy.server_adds_noise() else None
         for r in range(first, self.cfg.federation.rounds + 1):
             t0 = time.monotonic()
-            sampled = sampler.sample(nodes, r)
+            sampled = sampler.sample(self._available(r, nodes), r)
             outcome = self._train_round(r, sampled, state, fingerprint)
             contributors = len(outcome.reports if outcome.reports is not None else outcome.updates)
             state = strategy.apply(state, outcome.updates, noise, contributors)
@@ -177,13 +179,25 @@ class FederatedRun:
         logger.info("%d site(s) connected", len(nodes))
         return nodes
 
+    def _available(self, r: int, nodes: list[int]) -> list[int]:
+        """The preflighted sites connected now; one that went offline is not sampled (logged)."""
+        online = {int(n) for n in self.grid.get_node_ids()}
+        offline = set(nodes) - online
+        for node in sorted(offline - self._offline):
+            logger.warning(
+                "round %d: site %s is offline; not sampled until it reconnects",
+                r, self.site_names.get(node, node),
+            )  # fmt: skip
+        for node in sorted(self._offline - offline):
+            logger.info("round %d: site %s is back online", r, self.site_names.get(node, node))
+        self._offline = offline
+        return [n for n in nodes if n in online]
+
     def _preflight(self, nodes: list[int], fingerprint: str) -> None:
         """Every site checks its data and model before any training; any failure stops the run."""
         content = lambda: RecordDict({"config": self._config(0, fingerprint)})  # noqa: E731
         msgs = [Message(content(), dst_node_id=n, message_type="query.check") for n in nodes]
-        replies = list(
-            self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s)
-        )
+        replies = send_and_receive(self.grid, msgs, self.cfg.federation.round_timeout_s)
         problems: list[str] = []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -256,8 +270,8 @@ class FederatedRun:
             )
             for n in sampled
         ]
-        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s)
-        outcome = self._collect(list(replies), sampled, state)
+        replies = send_and_receive(self.grid, msgs, self.cfg.federation.round_timeout_s)
+        outcome = self._collect(replies, sampled, state)
         if len(outcome.updates) < self.cfg.federation.min_sites:
             problems = {**outcome.failed, **outcome.declined}
             detail = "; ".join(f"{s}: {e}" for s, e in problems.items()) or "none failed"
@@ -330,8 +344,12 @@ class FederatedRun:
             "sites": sorted(u.site for u in reports),
             "sites_sampled": sampled,
             "sites_failed": outcome.failed,
+            "sites_offline": sorted(str(self.site_names.get(n, n)) for n in self._offline),
             "train_loss": train_loss,
             "site_train_loss": {u.site: u.metrics["train-loss"] for u in with_loss},
+            "site_seconds": {
+                u.site: u.metrics["site-seconds"] for u in with_loss if "site-seconds" in u.metrics
+            },
             "bytes_up": outcome.bytes_up,
             "bytes_down": self._bytes_down,
         }
@@ -374,6 +392,7 @@ class FederatedRun:
             "train_loss": [row["train_loss"] for row in self.rows],
             "bytes_up": [row["bytes_up"] for row in self.rows],
             "bytes_down": [row["bytes_down"] for row in self.rows],
+            "dropouts": dropouts(self.rows),
             "wall_time_s": round(wall, 2),
             "run_id": self.run_id,
             "config_sha256": self.cfg.digest(),

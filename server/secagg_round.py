@@ -47,6 +47,7 @@ from common.secagg import (
     UnmaskReply,
 )
 from common.wire import to_record
+from server.exchange import send_and_receive
 from server.strategy import SiteUpdate
 
 logger = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ class SecAggRound:
         self.stats.bytes_down += sum(record_bytes(c) for c in contents.values())
         timeout = self.cfg.federation.round_timeout_s
         good: dict[int, RecordDict] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=timeout):
+        for reply in send_and_receive(self.grid, msgs, timeout):
             node = reply.metadata.src_node_id
             if node not in contents or node in good:
                 continue

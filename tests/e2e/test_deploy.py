@@ -52,10 +52,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
         bounded = ["--max-retries", "1", "--max-wait-time", "30"]
         stranger = fed.start_supernode(
             "stranger", work / "data" / "sites" / "site-0", keys["stranger"].private_key,
-            ca.ca_cert, bounded,
+            ca.ca_cert, bounded, warm=False,
         )  # fmt: skip
         no_ca = fed.start_supernode(
-            "no-ca", work / "data" / "sites" / "site-1", keys["no-ca"].private_key, None, bounded
+            "no-ca",
+            work / "data" / "sites" / "site-1",
+            keys["no-ca"].private_key,
+            None,
+            bounded,
+            warm=False,
         )
         out = work / "out"
         run_config = {

@@ -6,6 +6,7 @@ inject faults. Exceptions in the ClientApp become error replies, as in Flower's 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -29,27 +30,31 @@ class InProcessGrid:
         }
         self.fault = fault
         self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver each message now; its reply waits for `pull_messages` (none if dropped)."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do
+            ids.append(msg.metadata.message_id)
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             injected = self.fault(node, msg) if self.fault else None
             if injected == "drop":
                 continue
-            if injected is not None:
-                replies.append(injected)
-                continue
-            try:
-                replies.append(self.client_app(msg, self.contexts[node]))
-            except Exception as err:  # what Flower's engines turn into an error reply
-                replies.append(
-                    Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-                )
-        return replies
+            if injected is None:
+                try:
+                    injected = self.client_app(msg, self.contexts[node])
+                except Exception as err:  # what Flower's engines turn into an error reply
+                    injected = Message(
+                        Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg
+                    )
+            self.replies[msg.metadata.message_id] = injected
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]

@@ -49,7 +49,8 @@ def test_resume_continues_after_the_last_completed_round(tiny_cfg, tmp_path: Pat
     a = load_file(str(tmp_path / "ref" / "rounds" / "3" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "run" / "rounds" / "3" / "adapter_model.safetensors"))
     for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+        # float32 training: reduction order may differ by a few ulp; a repeated round is ~1e-2
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert summary["final"]["loss"] == pytest.approx(reference["final"]["loss"], rel=1e-4)
 
 

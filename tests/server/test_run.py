@@ -15,7 +15,11 @@ from tests.server.inprocess import InProcessGrid
 
 def setup_run(tiny_cfg, tmp_path: Path, overrides=None):
     cfg = tiny_cfg.model_copy(
-        update={"federation": tiny_cfg.federation.model_copy(update=overrides or {})}
+        update={
+            "federation": tiny_cfg.federation.model_copy(
+                update={"round_timeout_s": 1.0, **(overrides or {})}  # in-process: a drop waits
+            )
+        }
     )
     cfg = prepare(cfg, tmp_path)
     nodes = {

@@ -75,7 +75,7 @@ def secure(base: tuple[Config, dict[int, dict], Path], name: str, fault: Any = N
     cfg = cfg.model_copy(
         update={
             "secagg": cfg.secagg.model_copy(update={"enabled": True}),
-            "federation": cfg.federation.model_copy(update=fed),
+            "federation": cfg.federation.model_copy(update={"round_timeout_s": 1.0, **fed}),
         }
     )
     recorder = Recorder()
