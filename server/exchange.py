@@ -19,15 +19,25 @@ POLL_S = 0.25
 
 def send_and_receive(
     grid: Any, messages: Iterable[Message], timeout: float, poll_s: float = POLL_S
-) -> list[Message]:
-    """Push ``messages``; return the replies that arrive within ``timeout`` seconds."""
-    pending = set(grid.push_messages(messages))
+) -> dict[int, Message]:
+    """Push ``messages``; return the replies that arrive within ``timeout``, by destination node.
+
+    A reply is matched to the node its message went to through the message id, not through the
+    reply's source: the SuperLink itself answers for a node that stopped sending heartbeats.
+    A message the SuperLink did not accept (id None) gets no reply.
+    """
+    msgs = list(messages)
+    ids = list(grid.push_messages(msgs))
+    node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, msgs, strict=True) if i is not None}
     deadline = time.monotonic() + timeout
-    replies: list[Message] = []
+    replies: dict[int, Message] = {}
+    pending = set(node_of)
     while pending:
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
+        for reply in grid.pull_messages(pending):
+            msg_id = reply.metadata.reply_to_message_id
+            if msg_id in pending:
+                pending.discard(msg_id)
+                replies[node_of[msg_id]] = reply
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))

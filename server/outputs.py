@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ class RunWriter:
         """PEFT format (adapter_model.safetensors + adapter_config.json), written then renamed."""
         final = self.out / "rounds" / str(round_idx)
         tmp = self.out / "rounds" / f".{round_idx}.tmp"
+        # Left by a crash: a half-written folder, or a round written but never checkpointed.
+        for stale in (tmp, final):
+            if stale.exists():
+                shutil.rmtree(stale)
         model.save_pretrained(str(tmp))
         os.replace(tmp, final)
         return final

@@ -98,14 +98,13 @@ class FederatedRun:
             t0 = time.monotonic()
             sampled = sampler.sample(self._available(r, nodes), r)
             outcome = self._train_round(r, sampled, state, fingerprint)
-            contributors = len(outcome.reports if outcome.reports is not None else outcome.updates)
-            state = strategy.apply(state, outcome.updates, noise, contributors)
+            reports = outcome.reports if outcome.reports is not None else outcome.updates
+            state = strategy.apply(state, outcome.updates, noise, len(reports))
             set_state(model, state)
             writer.adapter(model, r)
             if self._eval_due(r):
                 final = self._evaluate(model, loaded.tokenizer, test)
             row = self._row(r, outcome, final if self._eval_due(r) else {}, len(sampled), state)
-            reports = outcome.reports if outcome.reports is not None else outcome.updates
             row.update(privacy.record_round(r, reports, outcome.declined))
             row["seconds"] = round(time.monotonic() - t0, 3)
             self._record(writer, row)
@@ -199,8 +198,7 @@ class FederatedRun:
         msgs = [Message(content(), dst_node_id=n, message_type="query.check") for n in nodes]
         replies = send_and_receive(self.grid, msgs, self.cfg.federation.round_timeout_s)
         problems: list[str] = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies.items():
             if reply.has_error():
                 problems.append(f"site on node {node}: {reply.error.reason}")
                 continue
@@ -208,7 +206,7 @@ class FederatedRun:
                 self._register_site(node, reply.content.config_records["site"], fingerprint)
             except (KeyError, ValueError, RoundError) as err:
                 problems.append(f"site on node {node}: {err}")
-        missing = set(nodes) - {r.metadata.src_node_id for r in replies}
+        missing = set(nodes) - set(replies)
         problems += [f"node {n}: no answer within the round timeout" for n in sorted(missing)]
         if problems:
             raise RoundError("preflight failed, nothing was trained:\n  " + "\n  ".join(problems))
@@ -282,11 +280,11 @@ class FederatedRun:
         return outcome
 
     def _collect(
-        self, replies: list[Message], sampled: list[int], state: dict[str, np.ndarray]
+        self, replies: dict[int, Message], sampled: list[int], state: dict[str, np.ndarray]
     ) -> RoundOutcome:
         outcome = RoundOutcome([], {}, 0)
-        for reply in replies:
-            name = self.site_names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+        for node, reply in replies.items():
+            name = self.site_names.get(node, str(node))
             if reply.has_error():
                 outcome.failed[name] = str(reply.error.reason)
                 logger.warning("site %s failed this round: %s", name, reply.error.reason)
@@ -309,8 +307,7 @@ class FederatedRun:
                 continue
             outcome.bytes_up += record.count_bytes()
             outcome.updates.append(SiteUpdate(name, delta, records, metrics))
-        answered = {r.metadata.src_node_id for r in replies}
-        for node in sorted(set(sampled) - answered):
+        for node in sorted(set(sampled) - set(replies)):
             name = self.site_names.get(node, str(node))
             outcome.failed[name] = "no reply within `federation.round_timeout_s`"
             logger.warning("site %s did not reply in time", name)

@@ -227,8 +227,7 @@ class SecAggRound:
         self.stats.bytes_down += sum(record_bytes(c) for c in contents.values())
         timeout = self.cfg.federation.round_timeout_s
         good: dict[int, RecordDict] = {}
-        for reply in send_and_receive(self.grid, msgs, timeout):
-            node = reply.metadata.src_node_id
+        for node, reply in send_and_receive(self.grid, msgs, timeout).items():
             if node not in contents or node in good:
                 continue
             if reply.has_error():

@@ -66,3 +66,32 @@ def test_resume_refuses_a_different_config_or_no_checkpoint(tiny_cfg, tmp_path: 
         FederatedRun(
             other, tmp_path / "run", InProcessGrid(client_app, nodes), resume=True
         ).execute()
+
+
+def test_resume_after_a_crash_between_a_rounds_adapter_and_its_checkpoint(
+    tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from server import checkpoint
+
+    cfg, nodes = setup(tiny_cfg, tmp_path)
+    real_save = checkpoint.save
+
+    def save(out, ckpt):
+        if ckpt.round == 2:
+            raise ServerKilled("killed after rounds/2 was written, before its checkpoint")
+        real_save(out, ckpt)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    with pytest.raises(ServerKilled):
+        FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes)).execute()
+    assert (tmp_path / "run" / "rounds" / "2" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["round"] == 1
+    monkeypatch.undo()
+
+    grid = InProcessGrid(client_app, nodes)
+    summary = FederatedRun(cfg, tmp_path / "run", grid, resume=True).execute()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and summary["rounds"] == 3
+    trained = [m.metadata.group_id for m in grid.sent if m.metadata.message_type == "train"]
+    assert sorted(set(trained)) == ["2", "3"]  # round 2 had no checkpoint: it runs again
+    assert not list((tmp_path / "run" / "rounds").glob(".*.tmp"))
