@@ -73,7 +73,10 @@ def _ready() -> None:
 
 
 class ForkserverExecutor:
-    """Flower's SuperExec executor protocol, launching ClientApp tasks from a warm forkserver."""
+    """Flower's SuperExec executor protocol, launching ClientApp tasks from a warm forkserver.
+
+    multiprocessing keeps one forkserver per process: the first executor's ``preload`` holds.
+    """
 
     def __init__(self, preload: Sequence[str] = PRELOAD) -> None:
         from flwr.supercore.constant import TaskType

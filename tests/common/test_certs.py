@@ -80,6 +80,10 @@ def test_site_keys_are_what_flower_node_auth_loads(tmp_path: Path) -> None:
 
     paths = site_keys(tmp_path / "keys", "hospital-1")
     assert _mode(paths.private_key) == 0o600
+    # the SuperExec secret shared by the SuperNode and `fedtune site-exec`: private and random
+    assert _mode(paths.exec_secret) == 0o600 and len(paths.exec_secret.read_bytes()) == 64
+    other = site_keys(tmp_path / "other", "hospital-b").exec_secret.read_bytes()
+    assert other != paths.exec_secret.read_bytes()
     assert paths.private_key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
     # flower-supernode --auth-supernode-private-key: load_ssh_private_key, an EC key
     private = serialization.load_ssh_private_key(paths.private_key.read_bytes(), None)
