@@ -22,19 +22,23 @@ from common.adapters import flatten
 from common.config import Config
 from common.errors import SecAggError
 from common.secagg import MaskRequest, SecAggClient, SecAggParams, UnmaskRequest
+from common.secagg.names import (
+    ADVERT,
+    KEYS_QUERY,
+    MASK_REQUEST,
+    MASKED,
+    SETUP,
+    STATE_KEY,
+    UNMASK_QUERY,
+    UNMASK_REPLY,
+    UNMASK_REQUEST,
+    UPLOAD,
+    WEIGHT_KEY,
+)
 
 logger = logging.getLogger(__name__)
 
-# Record names shared with server/secagg_round.py (the wire contract of the three stages).
-KEYS_QUERY, UNMASK_QUERY = "secagg_keys", "secagg_unmask"  # Flower: identifiers
-SETUP, ADVERT, MASK_REQUEST = "secagg-setup", "secagg-advert", "secagg-request"
-MASKED, UPLOAD, UNMASK_REQUEST, UNMASK_REPLY = (
-    "secagg-masked",
-    "secagg-upload",
-    "secagg-unmask-request",
-    "secagg-unmask-reply",
-)
-STATE_KEY, WEIGHT_KEY = "secagg", "secagg-weight"
+__all__ = ["KEYS_QUERY", "MASK_REQUEST", "UNMASK_QUERY", "advertise", "masked_reply", "unmask"]
 PARAM_KEYS = ("threshold", "neighbours", "modulus_bits", "clip_range", "stochastic_rounding")
 
 

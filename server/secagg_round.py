@@ -23,18 +23,6 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from client.secagg_site import (
-    ADVERT,
-    KEYS_QUERY,
-    MASK_REQUEST,
-    MASKED,
-    SETUP,
-    UNMASK_QUERY,
-    UNMASK_REPLY,
-    UNMASK_REQUEST,
-    UPLOAD,
-    WEIGHT_KEY,
-)
 from common.adapters import unflatten
 from common.config import Config
 from common.errors import RoundError, SecAggError
@@ -45,6 +33,18 @@ from common.secagg import (
     SecAggParams,
     SecAggServer,
     UnmaskReply,
+)
+from common.secagg.names import (
+    ADVERT,
+    KEYS_QUERY,
+    MASK_REQUEST,
+    MASKED,
+    SETUP,
+    UNMASK_QUERY,
+    UNMASK_REPLY,
+    UNMASK_REQUEST,
+    UPLOAD,
+    WEIGHT_KEY,
 )
 from common.wire import to_record
 from server.exchange import send_and_receive

@@ -113,13 +113,17 @@ def tasks_started(f: Federation, site: str) -> int:
     return log.read_text(errors="replace").count("ClientApp process") if log.is_file() else 0
 
 
-@pytest.mark.federation(
-    overrides=["federation.rounds=4", "federation.min_sites=2", "federation.round_timeout_s=45"]
-)
-def test_supernode_killed_mid_round_run_completes_and_records_the_dropout(f: Federation) -> None:
+KILL_SETTINGS = ["federation.rounds=4", "federation.min_sites=2", "federation.round_timeout_s=45"]
+
+
+def kill_site_2_in_round_2(f: Federation, tasks_before_round_2: int) -> Started:
     run = f.fed.spawn("flwr-run", f.fed.flwr_run_cmd(f.run_config()), cwd=ROOT)
-    # site-2's third task is its round-2 training (preflight check, round 1, round 2).
-    wait_for("round-2 task at site-2", lambda: tasks_started(f, "site-2") >= 3, 300, run)
+    wait_for(
+        "round-2 training at site-2",
+        lambda: tasks_started(f, "site-2") > tasks_before_round_2,
+        300,
+        run,
+    )
     assert len(f.rows()) == 1
     os.kill(f.nodes["site-2"].proc.pid, signal.SIGKILL)
     f.nodes["site-2"].proc.wait()
@@ -127,15 +131,36 @@ def test_supernode_killed_mid_round_run_completes_and_records_the_dropout(f: Fed
     rows = f.rows()
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["sites"] == SITES
-    assert rows[1]["sites"] == ["site-0", "site-1"] and "site-2" in rows[1]["sites_failed"]
-    for row in rows[2:]:
-        assert "site-2" not in row["sites"]
-        assert "site-2" in row["sites_failed"] or "site-2" in row["sites_offline"], row
+    for row in rows[1:]:
+        assert row["sites"] == ["site-0", "site-1"], row
     summary = f.summary()
     assert summary["rounds"] == 4
+    assert set(summary["dropouts"]) == {"site-2"}, summary["dropouts"]
     assert summary["dropouts"]["site-2"]["rounds"] == [2, 3, 4], summary["dropouts"]
-    assert set(summary["dropouts"]) == {"site-2"}
     assert "site-2" in run.text()  # the coordinator's log names the site that dropped
+    return run
+
+
+@pytest.mark.federation(overrides=KILL_SETTINGS)
+def test_supernode_killed_mid_round_run_completes_and_records_the_dropout(f: Federation) -> None:
+    # site-2's tasks: preflight check, round 1, round 2 (killed while it trains).
+    kill_site_2_in_round_2(f, tasks_before_round_2=2)
+    rows = f.rows()
+    assert "site-2" in rows[1]["sites_failed"]
+    for row in rows[2:]:
+        assert "site-2" in row["sites_failed"] or "site-2" in row["sites_offline"], row
+
+
+@pytest.mark.federation(overrides=[*KILL_SETTINGS, "secagg.enabled=true"])
+def test_supernode_killed_under_secure_aggregation_takes_the_dropout_path(f: Federation) -> None:
+    # site-2's tasks: check; keys, train, unmask of round 1; keys and train of round 2 (killed).
+    kill_site_2_in_round_2(f, tasks_before_round_2=5)
+    rows = f.rows()
+    # It sent its keys for round 2, then vanished: the others' shares remove its masks.
+    assert rows[1]["secagg_dropped"] == {"site-2": "train"}, rows[1]
+    assert rows[1]["sites_failed"] == {}
+    for row in rows[2:]:
+        assert "site-2" in row["secagg_dropped"] or "site-2" in row["sites_offline"], row
 
 
 @pytest.mark.federation(overrides=["federation.rounds=4"])
