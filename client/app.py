@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,6 +21,11 @@ from common.wire import config_from_record, from_record, to_record
 
 logger = logging.getLogger(__name__)
 app = ClientApp()
+
+# Known and harmless with the pinned versions; repeated by every site process they drown the log.
+# transformers 5 deprecates the name PEFT still calls; Opacus' hooks on LoRA's frozen inputs.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 def _site(msg: Message, context: Context) -> SiteInfo:
