@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
+import sys
 import time
 from collections.abc import Sequence
 from multiprocessing.context import ForkServerContext
@@ -164,13 +166,9 @@ def run_site_exec(
     auth_secret_file: Path | None = None,
     poll_s: float = DEFAULT_POLL_S,
     preload: Sequence[str] = PRELOAD,
-    max_tasks: int | None = None,
 ) -> None:
-    """Acquire ClientApp tasks from the SuperNode's Runtime API and run each in a warm fork.
-
-    ``max_tasks`` stops after that many tasks have finished (tests); by default it runs until
-    it is stopped (SIGTERM / SIGINT).
-    """
+    """Acquire ClientApp tasks from the SuperNode's Runtime API and run each in a warm fork,
+    until stopped (SIGTERM or SIGINT: running tasks are terminated, the forkserver exits)."""
     if insecure and root_certificates is not None:
         raise FedtuneError("`--insecure` and `--root-certificates` exclude each other")
     if not 0.01 <= poll_s <= 60:
@@ -178,8 +176,11 @@ def run_site_exec(
     secret = _read_secret(auth_secret_file)
     # The forkserver starts before any connection or thread exists in this process.
     executor = ForkserverExecutor(preload)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the cleanup below
     try:
-        _loop(executor, runtime_api_address, insecure, root_certificates, secret, poll_s, max_tasks)
+        _loop(executor, runtime_api_address, insecure, root_certificates, secret, poll_s)
+    except KeyboardInterrupt:
+        logger.info("site-exec: stopped")
     finally:
         executor.close()
 
@@ -203,7 +204,6 @@ def _loop(
     root_certificates: Path | None,
     secret: bytes | None,
     poll_s: float,
-    max_tasks: int | None,
 ) -> None:
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.interceptors import (
@@ -239,20 +239,17 @@ def _loop(
         executor=executor,
     )
     logger.info("site-exec: taking ClientApp tasks from the SuperNode at %s", address)
-    launched = 0
     try:
-        while max_tasks is None or launched < max_tasks or executor.running:
+        while True:
             executor.reconcile()
-            if max_tasks is None or launched < max_tasks:
-                types, hashes = executor.get_eligible_capacity(set(plugin.supported_task_types))
-                res = client.AcquireTask(
-                    AcquireTaskRequest(supported_task_types=types, agentapp_fab_hashes=hashes)
-                )
-                if res.HasField("task") and res.token:
-                    result = plugin.launch_task(token=res.token, task=res.task)
-                    launched += 1
-                    if result.status != "accepted":
-                        logger.error("task %s not launched: %s", res.task.task_id, result.message)
+            types, hashes = executor.get_eligible_capacity(set(plugin.supported_task_types))
+            res = client.AcquireTask(
+                AcquireTaskRequest(supported_task_types=types, agentapp_fab_hashes=hashes)
+            )
+            if res.HasField("task") and res.token:
+                result = plugin.launch_task(token=res.token, task=res.task)
+                if result.status != "accepted":
+                    logger.error("task %s not launched: %s", res.task.task_id, result.message)
             time.sleep(poll_s)
     finally:
         client.close()
