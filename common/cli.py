@@ -206,20 +206,23 @@ def privacy_report(
     set_: SetOpt = None,
 ) -> None:
     """State the run's privacy guarantee in plain words, or what a config plans to spend."""
-    from common.privacy_report import report_text
+    from common.privacy_report import noise_outlook, report_text
 
     if (run_dir is None) == (plan is None):
         console.print("[bold red]error:[/] give a run folder or `--plan CONFIG` (one of them)")
         raise typer.Exit(2)
     if plan is not None:
-        out_console.print(run_user(lambda: report_text(_planned(plan, set_ or []))))
+        cfg, counts, summary = run_user(lambda: _planned(plan, set_ or []))
+        out_console.print(report_text(summary))
+        if outlook := noise_outlook(cfg, counts):
+            out_console.print(outlook)
         return
     if run_dir is not None:
         folder = run_dir
         out_console.print(run_user(lambda: report_text(_run_privacy(folder))))
 
 
-def _planned(config: Path, overrides: list[str]) -> Any:
+def _planned(config: Path, overrides: list[str]) -> tuple[Any, dict[str, int], Any]:
     """The plan for a scenario: site sizes from its partition (written to a scratch folder)."""
     import tempfile
 
@@ -232,7 +235,7 @@ def _planned(config: Path, overrides: list[str]) -> Any:
         cfg = prepare(cfg, Path(tmp))
         sites = sorted((Path(tmp) / "sites").iterdir())
         counts = {p.name: sum(1 for _ in (p / "records.jsonl").open()) for p in sites}
-    return plan(cfg, counts)
+    return cfg, counts, plan(cfg, counts)
 
 
 def _run_privacy(run_dir: Path) -> dict[str, Any]:

@@ -134,3 +134,32 @@ def report_text(summary: PrivacySummary | Mapping[str, Any]) -> str:
         "e^epsilon, except with probability delta."
     )
     return "\n".join(lines)
+
+
+def noise_outlook(cfg: Config, num_records_per_site: Mapping[str, int]) -> str:
+    """Per site, how loud the record-level noise of each optimizer step is (for the ML engineer).
+
+    DP-SGD adds Gaussian noise of std ``sigma * C`` to the sum of a step's clipped per-record
+    gradients (each of norm <= C), then divides by the expected batch ``B``: per coordinate the
+    average gets noise of std ``sigma / B`` times C, while the signal it hides is at most C in norm.
+    """
+    if not cfg.privacy.record.enabled:
+        return ""
+    lines = [
+        "Record-level noise per optimizer step (std per coordinate of the averaged clipped "
+        "gradient, in units of the clip bound C = `privacy.record.max_grad_norm`):"
+    ]
+    for site, n in sorted(num_records_per_site.items()):
+        p = record_plan(cfg, n)
+        lines.append(
+            f"    site {site}: {n} records, sample rate {p.sample_rate:.3f}, noise multiplier "
+            f"{p.noise_multiplier:.2f}, noise {p.noise_multiplier / p.expected_batch_size:.3f} C"
+        )
+    lines.append(
+        "The averaged gradient is at most C in norm; the noise's norm is that std times the "
+        "square root of the number of trained parameters. Sites with few records need the most "
+        "noise and contribute mostly noise. At the same epsilon, utility improves with more "
+        "records per site, a larger `train.batch_size`, fewer `train.local_steps` x "
+        "`federation.rounds`, or fewer trained parameters (`lora.r`, `lora.target_modules`)."
+    )
+    return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from common.privacy import (
     institution_sample_rate,
     record_plan,
 )
-from common.privacy_report import PrivacyLedger, PrivacySummary, plan, report_text
+from common.privacy_report import PrivacyLedger, PrivacySummary, noise_outlook, plan, report_text
 
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 20, 1e-5
 
@@ -251,3 +252,24 @@ def test_privacy_enabled_turns_on_both_levels_with_defaults() -> None:
     assert not only_inst.record.enabled and only_inst.institution.enabled
     own_noise = build_config({"privacy": {"enabled": True, "record": {"noise_multiplier": 0.9}}})
     assert own_noise.privacy.record.target_epsilon is None
+
+
+def test_noise_outlook_is_loudest_at_the_smallest_site() -> None:
+    cfg = build_config(
+        {
+            "federation": {"rounds": 4},
+            "train": {"local_steps": 8, "batch_size": 4},
+            "privacy": {"record": {"enabled": True, "target_epsilon": 8.0}},
+        }
+    )
+    text = noise_outlook(cfg, {"small": 18, "large": 124})
+    noise = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"site (\w+): .* noise ([0-9.]+) C", text)
+    }
+    assert set(noise) == {"small", "large"}
+    # sigma / B: the same batch, but the small site samples at a higher rate and needs more noise
+    assert noise["small"] > noise["large"] > 0
+    assert noise["small"] == pytest.approx(record_plan(cfg, 18).noise_multiplier / 4, abs=1e-3)
+    off = build_config({"privacy": {"record": {"enabled": False}}})
+    assert noise_outlook(off, {"a": 100}) == ""

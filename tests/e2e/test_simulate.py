@@ -115,3 +115,5 @@ def test_privacy_report_plans_a_config():
     worst = float(re.search(r"Each patient record: \(([0-9.]+),", proc.stdout).group(1))
     assert 7.5 <= worst <= 8.0  # calibrated to the target epsilon of the shortcut
     assert "Each institution's entire dataset" in proc.stdout
+    assert "Record-level noise per optimizer step" in proc.stdout
+    assert len(re.findall(r"site site-\d: \d+ records, sample rate", proc.stdout)) == 3
