@@ -346,6 +346,8 @@ def prepare_sites(scenario: Path, out: Path, overrides: list[str] | None = None)
 
 def rehearse(scenario: Path, out: Path, workdir: Path, secure: bool, timeout: float) -> Path:
     """Certificates, keys, SuperLink, allow-list, one SuperNode per site, `flwr run`."""
+    # The processes run in the federation folder: every path they are given must be absolute.
+    scenario, out, workdir = scenario.resolve(), out.resolve(), workdir.resolve()
     from common.certs import init_ca, site_keys
     from common.config import load_config
 
