@@ -11,7 +11,8 @@ A task then starts in about 0.1 s.
 What runs in the forked process is exactly what `flwr-clientapp` runs (`run_clientapp`: pull the
 message and FAB, install the FAB, load the ClientApp from it, push the reply), so the app code is
 the FAB's, as with Flower's own executor. The forkserver holds nothing but imported modules: no
-sockets, no threads, no data; it is started before this process opens any connection.
+sockets, no threads, no data; it is started before this process opens any connection. Its control
+socket lives in a private (0700) temporary folder, so only the site's own user can reach it.
 """
 
 from __future__ import annotations
