@@ -174,6 +174,13 @@ def run_site_exec(
         raise FedtuneError("`--insecure` and `--root-certificates` exclude each other")
     if not 0.01 <= poll_s <= 60:
         raise FedtuneError(f"`--poll-interval` must be between 0.01 and 60 s, got {poll_s}")
+    if insecure and not is_loopback(runtime_api_address):
+        logger.warning(
+            "\n%s\n!!  --insecure to %s: the Runtime API is not on this machine's loopback, so "
+            "tasks, global\n!!  adapters and site updates cross the network in clear text. Keep "
+            "the SuperNode's\n!!  Runtime API on 127.0.0.1, or use TLS (--root-certificates).\n%s",
+            "!" * 78, runtime_api_address, "!" * 78,
+        )  # fmt: skip
     secret = _read_secret(auth_secret_file)
     # The forkserver starts before any connection or thread exists in this process.
     executor = ForkserverExecutor(preload)
@@ -184,6 +191,19 @@ def run_site_exec(
         logger.info("site-exec: stopped")
     finally:
         executor.close()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` (IPv6 in brackets) names this machine's loopback interface."""
+    import ipaddress
+
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_secret(path: Path | None) -> bytes | None:

@@ -15,7 +15,7 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
 
-from client.site_exec import ForkserverExecutor, run_site_exec
+from client.site_exec import ForkserverExecutor, is_loopback, run_site_exec
 from common.errors import FedtuneError
 from tests.conftest import ROOT
 
@@ -89,3 +89,31 @@ def test_an_empty_secret_file_is_refused(tmp_path: Path) -> None:
     secret.write_bytes(b"")
     with pytest.raises(FedtuneError, match="is empty"):
         run_site_exec("127.0.0.1:9094", insecure=True, auth_secret_file=secret)
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1:9094", True),
+        ("127.0.0.7:9094", True),
+        ("localhost:9094", True),
+        ("[::1]:9094", True),
+        ("10.0.0.5:9094", False),
+        ("0.0.0.0:9094", False),
+        ("[2001:db8::1]:9094", False),
+        ("supernode.example.org:9094", False),
+    ],
+)
+def test_insecure_runtime_api_off_loopback_is_recognized(address: str, loopback: bool) -> None:
+    assert is_loopback(address) is loopback
+
+
+def test_insecure_off_loopback_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    missing = Path("/nonexistent/site.superexec")  # stops the start right after the checks
+    with caplog.at_level("WARNING"), pytest.raises(FedtuneError):
+        run_site_exec("10.0.0.5:9094", insecure=True, auth_secret_file=missing)
+    assert "clear text" in caplog.text and "10.0.0.5:9094" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(FedtuneError):
+        run_site_exec("127.0.0.1:9094", insecure=True, auth_secret_file=missing)
+    assert "clear text" not in caplog.text
