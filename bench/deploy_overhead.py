@@ -87,7 +87,9 @@ def _import_client_app() -> None:
     import client.app  # noqa: F401
 
 
-def run_simulation(scenario: Path, overrides: list[str], out: Path) -> tuple[list[float], float]:
+def run_simulation(
+    scenario: Path, overrides: list[str], out: Path
+) -> tuple[list[float], float, float]:
     cmd = [sys.executable, "-m", "common.cli", "simulate", "--config", str(scenario)]
     cmd += ["--out", str(out)]
     for o in overrides:
@@ -98,7 +100,7 @@ def run_simulation(scenario: Path, overrides: list[str], out: Path) -> tuple[lis
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"simulate failed:\n{proc.stderr[-3000:]}")
-    return _seconds(out), wall
+    return _seconds(out), wall, _outside_share(out)
 
 
 def run_deployment(
@@ -146,7 +148,7 @@ def main() -> None:
     starts = process_start_costs()
     with tempfile.TemporaryDirectory(prefix="fedtune-deploy-bench-") as tmp:
         work = Path(tmp)
-        sim, sim_wall = run_simulation(scenario, args.overrides, work / "sim")
+        sim, sim_wall, sim_outside = run_simulation(scenario, args.overrides, work / "sim")
         warm = run_deployment(scenario, args.overrides, work / "warm", sites, warm=True)
         cold = None
         if not args.skip_cold:
@@ -162,6 +164,8 @@ def main() -> None:
         "rounds": cfg.federation.rounds,
         "sim": s,
         "sim_wall_s": round(sim_wall, 1),
+        # the same measure in simulation: server-side work (aggregation, evaluation, saving)
+        "sim_share_outside_site": sim_outside,
         "clientapp_start_s": starts,
     }
     for name, res in (("warm", warm), ("cold", cold)):
