@@ -82,7 +82,8 @@ class RunWriter:
 
 
 def dropouts(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per site, the rounds it was missing from and why: failed, declined, dropped or offline."""
+    """Per site, the rounds it was missing from and why: failed, offline, or dropped out of secure
+    aggregation. A site that declined (its privacy budget) chose to: that is not a dropout."""
     out: dict[str, dict[str, Any]] = {}
 
     def note(site: str, r: int, why: str) -> None:
