@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import Config, DedupConfig
+from common.core.config import Config, DedupConfig
+from common.core.tiny import byte_tokenizer
 from common.dataprep import check_folder, prepare_folder
 from common.dataprep.dedup import find_duplicates
 from common.dataprep.rows import Doc
-from common.tiny import byte_tokenizer
 
 WORDS = [
     "patient", "reported", "mild", "severe", "headache", "nausea", "after", "dose", "daily",

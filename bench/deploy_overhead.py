@@ -90,7 +90,7 @@ def _import_client_app() -> None:
 def run_simulation(
     scenario: Path, overrides: list[str], out: Path
 ) -> tuple[list[float], float, float]:
-    cmd = [sys.executable, "-m", "common.cli", "simulate", "--config", str(scenario)]
+    cmd = [sys.executable, "-m", "cli.main", "simulate", "--config", str(scenario)]
     cmd += ["--out", str(out)]
     for o in overrides:
         cmd += ["--set", o]
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--skip-cold", action="store_true", help="no run with Flower's executor")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from common.config import load_config
+    from common.core.config import load_config
 
     scenario = args.scenario.resolve()
     cfg = load_config(scenario, args.overrides)

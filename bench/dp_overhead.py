@@ -71,8 +71,8 @@ def _stepper(variant: str, model: Any, recs: list[dict[str, Any]]) -> Callable[[
     import torch
 
     from client.dp import DPTrainer
-    from common.config import RecordDPConfig
-    from common.privacy import GaussianAccountant, RecordPlan
+    from common.core.config import RecordDPConfig
+    from common.privacy.accounting import GaussianAccountant, RecordPlan
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     if variant == "plain":

@@ -15,11 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from cli.simulate import simulate
 from client.site import SiteInfo, run_local_round, site_model
-from common.adapters import get_state
-from common.config import Config, load_config
+from common.core.adapters import get_state
+from common.core.config import Config, load_config
 from server.strategy import SiteUpdate, WeightedFedAvg
-from simulations.run import prepare, simulate
+from simulations.run import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 

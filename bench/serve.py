@@ -1,7 +1,7 @@
 """Benchmark `fedtune serve` against `model.generate` called in-process, in one run.
 
 The packaged SmolLM2-135M-Instruct is saved as a signed folder, served by a separate
-`python -m server.serve` process on 127.0.0.1, and asked short chat questions with the real
+`python -m server.serving.serve` process on 127.0.0.1, and asked short chat questions with the real
 `openai` client (greedy, fixed max_tokens) at concurrency 1 and 4. The same prompts go through
 `model.generate` in this process, interleaved request by request (never both at once).
 
@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO))
 import openai  # noqa: E402
 import torch  # noqa: E402
 
-from common.config import ModelConfig  # noqa: E402
-from common.models import load_base  # noqa: E402
-from common.signing import generate_keys, load_private_key, sign_folder  # noqa: E402
+from common.core.config import ModelConfig  # noqa: E402
+from common.core.models import load_base  # noqa: E402
+from common.identity.signing import generate_keys, load_private_key, sign_folder  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -89,7 +89,7 @@ def start_server(folder: Path, pub: Path, threads: int) -> tuple[subprocess.Pope
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "server.serve", str(folder), "--public-key", str(pub),
+    cmd = [sys.executable, "-m", "server.serving.serve", str(folder), "--public-key", str(pub),
            "--port", str(port), "--model-id", "bench", "--threads", str(threads)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

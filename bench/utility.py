@@ -15,8 +15,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from common.config import load_config
-from simulations.run import simulate
+from cli.simulate import simulate
+from common.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from flwr.clientapp import ClientApp
 
 from client import secagg_site
 from client.site import LocalUpdate, SiteInfo, check_site, run_local_round
-from common.config import Config
-from common.wire import config_from_record, from_record, to_record
+from common.core.config import Config
+from common.protocol.wire import config_from_record, from_record, to_record
 
 logger = logging.getLogger(__name__)
 app = ClientApp()

@@ -2,7 +2,7 @@
 
 Contract with the local trainer (client/train.py)::
 
-    plan = record_plan(cfg, len(records))                # common.privacy: noise, sample rate
+    plan = record_plan(cfg, len(records))         # common.privacy.accounting: noise, rate
     acc = GaussianAccountant.from_bytes(saved) or GaussianAccountant(cfg.privacy.record.accountant)
     if (why := decline_reason(acc, plan, cfg.privacy.record.budget_epsilon)):
         ...decline the round with `why`...
@@ -51,9 +51,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from common.config import RecordDPConfig
-from common.errors import ModelError, PrivacyError
-from common.privacy import GaussianAccountant, RecordPlan
+from common.core.config import RecordDPConfig
+from common.core.errors import ModelError, PrivacyError
+from common.privacy.accounting import GaussianAccountant, RecordPlan
 
 logger = logging.getLogger(__name__)
 

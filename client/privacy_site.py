@@ -17,8 +17,9 @@ from torch import nn
 
 from client.dp import DPTrainer
 from client.train import TrainResult, lr_factor
-from common.config import Config
-from common.privacy import (
+from common.core.config import Config
+from common.core.tasks import Encoded, collate
+from common.privacy.accounting import (
     GaussianAccountant,
     RecordPlan,
     add_noise_share,
@@ -26,7 +27,6 @@ from common.privacy import (
     decline_reason,
     record_plan,
 )
-from common.tasks import Encoded, collate
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,10 @@ import logging
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.adapters import flatten
-from common.config import Config
-from common.errors import SecAggError
-from common.secagg import MaskRequest, SecAggClient, SecAggParams, UnmaskRequest
-from common.secagg.names import (
+from common.core.adapters import flatten
+from common.core.config import Config
+from common.core.errors import SecAggError
+from common.protocol.secagg_keys import (
     ADVERT,
     KEYS_QUERY,
     MASK_REQUEST,
@@ -35,6 +34,7 @@ from common.secagg.names import (
     UPLOAD,
     WEIGHT_KEY,
 )
+from common.secagg import MaskRequest, SecAggClient, SecAggParams, UnmaskRequest
 
 logger = logging.getLogger(__name__)
 

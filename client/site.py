@@ -25,7 +25,7 @@ from client.privacy_site import (
     privatize_update,
 )
 from client.train import TrainResult, train_round
-from common.adapters import (
+from common.core.adapters import (
     attach_lora,
     exchanged_keys,
     flatten,
@@ -34,11 +34,11 @@ from common.adapters import (
     set_state,
     unflatten,
 )
-from common.config import Config
-from common.errors import DataError, ModelError
-from common.models import load_base
-from common.records import Record, read_folder
-from common.tasks import Encoded, encode
+from common.core.config import Config
+from common.core.errors import DataError, ModelError
+from common.core.models import load_base
+from common.core.records import Record, read_folder
+from common.core.tasks import Encoded, encode
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from common.errors import FedtuneError
+from common.core.errors import FedtuneError
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import TrainConfig
-from common.tasks import Encoded, batch_loss, collate
+from common.core.config import TrainConfig
+from common.core.tasks import Encoded, batch_loss, collate
 
 logger = logging.getLogger(__name__)
 

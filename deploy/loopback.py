@@ -332,7 +332,7 @@ def prepare_sites(scenario: Path, out: Path, overrides: list[str] | None = None)
     Returns the run-config overrides a deployment needs to match ``fedtune simulate`` on the same
     scenario: labels and prompt (resolved from the corpus) and the held-out test folder.
     """
-    from common.config import load_config
+    from common.core.config import load_config
     from simulations.run import prepare
 
     cfg = prepare(load_config(scenario, overrides or []), out)
@@ -348,8 +348,8 @@ def rehearse(scenario: Path, out: Path, workdir: Path, secure: bool, timeout: fl
     """Certificates, keys, SuperLink, allow-list, one SuperNode per site, `flwr run`."""
     # The processes run in the federation folder: every path they are given must be absolute.
     scenario, out, workdir = scenario.resolve(), out.resolve(), workdir.resolve()
-    from common.certs import init_ca, site_keys
-    from common.config import load_config
+    from common.core.config import load_config
+    from common.identity.certs import init_ca, site_keys
 
     sites = load_config(scenario).simulation.partition.num_sites
     overrides = prepare_sites(scenario, workdir / "data")

@@ -15,8 +15,9 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import from_run_config
+from common.core.config import from_run_config
 from server.run import FederatedRun
+from simulations.run import prepare
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     data_root = str(conf.get("data-root", ""))
     if conf.get("simulate-sites") is True and not data_root and conf.get("resume") is not True:
         # `flwr run .` on a simulation federation: write the scenario's virtual sites first.
-        from simulations.run import prepare
-
         cfg = prepare(cfg, out)
         data_root = str(out / "sites")
     logger.info("run %s: %d round(s), writing to %s", cfg.name, cfg.federation.rounds, out)

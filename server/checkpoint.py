@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-from common.errors import FedtuneError
+from common.core.errors import FedtuneError
 
 NAME = "checkpoint.json"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from peft import PeftModel
 
-from common.config import Config, to_toml
+from common.core.config import Config, to_toml
 
 logger = logging.getLogger(__name__)
 

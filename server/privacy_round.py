@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from common.adapters import flatten, unflatten
-from common.config import Config
-from common.privacy import (
+from common.core.adapters import flatten, unflatten
+from common.core.config import Config
+from common.privacy.accounting import (
     InstitutionAccountant,
     add_server_noise,
     institution_sample_rate,
 )
-from common.privacy_report import PrivacyLedger, report_text
+from common.privacy.report import PrivacyLedger, report_text
 from server.strategy import SiteUpdate
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.adapters import (
+from common.core.adapters import (
     attach_lora,
     exchanged_keys,
     flatten,
@@ -25,12 +25,12 @@ from common.adapters import (
     get_state,
     set_state,
 )
-from common.config import Config
-from common.errors import FedtuneError, RoundError
-from common.models import load_base
-from common.records import Record, read_folder
-from common.tasks import evaluate
-from common.wire import config_record, from_record, to_record
+from common.core.config import Config
+from common.core.errors import FedtuneError, RoundError
+from common.core.models import load_base
+from common.core.records import Record, read_folder
+from common.core.tasks import evaluate
+from common.protocol.wire import config_record, from_record, to_record
 from server import checkpoint
 from server.exchange import send_and_receive
 from server.outputs import RunWriter, dropouts

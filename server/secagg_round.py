@@ -23,18 +23,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.adapters import unflatten
-from common.config import Config
-from common.errors import RoundError, SecAggError
-from common.secagg import (
-    AggregateResult,
-    KeyAdvert,
-    MaskedUpload,
-    SecAggParams,
-    SecAggServer,
-    UnmaskReply,
-)
-from common.secagg.names import (
+from common.core.adapters import unflatten
+from common.core.config import Config
+from common.core.errors import RoundError, SecAggError
+from common.protocol.secagg_keys import (
     ADVERT,
     KEYS_QUERY,
     MASK_REQUEST,
@@ -46,7 +38,15 @@ from common.secagg.names import (
     UPLOAD,
     WEIGHT_KEY,
 )
-from common.wire import to_record
+from common.protocol.wire import to_record
+from common.secagg import (
+    AggregateResult,
+    KeyAdvert,
+    MaskedUpload,
+    SecAggParams,
+    SecAggServer,
+    UnmaskReply,
+)
 from server.exchange import send_and_receive
 from server.strategy import SiteUpdate
 

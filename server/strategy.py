@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.config import FederationConfig
-from common.errors import RoundError
+from common.core.config import FederationConfig
+from common.core.errors import RoundError
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataError
+from common.core.errors import DataError
 
 Row = dict[str, str]
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from common.errors import ConfigError
+from common.core.errors import ConfigError
 
 Row = dict[str, str]
 MIN_PER_SITE = 2

@@ -1,4 +1,4 @@
-"""`fedtune simulate`: N virtual sites on one machine, through Flower's simulation engine.
+"""Virtual sites for a simulation: partition a corpus into per-site data folders.
 
 Each virtual site's partition is written to its own data folder (`OUT/sites/site-<i>/`) and the
 ClientApp reads it exactly as a real site would; the held-out test file goes to `OUT/test/`.
@@ -6,17 +6,14 @@ ClientApp reads it exactly as a real site would; the held-out test file goes to 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common.config import Config
-from common.errors import ConfigError, RoundError
-from common.records import write_jsonl
+from common.core.config import Config
+from common.core.records import write_jsonl
 from simulations.corpora import CORPORA, Corpus
 from simulations.partition import split, top_labels
 
@@ -64,48 +61,3 @@ def prepare(cfg: Config, out: Path) -> Config:
     write_sites(cfg, corpus, out)
     ev = cfg.evaluation.model_copy(update={"test_dir": str(out / "test")})
     return cfg.model_copy(update={"evaluation": ev})
-
-
-def simulate(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run the scenario through Flower's simulation engine; returns the run summary.
-
-    ``resume``: continue the run in ``out`` after its last completed round (its own config and
-    site folders are reused; ``cfg`` must be that config).
-    """
-    from flwr.simulation import run_simulation
-
-    from client.app import app as client_app
-    from server.app import make_server_app
-
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        cfg = prepare(cfg, out)
-    (out / "summary.json").unlink(missing_ok=True)
-    run_config = {
-        "fedtune-config": json.dumps(cfg.model_dump(mode="json")),
-        "out": str(out),
-        "data-root": str(out / "sites"),
-        "resume": resume,
-    }
-    sites = cfg.simulation.partition.num_sites
-    cpus = os.cpu_count() or 1
-    if cfg.simulation.backend_cpus_per_site > cpus:
-        raise ConfigError(
-            f"`simulation.backend_cpus_per_site` = {cfg.simulation.backend_cpus_per_site} "
-            f"exceeds this machine's {cpus} CPUs"
-        )
-    backend = {
-        "client_resources": {"num_cpus": cfg.simulation.backend_cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False},
-    }
-    run_simulation(
-        server_app=make_server_app(run_config),
-        client_app=client_app,
-        num_supernodes=sites,
-        backend_config=backend,  # type: ignore[arg-type]
-    )
-    summary_path = out / "summary.json"
-    if not summary_path.is_file():
-        raise RoundError(f"the simulation ended without a summary; see the log above ({out})")
-    return dict(json.loads(summary_path.read_text(encoding="utf-8")))

@@ -17,6 +17,6 @@ SCENARIOS = ROOT / "simulations" / "scenarios"
 
 @pytest.fixture
 def tiny_cfg():
-    from common.config import load_config
+    from common.core.config import load_config
 
     return load_config(SCENARIOS / "tiny.toml", ["data.labels=['red','green','blue']"])

@@ -4,7 +4,6 @@ Everything runs on-site; reports hold counts and positions (file, line), never r
 """
 
 from common.dataprep.check import check_folder
-from common.dataprep.commands import data_check, data_prepare
 from common.dataprep.onthefly import prepare_records
 from common.dataprep.prepare import prepare_folder
 from common.dataprep.report import CheckReport, PrepareReport
@@ -13,8 +12,6 @@ __all__ = [
     "CheckReport",
     "PrepareReport",
     "check_folder",
-    "data_check",
-    "data_prepare",
     "prepare_folder",
     "prepare_records",
 ]

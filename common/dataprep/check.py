@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from common.config import Config
+from common.core.config import Config
+from common.core.records import Record
+from common.core.tasks import prepare_prompt
 from common.dataprep.dedup import find_duplicates
 from common.dataprep.readers import TRAINING_SUFFIXES, FileRows, list_files, read_file
 from common.dataprep.redact import Redactor
 from common.dataprep.report import MAX_LISTED, CheckReport, FileSummary, Lengths
 from common.dataprep.rows import Loaded, load_rows
-from common.records import Record
-from common.tasks import prepare_prompt
 
 logger = logging.getLogger(__name__)
 BATCH = 1024
@@ -59,7 +59,7 @@ def check_folder(
 
 
 def _tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
-    from common.models import load_base
+    from common.core.models import load_base
 
     return load_base(cfg.model, cfg.data.labels).tokenizer
 

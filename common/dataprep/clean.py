@@ -13,7 +13,7 @@ import unicodedata
 from collections import Counter
 from typing import Protocol
 
-from common.config import CleanConfig
+from common.core.config import CleanConfig
 
 # Only entities closed by `;`: html.unescape alone also decodes `&para` in `&parameter=1`.
 _ENTITY = re.compile(r"&(?:#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")

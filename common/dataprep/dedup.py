@@ -23,9 +23,9 @@ from itertools import chain
 
 import numpy as np
 
-from common.config import DedupConfig
+from common.core.config import DedupConfig
+from common.core.errors import DataError
 from common.dataprep.rows import Doc
-from common.errors import DataError
 
 _PRIME = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64((1 << 32) - 1)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.config import PrepareConfig
+from common.core.config import PrepareConfig
+from common.core.records import Record
 from common.dataprep.pipeline import Steps, prepare_docs
 from common.dataprep.rows import docs_from_records, record_with_texts
-from common.records import Record
 
 logger = logging.getLogger(__name__)
 _COUNTS: dict[str, dict[str, int]] = {}

@@ -10,7 +10,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from common.config import PrepareConfig
+from common.core.config import PrepareConfig
 from common.dataprep.clean import clean_texts, length_problem, rules
 from common.dataprep.dedup import find_duplicates
 from common.dataprep.redact import Redactor
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Steps:
-    """Which steps run; parameters come from :class:`~common.config.PrepareConfig`."""
+    """Which steps run; parameters come from :class:`~common.core.config.PrepareConfig`."""
 
     clean: bool = False
     dedup: bool = False

@@ -19,13 +19,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common.config import Config, PrepareConfig
+from common.core.config import Config, PrepareConfig
+from common.core.errors import DataError
 from common.dataprep.check import read_folder_rows
 from common.dataprep.pipeline import Prepared, Steps, prepare_docs
 from common.dataprep.readers import REPORT_NAME, FileRows
 from common.dataprep.report import PrepareReport
 from common.dataprep.rows import Loaded, with_texts
-from common.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from common.errors import DataError
+from common.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
-TRAINING_SUFFIXES = (".jsonl", ".csv")  # what `common.records.read_folder` reads
+TRAINING_SUFFIXES = (".jsonl", ".csv")  # what `common.core.records.read_folder` reads
 REPORT_NAME = "prepare-report.json"
 _BOMS = {b"\xff\xfe": "UTF-16 LE", b"\xfe\xff": "UTF-16 BE"}
 

@@ -1,8 +1,8 @@
 """From raw rows to documents: the text fields a rule may change, the label, and the split.
 
-A row is valid when :mod:`common.records` would accept it, so a folder that passes here also
+A row is valid when :mod:`common.core.records` would accept it, so a folder that passes here also
 passes training. The same :class:`Doc` view is built from rows (``data prepare``) and from
-:class:`~common.records.Record` s (the ClientApp on the fly), so both see the same texts.
+:class:`~common.core.records.Record` s (the ClientApp on the fly), so both see the same texts.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from common.core.records import FORMS, Record, _to_record, detect_form
 from common.dataprep.readers import FileRows, Issue, RawRow
-from common.records import FORMS, Record, _to_record, detect_form
 
 EVAL_FILE = re.compile(r"(?:^|[-_.])(?:eval|test|valid|validation|dev)(?:[-_.]|$)", re.I)
 INSTRUCTION_FIELDS = ("instruction", "input", "output")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from common.errors import SecAggError
+from common.core.errors import SecAggError
 from common.secagg import crypto, shamir
 from common.secagg.graph import Graph, build_graph, component_size
 from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
-from common.errors import SecAggError
+from common.core.errors import SecAggError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every message has ``to_dict()`` giving only int, str, bytes and lists of those (a Flower
 ConfigRecord's value types) and a ``from_dict()`` that validates and raises
-:class:`~common.errors.SecAggError` on anything malformed. The masked vector of
+:class:`~common.core.errors.SecAggError` on anything malformed. The masked vector of
 :class:`MaskedUpload` is a numpy array that travels separately (an ArrayRecord).
 """
 
@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from common.errors import SecAggError
+from common.core.errors import SecAggError
 
 logger = logging.getLogger(__name__)
 

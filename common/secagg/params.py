@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from common.errors import SecAggError
+from common.core.errors import SecAggError
 
 logger = logging.getLogger(__name__)
 

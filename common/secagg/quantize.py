@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from common.errors import SecAggError
+from common.core.errors import SecAggError
 from common.secagg.params import SecAggParams
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Call order: :meth:`SecAggServer.mask_request` (with the adverts that arrived), t
 :meth:`SecAggServer.add_upload` per masked upload that arrived, then
 :meth:`SecAggServer.unmask_requests` (one request per surviving site), then
 :meth:`SecAggServer.finish` with the replies that arrived. Any step raises
-:class:`~common.errors.SecAggError` when the round must be aborted. The server only ever holds
+:class:`~common.core.errors.SecAggError` when the round must be aborted. The server only ever holds
 masked vectors, their running sum, and (after finish) the sum of the survivors' inputs.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from common.errors import SecAggError
+from common.core.errors import SecAggError
 from common.secagg import crypto, shamir
 from common.secagg.client import reduce_mod
 from common.secagg.graph import Graph, build_graph, component_size

@@ -13,7 +13,7 @@ import logging
 import secrets
 from collections.abc import Mapping, Sequence
 
-from common.errors import SecAggError
+from common.core.errors import SecAggError
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ def simulate_round(
 
     ``drop_after_stage[site] = s`` makes the site vanish after completing stage ``s``: 0 never
     advertises, 1 advertises but never uploads, 2 uploads but never answers the unmask request.
-    Raises :class:`~common.errors.SecAggError` when the round aborts.
+    Raises :class:`~common.core.errors.SecAggError` when the round aborts.
     """
     drops = dict(drop_after_stage or {})
     alive = lambda site, stage: drops.get(site, 3) >= stage  # noqa: E731

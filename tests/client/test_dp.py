@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from client.dp import DPTrainer, check_wiring, dp_backward, make_private, per_record_loss
-from common.config import RecordDPConfig
-from common.errors import ModelError
-from common.privacy import GaussianAccountant, RecordPlan
+from common.core.config import RecordDPConfig
+from common.core.errors import ModelError
+from common.privacy.accounting import GaussianAccountant, RecordPlan
 
 N, T, VOCAB, LR = 32, 12, 128, 0.5
 MODES = ["hooks", "ghost"]

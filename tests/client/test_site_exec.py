@@ -16,7 +16,7 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
 
 from client.site_exec import ForkserverExecutor, is_loopback, run_site_exec
-from common.errors import FedtuneError
+from common.core.errors import FedtuneError
 from tests.conftest import ROOT
 
 

@@ -5,11 +5,11 @@ import itertools
 import numpy as np
 
 from client.train import batches, lr_factor, make_optimizer, train_round
-from common.adapters import attach_lora
-from common.config import TrainConfig
-from common.models import load_base
-from common.records import Record
-from common.tasks import encode, evaluate
+from common.core.adapters import attach_lora
+from common.core.config import TrainConfig
+from common.core.models import load_base
+from common.core.records import Record
+from common.core.tasks import encode, evaluate
 from simulations.corpora import synthetic
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.adapters import (
+from common.core.adapters import (
     attach_lora,
     exchanged_keys,
     flatten,
@@ -13,10 +13,10 @@ from common.adapters import (
     set_state,
     unflatten,
 )
-from common.config import FederationConfig
-from common.errors import ModelError
-from common.models import build_tiny
-from common.wire import from_record, to_record
+from common.core.config import FederationConfig
+from common.core.errors import ModelError
+from common.core.models import build_tiny
+from common.protocol.wire import from_record, to_record
 from server.strategy import SiteUpdate, WeightedFedAvg
 
 

@@ -1,4 +1,4 @@
-"""common.certs: the CA, the SuperLink TLS certificate and site node keys, as Flower reads them."""
+"""common.identity.certs: the CA, the SuperLink TLS certificate and site node keys."""
 
 from __future__ import annotations
 
@@ -15,8 +15,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common.certs import CertificateError, certs_init, certs_site, fingerprint, init_ca, site_keys
-from common.errors import FedtuneError
+from common.core.errors import FedtuneError
+from common.identity.certs import (
+    CertificateError,
+    certs_init,
+    certs_site,
+    fingerprint,
+    init_ca,
+    site_keys,
+)
 
 
 def _mode(path: Path) -> int:

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Config, apply_overrides, from_run_config, load_config, to_toml
-from common.errors import ConfigError
+from common.core.config import Config, apply_overrides, from_run_config, load_config, to_toml
+from common.core.errors import ConfigError
 from tests.conftest import SCENARIOS
 
 

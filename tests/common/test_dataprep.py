@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from common.config import CleanConfig, Config, DedupConfig, RedactConfig
+from common.core.config import CleanConfig, Config, DedupConfig, RedactConfig
 from common.dataprep.clean import (
     ControlRule,
     HtmlRule,

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from cli.data import data_check, data_prepare
 from client.site import SiteInfo, load_records
-from common.config import Config
-from common.dataprep import check_folder, data_check, data_prepare, prepare_folder
+from common.core.config import Config
+from common.core.errors import DataError
+from common.core.tiny import byte_tokenizer
+from common.dataprep import check_folder, prepare_folder
 from common.dataprep.onthefly import last_counts
-from common.errors import DataError
-from common.tiny import byte_tokenizer
 
 CFG = Config.model_validate({"model": {"source": "tiny:llama", "max_length": 64}})
 TOK = byte_tokenizer()
@@ -170,7 +171,7 @@ def test_client_prepares_on_the_fly_like_the_cli(site: Path, tmp_path: Path) -> 
         section.enabled = True
     records = load_records(SiteInfo("s", site, 0), cfg)
     prepare_folder(site, tmp_path / "o", False, False, False, cfg)
-    from common.records import read_folder
+    from common.core.records import read_folder
 
     assert records == [r for r in read_folder(tmp_path / "o")]
     counts = last_counts(site)

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.adapters import attach_lora, exchanged_keys
-from common.config import LoraConfig, ModelConfig, TinyModelConfig
-from common.errors import ModelError
-from common.models import build_tiny, load_base, resolve_source
-from common.tiny import ARCHS, byte_tokenizer
+from common.core.adapters import attach_lora, exchanged_keys
+from common.core.config import LoraConfig, ModelConfig, TinyModelConfig
+from common.core.errors import ModelError
+from common.core.models import build_tiny, load_base, resolve_source
+from common.core.tiny import ARCHS, byte_tokenizer
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -84,7 +84,7 @@ def test_packaged_smollm2_loads_and_generates(tmp_path: Path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_padding_does_not_change_a_rows_logits(arch):
     """Left padding with position ids (causal) leaves each row's logits as if unpadded."""
-    from common.tasks import Encoded, _forward, collate
+    from common.core.tasks import Encoded, _forward, collate
 
     model, _ = build_tiny(arch, TinyModelConfig())
     model.eval()
@@ -98,7 +98,7 @@ def test_padding_does_not_change_a_rows_logits(arch):
 
 
 def test_classifier_batches_are_padded_on_the_right():
-    from common.tasks import Encoded, collate
+    from common.core.tasks import Encoded, collate
 
     batch = collate([Encoded([1, 2], 0), Encoded([3, 4, 5, 6], 1)], pad_id=0)
     assert batch["input_ids"][0].tolist() == [1, 2, 0, 0]

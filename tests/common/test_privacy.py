@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.config import build_config
-from common.errors import ConfigError, PrivacyError
-from common.privacy import (
+from common.core.config import build_config
+from common.core.errors import ConfigError, PrivacyError
+from common.privacy.accounting import (
     GaussianAccountant,
     InstitutionAccountant,
     add_noise_share,
@@ -25,7 +25,7 @@ from common.privacy import (
     institution_sample_rate,
     record_plan,
 )
-from common.privacy_report import PrivacyLedger, PrivacySummary, noise_outlook, plan, report_text
+from common.privacy.report import PrivacyLedger, PrivacySummary, noise_outlook, plan, report_text
 
 SIGMA, Q, STEPS, DELTA = 1.1, 0.05, 20, 1e-5
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import DataError
-from common.records import read_folder
+from common.core.errors import DataError
+from common.core.records import read_folder
 
 
 def write(folder: Path, name: str, content: bytes | str) -> Path:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from common.errors import SecAggError
+from common.core.errors import SecAggError
 from common.secagg import (
     KeyAdvert,
     MaskedUpload,

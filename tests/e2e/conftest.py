@@ -14,7 +14,7 @@ from tests.conftest import ROOT, SCENARIOS
 
 def fedtune(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "common.cli", *args]
+    cmd = [sys.executable, "-m", "cli.main", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

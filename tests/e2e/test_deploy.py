@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from common.certs import CaPaths, SiteKeyPaths, init_ca, site_keys
+from common.identity.certs import CaPaths, SiteKeyPaths, init_ca, site_keys
 from deploy.loopback import LoopbackFederation, Started, prepare_sites
 from tests.conftest import ROOT, SCENARIOS
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from common.certs import CaPaths, init_ca, site_keys
+from common.identity.certs import CaPaths, init_ca, site_keys
 from deploy.loopback import LoopbackFederation, Started, prepare_sites
 from tests.conftest import ROOT, SCENARIOS
 

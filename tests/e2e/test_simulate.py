@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from common.config import load_config
+from common.core.config import load_config
 from tests.conftest import SCENARIOS
 from tests.e2e.conftest import fedtune
 
@@ -52,7 +52,7 @@ def test_loss_falls_and_the_model_improves(tiny_run):
 def test_round_adapter_loads_with_peft(tiny_run):
     from peft import PeftModel
 
-    from common.models import load_base
+    from common.core.models import load_base
 
     out, _ = tiny_run
     cfg = load_config(out / "config.toml")

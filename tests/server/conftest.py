@@ -10,10 +10,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common.config import Config, build_config, to_toml
-from common.models import load_base
-from common.signing import generate_keys
-from server.publish import publish
+from common.core.config import Config, build_config, to_toml
+from common.core.models import load_base
+from common.identity.signing import generate_keys
+from server.publishing.publish import publish
 
 TEST_TEXTS = [
     "the patient was given two tablets a day",

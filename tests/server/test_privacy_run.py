@@ -5,8 +5,8 @@ from pathlib import Path
 
 from client.app import app as client_app
 from client.privacy_site import SiteAccountant
-from common.config import build_config
-from common.privacy import GaussianAccountant
+from common.core.config import build_config
+from common.privacy.accounting import GaussianAccountant
 from server.run import FederatedRun
 from simulations.run import prepare
 from tests.server.inprocess import InProcessGrid
@@ -85,7 +85,7 @@ def test_unclipped_update_is_rejected_under_institution_dp(tiny_cfg, tmp_path: P
     import numpy as np
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    from common.wire import to_record
+    from common.protocol.wire import to_record
 
     tree = tiny_cfg.model_dump(mode="json")
     del tree["federation"]["weighting"]

@@ -11,9 +11,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.signing import KeyFileError, generate_keys, load_public_key, verify_folder
-from server import publish as publish_mod
-from server.publish import EvaluationGateError, PublishError, check_gate, publish
+from common.identity.signing import KeyFileError, generate_keys, load_public_key, verify_folder
+from server.publishing import publish as publish_mod
+from server.publishing.publish import EvaluationGateError, PublishError, check_gate, publish
 from tests.server.conftest import TEST_TEXTS, base_model, tiny_config
 
 

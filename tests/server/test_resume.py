@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from client.app import app as client_app
-from common.errors import FedtuneError
+from common.core.errors import FedtuneError
 from server.run import FederatedRun
 from tests.server.inprocess import InProcessGrid
 from tests.server.test_run import setup_run

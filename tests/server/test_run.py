@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Error, Message
 
 from client.app import app as client_app
-from common.errors import RoundError
+from common.core.errors import RoundError
 from server.run import FederatedRun
 from simulations.run import prepare
 from tests.server.inprocess import InProcessGrid
@@ -75,7 +75,7 @@ def test_malformed_update_is_rejected(tiny_cfg, tmp_path: Path):
     import numpy as np
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    from common.wire import to_record
+    from common.protocol.wire import to_record
 
     cfg, nodes = setup_run(tiny_cfg, tmp_path, {"min_sites": 2, "rounds": 1})
 

@@ -17,9 +17,9 @@ from flwr.app import Context, Message
 from safetensors.numpy import load_file
 
 from client.app import app as client_app
-from common.config import Config, load_config
-from common.errors import RoundError
-from common.wire import from_record
+from common.core.config import Config, load_config
+from common.core.errors import RoundError
+from common.protocol.wire import from_record
 from server.run import FederatedRun
 from server.secagg_round import threshold_for
 from simulations.run import prepare

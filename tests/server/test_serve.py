@@ -19,8 +19,8 @@ from typing import Any
 import openai
 import pytest
 
-from common.errors import IntegrityError
-from server.serve import FedtuneHTTPServer, make_server
+from common.core.errors import IntegrityError
+from server.serving.serve import FedtuneHTTPServer, make_server
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-not-a-secret"
@@ -58,13 +58,13 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 def _serve_cmd(folder: Path, pub: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "server.serve", str(folder), "--public-key", str(pub),
+    return [sys.executable, "-m", "server.serving.serve", str(folder), "--public-key", str(pub),
             "--port", str(port)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def server_process(published: Path, keys: tuple[Path, Path]) -> Iterator[str]:
-    """`python -m server.serve` (the CLI's body) as a separate process, with an API key."""
+    """`python -m server.serving.serve` (the CLI's body) as a separate process, with an API key."""
     port = _free_port()
     env = {**os.environ, "FEDTUNE_API_KEY": API_KEY}
     cmd = _serve_cmd(published, keys[1], port)

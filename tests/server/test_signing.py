@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from common import __version__
-from common.errors import IntegrityError
-from common.signing import (
+from common.core.errors import IntegrityError
+from common.identity.signing import (
     KeyFileError,
     build_manifest,
     canonical_json,

@@ -11,7 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.app import app as real_app
-from common.wire import from_record, to_record
+from common.protocol.wire import from_record, to_record
 
 BAD_SITE = "site-1"
 

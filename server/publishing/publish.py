@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import Config, load_config
-from common.errors import FedtuneError
-from common.signing import load_private_key, sign_folder
-from server.model_card import render_model_card
+from common.core.config import Config, load_config
+from common.core.errors import FedtuneError
+from common.identity.signing import load_private_key, sign_folder
+from server.publishing.model_card import render_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class RunInfo:
     summary: dict[str, Any]
     round: int
     adapter_dir: Path
-    test_records: list[Any]  # common.records.Record
+    test_records: list[Any]  # common.core.records.Record
 
 
 def publish(
@@ -123,7 +123,7 @@ def _choose_round(rounds_dir: Path, wanted: int | None) -> int:
 
 def read_test_records(run_dir: Path, cfg: Config) -> list[Any]:
     """Held-out records: the run's ``test/`` folder, else ``evaluation.test_dir`` of its config."""
-    from common.records import read_folder
+    from common.core.records import read_folder
 
     test_dir = run_dir / "test"
     if not test_dir.is_dir():
@@ -143,7 +143,7 @@ def read_test_records(run_dir: Path, cfg: Config) -> list[Any]:
 
 
 def _default_load_base(cfg: Config) -> tuple[Any, Any]:
-    from common.models import load_base
+    from common.core.models import load_base
 
     loaded = load_base(cfg.model, cfg.data.labels)
     return loaded.model, loaded.tokenizer
@@ -151,7 +151,7 @@ def _default_load_base(cfg: Config) -> tuple[Any, Any]:
 
 def _default_evaluate(model: Any, tokenizer: Any, cfg: Config, records: list[Any]) -> Metrics:
     """The run loop's own evaluation, so publish-time numbers compare with the run summary."""
-    from common.tasks import evaluate
+    from common.core.tasks import evaluate
 
     return evaluate(model, tokenizer, records, cfg, cfg.evaluation.batch_size)
 

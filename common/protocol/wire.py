@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from common.config import Config, build_config
-from common.errors import ModelError
+from common.core.config import Config, build_config
+from common.core.errors import ModelError
 
 CONFIG_KEY = "fedtune-config"
 

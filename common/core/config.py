@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from common.config_base import Section
-from common.config_prepare import (  # noqa: F401  (re-exported: one import path for the tree)
+from common.core.config_base import Section
+from common.core.config_prepare import (  # noqa: F401  (re-exported: one import path for the tree)
     REDACT_KINDS,
     CleanConfig,
     DedupConfig,
@@ -23,12 +23,12 @@ from common.config_prepare import (  # noqa: F401  (re-exported: one import path
     RedactConfig,
     RedactKind,
 )
-from common.config_privacy import (  # noqa: F401  (re-exported)
+from common.core.config_privacy import (  # noqa: F401  (re-exported)
     InstitutionDPConfig,
     PrivacyConfig,
     RecordDPConfig,
 )
-from common.errors import ConfigError
+from common.core.errors import ConfigError
 
 _Section = Section
 

@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from common import __version__
-from common.errors import FedtuneError
+from common.core.errors import FedtuneError
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True, soft_wrap=True)
@@ -90,8 +90,8 @@ def simulate(
     ] = None,
 ) -> None:
     """Run a scenario: N virtual sites on this machine through Flower's simulation engine."""
-    from common.config import load_config
-    from simulations.run import simulate as run_simulation
+    from cli.simulate import simulate as run_simulation
+    from common.core.config import load_config
 
     if (config is None) == (resume is None):
         console.print("[bold red]error:[/] give `--config SCENARIO` or `--resume RUN_DIR`")
@@ -135,7 +135,7 @@ def keys_generate(
     ] = False,
 ) -> None:
     """Create an Ed25519 signing key pair (private key file mode 0600)."""
-    from common.signing import generate_keys
+    from common.identity.signing import generate_keys
 
     private, public = run_user(lambda: generate_keys(out, _passphrase(passphrase, confirm=True)))
     out_console.print(f"private key: {private}\npublic key:  {public}")
@@ -159,7 +159,7 @@ def publish(
     ] = False,
 ) -> None:
     """Merge the run's adapter into the base model; write a signed Hugging Face folder."""
-    from server.publish import publish as do_publish
+    from server.publishing.publish import publish as do_publish
 
     key_pass = _passphrase(passphrase)
     manifest = run_user(lambda: do_publish(run_dir, out, signing_key, round_, force, key_pass))
@@ -173,7 +173,7 @@ def verify(
     public_key: Annotated[Path, typer.Option("--public-key", help="The coordinator's public key.")],
 ) -> None:
     """Check the signature and every file's hash; name the first file that does not match."""
-    from common.signing import load_public_key, verify_folder
+    from common.identity.signing import load_public_key, verify_folder
 
     manifest = run_user(lambda: verify_folder(model_dir, load_public_key(public_key)))
     out_console.print(f"OK: signature and {len(manifest.get('files', {}))} file hashes match")
@@ -192,7 +192,7 @@ def serve(
     threads: Annotated[int, typer.Option(help="torch threads; 0 = default.")] = 0,
 ) -> None:
     """Verify, load and serve an OpenAI-compatible API (/v1/models, completions, chat)."""
-    from server.serve import main_serve
+    from server.serving.serve import main_serve
 
     run_user(lambda: main_serve(model_dir, public_key, host, port, api_key, None, threads))
 
@@ -206,7 +206,7 @@ def privacy_report(
     set_: SetOpt = None,
 ) -> None:
     """State the run's privacy guarantee in plain words, or what a config plans to spend."""
-    from common.privacy_report import noise_outlook, report_text
+    from common.privacy.report import noise_outlook, report_text
 
     if (run_dir is None) == (plan is None):
         console.print("[bold red]error:[/] give a run folder or `--plan CONFIG` (one of them)")
@@ -226,8 +226,8 @@ def _planned(config: Path, overrides: list[str]) -> tuple[Any, dict[str, int], A
     """The plan for a scenario: site sizes from its partition (written to a scratch folder)."""
     import tempfile
 
-    from common.config import load_config
-    from common.privacy_report import plan
+    from common.core.config import load_config
+    from common.privacy.report import plan
     from simulations.run import prepare
 
     cfg = load_config(config, overrides)
@@ -241,7 +241,7 @@ def _planned(config: Path, overrides: list[str]) -> tuple[Any, dict[str, int], A
 def _run_privacy(run_dir: Path) -> dict[str, Any]:
     import json
 
-    from common.errors import PrivacyError
+    from common.core.errors import PrivacyError
 
     path = run_dir / "summary.json"
     if not path.is_file():
@@ -267,7 +267,7 @@ def data_check(
 ) -> None:
     """Report records, fields, labels, lengths, malformed lines, duplicates, personal data
     (counts only). Exit 0 if the folder is usable for training."""
-    from common.dataprep import data_check as check
+    from cli.data import data_check as check
 
     raise typer.Exit(check(folder, config, as_json))
 
@@ -286,7 +286,7 @@ def data_prepare(
     config: ConfigOrNone = None,
 ) -> None:
     """Write a cleaned copy and a report of every change (the original stays as it is)."""
-    from common.dataprep import data_prepare as prepare
+    from cli.data import data_prepare as prepare
 
     raise typer.Exit(prepare(folder, out, clean, dedup, redact, config))
 
@@ -306,7 +306,7 @@ def certs_init(
     ] = None,
 ) -> None:
     """Create a certificate authority and the SuperLink's TLS certificate (keys 0600)."""
-    from common.certs import certs_init as init
+    from common.identity.certs import certs_init as init
 
     run_user(lambda: init(out, name or [], ip or []))
 
@@ -317,7 +317,7 @@ def certs_site(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the site's key pair.")],
 ) -> None:
     """Create a site's node-authentication key pair (register the .pub with the SuperLink)."""
-    from common.certs import certs_site as site
+    from common.identity.certs import certs_site as site
 
     run_user(lambda: site(name, out))
 

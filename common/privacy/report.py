@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common.config import Config
-from common.errors import PrivacyError
-from common.privacy import institution_epsilon_planned, record_plan
+from common.core.config import Config
+from common.core.errors import PrivacyError
+from common.privacy.accounting import institution_epsilon_planned, record_plan
 
 # ---------------------------------------------------------------- ledger and report
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from common.config import Config
+from common.core.config import Config
 
 _LEVEL_WORDS = {
     "record": (

@@ -20,8 +20,8 @@ from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft import set_peft_model_state_dict as _peft_set
 from transformers import PreTrainedModel
 
-from common.config import LoraConfig, ModelConfig
-from common.errors import ModelError
+from common.core.config import LoraConfig, ModelConfig
+from common.core.errors import ModelError
 
 # Attention projections adapted when `lora.target_modules = "auto"`, per model family.
 AUTO_TARGETS: dict[str, list[str]] = {

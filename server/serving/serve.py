@@ -1,7 +1,7 @@
 """``fedtune serve``: an OpenAI-compatible HTTP API over a verified, published model folder.
 
 Standard library HTTP server (one thread per connection); generation is serialized in
-:class:`server.generation.Engine`. The folder's signature and hashes are checked before anything is
+:class:`server.serving.generation.Engine`. The signature and hashes are checked before anything is
 loaded: a folder that fails verification is never served.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from common.signing import load_public_key, verify_folder
-from server.generation import ApiError, Engine, GenRequest, GenResult, Kind
-from server.metrics import Metrics
+from common.identity.signing import load_public_key, verify_folder
+from server.serving.generation import ApiError, Engine, GenRequest, GenResult, Kind
+from server.serving.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def _announce(server: FedtuneHTTPServer) -> None:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m server.serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m server.serving.serve", description=__doc__)
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--public-key", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
@@ -347,7 +347,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    from common.errors import FedtuneError
+    from common.core.errors import FedtuneError
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -24,7 +24,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from common.config import TinyModelConfig
+from common.core.config import TinyModelConfig
 
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
 INIT_STD = 0.1

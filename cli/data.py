@@ -11,11 +11,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.config import load_config
+from common.core.config import load_config
+from common.core.errors import FedtuneError
 from common.dataprep.check import check_folder
 from common.dataprep.prepare import prepare_folder
 from common.dataprep.report import render_check, render_prepare
-from common.errors import FedtuneError
 
 logger = logging.getLogger(__name__)
 OK, NOT_USABLE, USER_ERROR = 0, 1, 2

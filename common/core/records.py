@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import DataError
+from common.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 

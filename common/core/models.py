@@ -25,8 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.config import ModelConfig, TinyModelConfig
-from common.errors import ModelError
+from common.core.config import ModelConfig, TinyModelConfig
+from common.core.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class TinySource:
     """A tiny random model built from a config with a fixed seed (tests, CI)."""
 
     def __init__(self, arch: str) -> None:
-        from common import tiny
+        from common.core import tiny
 
         if arch not in tiny.ARCHS:
             raise ModelError(
@@ -210,6 +210,6 @@ def build_tiny(
     arch: str, tiny_cfg: TinyModelConfig, task: str = "causal-lm", labels: list[str] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny random model of ``arch`` and a byte-level tokenizer; deterministic for a seed."""
-    from common import tiny
+    from common.core import tiny
 
     return tiny.build(arch, tiny_cfg, task, list(labels or []))

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common import __version__
-from common.errors import FedtuneError, IntegrityError
+from common.core.errors import FedtuneError, IntegrityError
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import Config, InstitutionDPConfig
-from common.errors import PrivacyError
+from common.core.config import Config, InstitutionDPConfig
+from common.core.errors import PrivacyError
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.config import Config
-from common.errors import DataError
-from common.records import Record
+from common.core.config import Config
+from common.core.errors import DataError
+from common.core.records import Record
 
 logger = logging.getLogger(__name__)
 IGNORE = -100

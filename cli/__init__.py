@@ -1,0 +1,1 @@
+"""The `fedtune` command line: the topmost layer. It imports the rest; nothing imports it."""

@@ -1,0 +1,1 @@
+"""Core: configuration, records, tasks, models and adapters, errors. Imports nothing above it."""

@@ -1,0 +1,1 @@
+"""Identity: certificates and node keys for deployment, signing of published models."""

@@ -1,0 +1,1 @@
+"""Publishing a run: merge, evaluate, model card, manifest and signature. No Flower."""

@@ -1,0 +1,1 @@
+"""Serving a published folder over HTTP. No Flower."""
