@@ -101,7 +101,7 @@ def train_round(
             loss, _ = batch_loss(model, mb)
             (loss / len(micro_batches)).backward()
             losses.append(float(loss.detach()))
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
     n = cfg.local_steps * cfg.grad_accum * max(1, cfg.batch_size // cfg.grad_accum)

@@ -119,10 +119,22 @@ class TrainConfig(_Section):
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "cosine", description="Learning-rate decay after warmup, over all planned steps of the run."
     )
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (non-DP training).")
+    max_grad_norm: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Clip the whole gradient to this norm (unset: 1.0). Not with record-level DP, which "
+            "clips each record's gradient to `privacy.record.max_grad_norm` instead."
+        ),
+    )
     seed: int = Field(0, description="Seed of data order and dropout.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")
+
+    @property
+    def grad_clip_norm(self) -> float:
+        """The whole-gradient clipping bound of non-DP training."""
+        return 1.0 if self.max_grad_norm is None else self.max_grad_norm
 
 
 class FederationConfig(_Section):
@@ -218,6 +230,11 @@ class Config(_Section):
             problems.append("`data.labels` must list the classes when `model.task` is `seq-cls`")
         if self.data.labels and len(set(self.data.labels)) != len(self.data.labels):
             problems.append("`data.labels` has duplicates")
+        if self.privacy.record.enabled and self.train.max_grad_norm is not None:
+            problems.append(
+                "`train.max_grad_norm` clips the whole gradient and does not apply under "
+                "record-level DP: set `privacy.record.max_grad_norm` (the per-record bound) instead"
+            )
         inst = self.privacy.institution
         if inst.enabled and fed.weighting == "records":
             if "weighting" in fed.model_fields_set:
