@@ -91,7 +91,7 @@ def masked_reply(
     # float64: float32 rounding of the weighted values would exceed the quantization error bound.
     weighted = flatten(delta).astype(np.float64) * weight
     prepared = prepare_update(weighted, cfg, round_idx)
-    vec, clipped = clip_coordinates(prepared, cfg.secagg.clip_range)
+    vec, clipped = clip_coordinates(prepared, cfg.quantizer_range)
     upload = client.mask(vec, MaskRequest.from_dict(content.config_records[MASK_REQUEST]))
     _save(state, client, round_idx)
     if clipped:

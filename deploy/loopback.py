@@ -339,7 +339,7 @@ def prepare_sites(scenario: Path, out: Path, overrides: list[str] | None = None)
     return [
         *(overrides or []),
         f"data.labels={json.dumps(list(cfg.data.labels))}",
-        f"data.prompt={json.dumps(cfg.data.prompt)}",
+        f"data.prompt={json.dumps(cfg.data.prompt_template)}",
         f"evaluation.test_dir={json.dumps(str(cfg.evaluation.test_dir))}",
     ]
 

@@ -107,7 +107,7 @@ class SecAggRound:
             threshold=threshold_for(cfg, len(self.nodes)),
             neighbours=cfg.secagg.neighbours,
             modulus_bits=cfg.secagg.modulus_bits,
-            clip_range=cfg.secagg.clip_range,
+            clip_range=cfg.quantizer_range,
         )
         self.stats = SecAggStats()
 
@@ -268,7 +268,7 @@ class SecAggRound:
 
 def _weights(cfg: Config, records: Mapping[int, int], nodes: list[int]) -> dict[int, float]:
     """Public per-site weights with mean 1 over the sampled sites (records weighting), else 1."""
-    if cfg.federation.weighting != "records":
+    if cfg.site_weighting != "records":
         return {n: 1.0 for n in nodes}
     mean = sum(records[n] for n in nodes) / len(nodes)
     if mean <= 0:

@@ -25,7 +25,7 @@ def resolve_labels(cfg: Config, corpus: Corpus) -> Config:
     part = cfg.simulation.partition
     labels = list(cfg.data.labels) or top_labels(corpus.train, part.top_labels)
     update: dict[str, Any] = {"labels": labels}
-    if "prompt" not in cfg.data.model_fields_set:
+    if cfg.data.prompt is None:
         update["prompt"] = corpus.prompt
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
 

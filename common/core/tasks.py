@@ -36,7 +36,7 @@ def prepare_prompt(record: Record, cfg: Config) -> list[dict[str, str]]:
         return record.messages
     options = ", ".join(cfg.data.labels)
     text = record.messages[-1]["content"]
-    content = cfg.data.prompt.format(text=text, options=options)
+    content = cfg.data.prompt_template.format(text=text, options=options)
     return [*record.messages[:-1], {"role": "user", "content": content}]
 
 

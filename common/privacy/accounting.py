@@ -349,11 +349,11 @@ class InstitutionAccountant:
 def institution_epsilon_planned(cfg: Config, num_sites: int) -> float:
     """Institution-level epsilon after ``federation.rounds`` rounds."""
     inst = cfg.privacy.institution
-    if cfg.federation.weighting != "uniform":
+    if cfg.site_weighting != "uniform":
         # A weight w_i scales a site's contribution to the sum, and so its sensitivity, to w_i*C.
         raise PrivacyError(
             "institution-level DP needs `federation.weighting` = `uniform` (got "
-            f"`{cfg.federation.weighting}`): weighted sums break the clip bound "
+            f"`{cfg.site_weighting}`): weighted sums break the clip bound "
             "`privacy.institution.clip_norm`"
         )
     q = institution_sample_rate(cfg.federation.sites_per_round, num_sites)

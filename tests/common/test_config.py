@@ -1,8 +1,19 @@
+import json
+import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from common.core.config import Config, apply_overrides, from_run_config, load_config, to_toml
+from common.core.config import (
+    Config,
+    apply_overrides,
+    build_config,
+    from_run_config,
+    load_config,
+    to_toml,
+)
 from common.core.errors import ConfigError
 from tests.conftest import SCENARIOS
 
@@ -98,3 +109,121 @@ def test_toml_round_trip_and_run_config_bridge(tmp_path: Path):
 
     assert from_run_config({"fedtune-config": json.dumps(cfg.model_dump(mode="json"))}) == cfg
     assert cfg.digest() != Config().digest()
+
+
+# -- derived values are computed, and every config survives dump -> load -> dump -------------
+
+
+@st.composite
+def config_trees(draw: st.DrawFn) -> dict:
+    """Random trees over the fields that interact (privacy, secure aggregation, weighting)."""
+    sites = draw(st.integers(1, 6))
+    tree: dict = {
+        "federation": {
+            "min_sites": sites,
+            "sites_per_round": draw(st.sampled_from([0, sites, sites + 1])),
+            "weighting": draw(st.sampled_from(["auto", "records", "uniform"])),
+            "rounds": draw(st.integers(1, 50)),
+        },
+        "train": {
+            "lr": draw(st.floats(1e-6, 1.0)),
+            "weight_decay": draw(st.sampled_from([0.0, 0.01])),
+            "max_grad_norm": draw(st.sampled_from([None, 0.5])),
+        },
+        "secagg": {
+            "enabled": draw(st.booleans()),
+            "neighbours": draw(st.sampled_from([0, 2])),
+            "clip_range": draw(st.sampled_from(["auto", 1.0, 8.0, 50.0])),
+        },
+        "data": {"prompt": draw(st.sampled_from([None, "Q: {text}\nA:"]))},
+        "privacy": {"enabled": draw(st.booleans())},
+    }
+    if draw(st.booleans()):
+        tree["privacy"]["institution"] = {
+            "enabled": draw(st.booleans()),
+            "noise_multiplier": draw(st.floats(0.0, 5.0)),
+            "clip_norm": draw(st.floats(0.01, 10.0)),
+            "noise_at": draw(st.sampled_from(["auto", "sites", "server"])),
+        }
+    if draw(st.booleans()):
+        eps = draw(st.sampled_from([None, 1.0, 8.0]))
+        tree["privacy"]["record"] = {
+            "enabled": draw(st.booleans()),
+            **({"target_epsilon": eps} if eps else {"noise_multiplier": 1.1}),
+        }
+    return _drop_none(tree)
+
+
+def _drop_none(tree: dict) -> dict:
+    return {
+        k: _drop_none(v) if isinstance(v, dict) else v for k, v in tree.items() if v is not None
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(config_trees())
+def test_any_valid_config_survives_dump_load_dump(tree: dict) -> None:
+    try:
+        cfg = build_config(tree)
+    except ConfigError:
+        assume(False)
+        return
+    dumped = cfg.model_dump(mode="json")
+    again = build_config(json.loads(json.dumps(dumped)), "round trip")
+    assert again.model_dump(mode="json") == dumped
+    assert build_config(tomllib.loads(to_toml(again))).model_dump(mode="json") == dumped
+    # The derived values follow from the fields alone.
+    assert (again.site_weighting, again.institution_noise_at, again.quantizer_range) == (
+        cfg.site_weighting,
+        cfg.institution_noise_at,
+        cfg.quantizer_range,
+    )
+
+
+def test_issue_repro_auto_clip_range_survives_the_run_config_bridge() -> None:
+    # Before: clip_range was written back as round(8.6208, 3) = 8.621 and then rejected as
+    # "must be at least 8.62" by the run-config bridge.
+    cfg = load_config(
+        SCENARIOS / "tiny.toml",
+        [
+            "privacy.institution.enabled=true",
+            "privacy.institution.noise_multiplier=2.2",
+            "federation.min_sites=3",
+            "secagg.enabled=true",
+            'federation.weighting="uniform"',
+        ],
+    )
+    assert cfg.secagg.clip_range == "auto"  # nothing written back into the field
+    assert cfg.quantizer_range == 8.622  # 1 + 6 * 2.2 / sqrt(3) = 8.6210..., rounded up
+    assert cfg.quantizer_range >= 1 + 6 * 2.2 / 3**0.5
+    bridged = from_run_config({"fedtune-config": json.dumps(cfg.model_dump(mode="json"))})
+    assert bridged.model_dump() == cfg.model_dump()
+
+
+def test_explicit_clip_range_too_small_for_site_noise_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"`secagg\.clip_range` \(2\.0\) must be at least"):
+        load_config(
+            None,
+            ["privacy.institution.enabled=true", "secagg.enabled=true", "secagg.clip_range=2.0"],
+        )
+
+
+def test_derived_values() -> None:
+    plain = load_config(None)
+    assert (plain.site_weighting, plain.institution_noise_at, plain.quantizer_range) == (
+        "records",
+        None,
+        8.0,
+    )
+    inst = load_config(None, ["privacy.institution.enabled=true"])
+    assert (inst.site_weighting, inst.institution_noise_at) == ("uniform", "server")
+    secure = load_config(None, ["privacy.institution.enabled=true", "secagg.enabled=true"])
+    assert secure.institution_noise_at == "sites"
+    assert load_config(None, ["data.prompt='Q: {text}'"]).data.prompt_template == "Q: {text}"
+    assert "{text}" in plain.data.prompt_template
+
+
+def test_train_max_grad_norm_is_refused_under_record_dp() -> None:
+    with pytest.raises(ConfigError, match=r"`train\.max_grad_norm`.*`privacy\.record\.max_grad"):
+        load_config(None, ["privacy.record.enabled=true", "privacy.record.noise_multiplier=1.0",
+                           "train.max_grad_norm=0.5"])  # fmt: skip

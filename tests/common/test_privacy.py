@@ -192,7 +192,7 @@ def test_plan_and_report_state_both_levels() -> None:
 
 def test_institution_dp_weights_sites_equally() -> None:
     # Left unset, weighting follows the privacy setting; set to records, it is refused.
-    assert build_config({"privacy": {"enabled": True}}).federation.weighting == "uniform"
+    assert build_config({"privacy": {"enabled": True}}).site_weighting == "uniform"
     with pytest.raises(ConfigError, match=r"`federation\.weighting` must be `uniform`"):
         build_config({"privacy": {"enabled": True}, "federation": {"weighting": "records"}})
     cfg = build_config({"privacy": {"enabled": True}})

@@ -38,7 +38,7 @@ def nodes_for(tmp_path: Path, budgets=None):
 
 def test_both_levels_are_accounted_per_round(tiny_cfg, tmp_path: Path):
     cfg = prepare(private_cfg(tiny_cfg), tmp_path)
-    assert cfg.federation.weighting == "uniform"  # institution DP needs equal weights
+    assert cfg.site_weighting == "uniform"  # institution DP needs equal weights
     summary = FederatedRun(
         cfg, tmp_path / "run", InProcessGrid(client_app, nodes_for(tmp_path))
     ).execute()

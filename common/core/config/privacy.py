@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from common.core.config_base import Section
+from common.core.config.section import Section
 
 
 class RecordDPConfig(Section):

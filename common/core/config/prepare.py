@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from common.core.config_base import Section
+from common.core.config.section import Section
 
 RedactKind = Literal["email", "phone", "date", "id", "card", "iban", "name", "url", "ip"]
 REDACT_KINDS: tuple[RedactKind, ...] = (

@@ -1,0 +1,107 @@
+"""Reading a config: TOML files, ``--set a.b=v`` overrides, Flower's flat run config.
+
+Invalid input is reported all at once, each problem naming its dotted field path.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from common.core.config.tree import Config
+from common.core.errors import ConfigError
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """All problems at once, each as ``field.path: message``."""
+    lines = [f"{source}: {err.error_count()} invalid field(s):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
+        if isinstance(e.get("input"), dict):
+            got = ""
+        # Cross-field rules name their fields in the message itself.
+        lines.append(f"  - `{loc}`: {msg}{got}" if loc else f"  - {msg}")
+    return "\n".join(lines)
+
+
+def parse_value(raw: str) -> Any:
+    """Parse the right-hand side of ``--set key=value`` as a TOML value, else as a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override `{item}` must look like `section.field=value`")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override `{key}`: `{part}` is a value, not a section")
+            node = child
+        node[parts[-1]] = parse_value(raw.strip())
+    return tree
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict into a :class:`Config`; every error at once, as ConfigError."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file `{path}` does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file `{path}` is not UTF-8 ({err.reason})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file `{path}` is not valid TOML: {err}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    tree = read_toml(path) if path is not None else {}
+    apply_overrides(tree, overrides or [])
+    return build_config(tree, str(path or "defaults"))
+
+
+def to_toml(cfg: Config) -> str:
+    import tomli_w
+
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    return tomli_w.dumps(data)
+
+
+def from_run_config(run_config: dict[str, Any]) -> Config:
+    """The one bridge from Flower's flat ``run_config`` to the config tree.
+
+    Flower's run config is flat (``str -> scalar``). fedtune ships the whole resolved tree as one
+    JSON string under ``fedtune-config``; otherwise ``scenario`` names a TOML file and ``overrides``
+    holds ``;``-separated ``key=value`` pairs; any other dotted key is an override too.
+    """
+    if "fedtune-config" in run_config:
+        return build_config(json.loads(str(run_config["fedtune-config"])), "run_config")
+    reserved = {"scenario", "overrides", "out", "data-root", "simulate-sites", "resume"}
+    scenario = run_config.get("scenario")
+    overrides = [o for o in str(run_config.get("overrides", "")).split(";") if o.strip()]
+    overrides += [f"{k}={json.dumps(v)}" for k, v in run_config.items() if k not in reserved]
+    return load_config(str(scenario) if scenario else None, overrides)

