@@ -1,7 +1,9 @@
 """fedtune's ClientApp: the same code in simulation (Ray) and deployment (SuperNode).
 
-Message types: ``query.check`` (preflight: data and model usable, record counts) and ``train``
-(one local round; replies with the adapter update and metrics). Records never leave the site.
+Message types and record names: common/protocol/keys.py. ``query.check`` (preflight: data and
+model usable, record counts); ``train`` (one local round; the reply carries the update, masked
+when secure aggregation is on, and metrics); ``query.secagg_keys`` and ``query.secagg_unmask``
+(the other two secure-aggregation stages). Records never leave the site.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from flwr.clientapp import ClientApp
 from client import secagg_site
 from client.site import LocalUpdate, SiteInfo, check_site, run_local_round
 from common.core.config import Config
-from common.protocol.wire import config_from_record, from_record, to_record
+from common.protocol import keys
+from common.protocol.wire import config_from_record, declined, from_record, to_record
 
 logger = logging.getLogger(__name__)
 app = ClientApp()
@@ -29,16 +32,16 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing", catego
 
 
 def _site(msg: Message, context: Context) -> SiteInfo:
-    conf = msg.content.config_records["config"]
-    data_root, run_id = str(conf.get("data-root", "")), str(conf.get("run-id", ""))
+    conf = msg.content.config_records[keys.CONFIG]
+    data_root, run_id = str(conf.get(keys.DATA_ROOT, "")), str(conf.get(keys.RUN_ID, ""))
     return SiteInfo.from_node_config(context.node_config, data_root, run_id)
 
 
 def _privacy_state(context: Context) -> dict[str, Any]:
     """The site's privacy accountant as kept in Flower's node state between messages."""
-    if "privacy" not in context.state:
+    if keys.STATE_PRIVACY not in context.state:
         return {}
-    return dict(context.state.config_records["privacy"])
+    return dict(context.state.config_records[keys.STATE_PRIVACY])
 
 
 def _budget(context: Context) -> float | None:
@@ -47,76 +50,65 @@ def _budget(context: Context) -> float | None:
     return None if value in (None, "") else float(str(value))
 
 
-def _metrics(update: LocalUpdate, cfg: Config, seconds: float) -> dict[str, Any]:
+def _metrics(update: LocalUpdate, cfg: Config, seconds: float) -> MetricRecord:
     """What a site reports besides its update. Its training losses (and how long its round took,
     which under Poisson sampling follows the batch sizes drawn) are computed on its private
     records outside any DP accounting and (under secure aggregation) outside the masked sum, so
     they are only reported when neither record-level DP nor secure aggregation is on."""
     r = update.result
-    out: dict[str, Any] = {"num-examples": update.records, **update.privacy}
+    out: dict[str, Any] = {keys.NUM_EXAMPLES: update.records, **update.privacy}
     if r is not None and not (cfg.privacy.record.enabled or cfg.secagg.enabled):
-        out.update({"train-loss": r.loss, "first-loss": r.first_loss, "last-loss": r.last_loss})
-        out["site-seconds"] = round(seconds, 3)  # the train handler: load, train, pack
-    return out
+        out.update({keys.TRAIN_LOSS: r.loss, keys.FIRST_LOSS: r.first_loss})
+        out[keys.LAST_LOSS] = r.last_loss
+        out[keys.SITE_SECONDS] = round(seconds, 3)  # the train handler: load, train, pack
+    return MetricRecord(out)
 
 
-def _declined(msg: Message, site: SiteInfo, reason: str, records: int) -> Message:
-    content = RecordDict(
-        {
-            "declined": ConfigRecord({"name": site.name, "reason": reason}),
-            "metrics": MetricRecord({"num-examples": records}),
-        }
-    )
-    return Message(content, reply_to=msg)
-
-
-@app.query("check")
+@app.query(keys.CHECK_QUERY)
 def check(msg: Message, context: Context) -> Message:
-    cfg = config_from_record(msg.content.config_records["config"])
+    cfg = config_from_record(msg.content.config_records[keys.CONFIG])
     site = _site(msg, context)
     info = check_site(site, cfg)
-    reply = RecordDict({"site": ConfigRecord({"name": site.name, **info})})
+    reply = RecordDict({keys.SITE: ConfigRecord({keys.NAME: site.name, **info})})
     return Message(reply, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """One local round; the reply is built on one path, the masking step optional."""
     started = time.monotonic()
-    conf = msg.content.config_records["config"]
+    conf = msg.content.config_records[keys.CONFIG]
     cfg = config_from_record(conf)
     site = _site(msg, context)
-    global_state = from_record(msg.content.array_records["adapter"])
+    global_state = from_record(msg.content.array_records[keys.ADAPTER])
     privacy_state = _privacy_state(context)
     update = run_local_round(
-        site, cfg, global_state, int(str(conf["round"])) - 1, str(conf.get("fingerprint", "")),
-        privacy_state, _budget(context),
+        site, cfg, global_state, int(str(conf[keys.ROUND])) - 1,
+        str(conf.get(keys.FINGERPRINT, "")), privacy_state, _budget(context),
     )  # fmt: skip
     if privacy_state:
-        context.state["privacy"] = ConfigRecord(privacy_state)
+        context.state[keys.STATE_PRIVACY] = ConfigRecord(privacy_state)
     if update.declined or update.result is None:
-        return _declined(msg, site, update.declined or "no training result", update.records)
-    metrics = MetricRecord(_metrics(update, cfg, time.monotonic() - started))
-    if cfg.secagg.enabled or secagg_site.MASK_REQUEST in msg.content:
+        reason = update.declined or "no training result"
+        return Message(declined(site.name, reason, update.records), reply_to=msg)
+    metrics = _metrics(update, cfg, time.monotonic() - started)
+    if cfg.secagg.enabled or keys.MASK_REQUEST in msg.content:
         # Secure aggregation: only the masked update leaves the site (refuses without a request).
-        masked = secagg_site.masked_reply(update.delta, msg.content, context.state, cfg, metrics)
-        return Message(masked, reply_to=msg)
-    content = RecordDict(
-        {
-            "update": to_record(update.delta),
-            "metrics": metrics,
-            "site": ConfigRecord({"name": site.name}),
-        }
-    )
+        content, clipped = secagg_site.masked_update(update.delta, msg.content, context.state, cfg)
+        metrics[keys.SECAGG_CLIPPED] = clipped
+    else:
+        content = RecordDict({keys.UPDATE: to_record(update.delta)})
+    content[keys.METRICS] = metrics
     return Message(content, reply_to=msg)
 
 
-@app.query(secagg_site.KEYS_QUERY)
+@app.query(keys.KEYS_QUERY)
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Secure aggregation stage 1: fresh keys for this round; secrets stay in context.state."""
     return Message(secagg_site.advertise(msg.content, context.state), reply_to=msg)
 
 
-@app.query(secagg_site.UNMASK_QUERY)
+@app.query(keys.UNMASK_QUERY)
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Secure aggregation stage 3: shares that remove the masks of this round's sum."""
     return Message(secagg_site.unmask(msg.content, context.state), reply_to=msg)

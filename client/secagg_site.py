@@ -4,8 +4,9 @@ Three invocations per round, each possibly a new process (Flower's Deployment En
 
 1. ``query.secagg_keys``: create a :class:`SecAggClient`, keep its state in ``context.state``,
    reply with the public keys.
-2. ``train`` carrying a mask request: train locally, weight, prepare (institution-level DP hook),
-   clip, quantize and mask the update; reply with the masked vector and encrypted shares only.
+2. ``train`` carrying a mask request: train locally (client/site.py, with institution-level DP
+   if on), weight, clip to the quantizer's range, quantize and mask the update; the reply
+   carries the masked vector and encrypted shares only.
 3. ``query.secagg_unmask``: reveal the shares that remove the masks, then forget the secrets.
 
 The client state holds secret keys: it lives in ``context.state`` on the site and is never sent.
@@ -16,41 +17,18 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common.core.adapters import flatten
 from common.core.config import Config
 from common.core.errors import SecAggError
-from common.protocol.secagg_keys import (
-    ADVERT,
-    KEYS_QUERY,
-    MASK_REQUEST,
-    MASKED,
-    SETUP,
-    STATE_KEY,
-    UNMASK_QUERY,
-    UNMASK_REPLY,
-    UNMASK_REQUEST,
-    UPLOAD,
-    WEIGHT_KEY,
-)
+from common.protocol import keys
 from common.secagg import MaskRequest, SecAggClient, SecAggParams, UnmaskRequest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KEYS_QUERY", "MASK_REQUEST", "UNMASK_QUERY", "advertise", "masked_reply", "unmask"]
+__all__ = ["advertise", "masked_update", "unmask"]
 PARAM_KEYS = ("threshold", "neighbours", "modulus_bits", "clip_range", "stochastic_rounding")
-
-
-def prepare_update(delta_flat: np.ndarray, cfg: Config, round_idx: int) -> np.ndarray:
-    """The weighted, flattened update (float64, (d,)) exactly as it enters the secure sum.
-
-    Institution-level DP has already been applied by ``client.site.run_local_round`` (L2 clip to
-    C and this site's noise share, before any weighting: institution DP forces uniform weights,
-    so the weight is 1). Whatever this returns is clipped per coordinate to
-    ``secagg.clip_range``, quantized and masked.
-    """
-    return delta_flat
 
 
 def clip_coordinates(vec: np.ndarray, bound: float) -> tuple[np.ndarray, int]:
@@ -61,58 +39,58 @@ def clip_coordinates(vec: np.ndarray, bound: float) -> tuple[np.ndarray, int]:
 
 def advertise(content: RecordDict, state: RecordDict) -> RecordDict:
     """Stage 1: fresh keys for this round; the secret state stays in ``context.state``."""
-    setup = content.config_records[SETUP]
+    setup = content.config_records[keys.SETUP]
     params = SecAggParams.from_dict({k: setup[k] for k in PARAM_KEYS})
     round_idx, site_id = int(_number(setup, "round")), int(_number(setup, "site-id"))
     client = SecAggClient(site_id, params, round_idx)
     _save(state, client, round_idx)
     logger.info("secagg round %d: advertised keys as site %d", round_idx, site_id)
-    return RecordDict({ADVERT: ConfigRecord(client.advertise().to_dict())})
+    return RecordDict({keys.ADVERT: ConfigRecord(client.advertise().to_dict())})
 
 
-def masked_reply(
-    delta: dict[str, np.ndarray],
-    content: RecordDict,
-    state: RecordDict,
-    cfg: Config,
-    metrics: MetricRecord,
-) -> RecordDict:
-    """Stage 2, after local training: weight, prepare, clip and mask. No plaintext update leaves."""
-    if MASK_REQUEST not in content:
+def masked_update(
+    delta: dict[str, np.ndarray], content: RecordDict, state: RecordDict, cfg: Config
+) -> tuple[RecordDict, int]:
+    """Stage 2, after local training: weight, clip to the quantizer's range, quantize and mask.
+
+    Institution-level DP has already been applied by ``client.site.run_local_round`` (L2 clip
+    to C and this site's noise share). Returns the MASKED and UPLOAD records and how many
+    coordinates were clipped; no plaintext update leaves.
+    """
+    if keys.MASK_REQUEST not in content:
         raise SecAggError(
             "`secagg.enabled` is true but the train message carries no mask request: "
             "refusing to send a plaintext update"
         )
-    conf = content.config_records["config"]
-    round_idx, weight = int(_number(conf, "round")), _number(conf, WEIGHT_KEY)
+    conf = content.config_records[keys.CONFIG]
+    round_idx, weight = int(_number(conf, keys.ROUND)), _number(conf, keys.WEIGHT)
     if not (np.isfinite(weight) and weight > 0):
-        raise SecAggError(f"`{WEIGHT_KEY}` must be a finite number > 0, got {weight!r}")
+        raise SecAggError(f"`{keys.WEIGHT}` must be a finite number > 0, got {weight!r}")
     client = _load(state, round_idx)
     # float64: float32 rounding of the weighted values would exceed the quantization error bound.
     weighted = flatten(delta).astype(np.float64) * weight
-    prepared = prepare_update(weighted, cfg, round_idx)
-    vec, clipped = clip_coordinates(prepared, cfg.quantizer_range)
-    upload = client.mask(vec, MaskRequest.from_dict(content.config_records[MASK_REQUEST]))
+    vec, clipped = clip_coordinates(weighted, cfg.quantizer_range)
+    request = MaskRequest.from_dict(content.config_records[keys.MASK_REQUEST])
+    upload = client.mask(vec, request)
     _save(state, client, round_idx)
     if clipped:
         logger.warning("secagg round %d: %d coordinate(s) clipped to the range", round_idx, clipped)
-    metrics["secagg-clipped"] = clipped
-    return RecordDict(
+    records = RecordDict(
         {
-            MASKED: ArrayRecord(array_dict={"masked": Array(upload.masked)}),
-            UPLOAD: ConfigRecord(upload.to_dict()),
-            "metrics": metrics,
+            keys.MASKED: ArrayRecord(array_dict={keys.MASKED_ARRAY: Array(upload.masked)}),
+            keys.UPLOAD: ConfigRecord(upload.to_dict()),
         }
     )
+    return records, clipped
 
 
 def unmask(content: RecordDict, state: RecordDict) -> RecordDict:
     """Stage 3: the shares that remove the masks; the client then forgets its secrets."""
-    request = UnmaskRequest.from_dict(content.config_records[UNMASK_REQUEST])
+    request = UnmaskRequest.from_dict(content.config_records[keys.UNMASK_REQUEST])
     client = _load(state, request.round_id)
     reply = client.unmask(request)
     _save(state, client, request.round_id)
-    return RecordDict({UNMASK_REPLY: ConfigRecord(reply.to_dict())})
+    return RecordDict({keys.UNMASK_REPLY: ConfigRecord(reply.to_dict())})
 
 
 def _number(record: ConfigRecord, key: str) -> float:
@@ -123,11 +101,11 @@ def _number(record: ConfigRecord, key: str) -> float:
 
 
 def _save(state: RecordDict, client: SecAggClient, round_idx: int) -> None:
-    state[STATE_KEY] = ConfigRecord({"client": client.to_bytes(), "round": round_idx})
+    state[keys.STATE_SECAGG] = ConfigRecord({"client": client.to_bytes(), "round": round_idx})
 
 
 def _load(state: RecordDict, round_idx: int) -> SecAggClient:
-    record = state.config_records.get(STATE_KEY)
+    record = state.config_records.get(keys.STATE_SECAGG)
     if record is None or record.get("round") != round_idx:
         raise SecAggError(
             f"no secure-aggregation state for round {round_idx} on this site: "

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 POLL_S = 0.25
 
@@ -42,3 +42,24 @@ def send_and_receive(
             break
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
     return replies
+
+
+def record_bytes(content: RecordDict, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of arrays and config values (Flower's ConfigRecord.count_bytes fails on [])."""
+    total = 0
+    for name, record in content.items():
+        if name in skip:
+            continue
+        if isinstance(record, ArrayRecord):
+            total += record.count_bytes()
+        elif isinstance(record, ConfigRecord):
+            total += sum(len(k) + _value_bytes(v) for k, v in record.items())
+    return total
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    return 1 if isinstance(value, bool) else 8

@@ -7,12 +7,10 @@ institution-level epsilon is accounted here over rounds with the site sampling r
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
-from common.core.adapters import flatten, unflatten
 from common.core.config import Config
 from common.privacy.accounting import (
     InstitutionAccountant,
@@ -20,17 +18,10 @@ from common.privacy.accounting import (
     institution_sample_rate,
 )
 from common.privacy.report import PrivacyLedger, report_text
-from server.strategy import SiteUpdate
+from common.protocol import keys
+from common.protocol.aggregate import SiteReport
 
 logger = logging.getLogger(__name__)
-
-
-def server_adds_noise(cfg: Config) -> bool:
-    """Institution-level noise is added by the coordinator (else by the sites, in shares)."""
-    inst = cfg.privacy.institution
-    return inst.enabled and (
-        inst.noise_at == "server" or (inst.noise_at == "auto" and not cfg.secagg.enabled)
-    )
 
 
 class ServerPrivacy:
@@ -48,32 +39,21 @@ class ServerPrivacy:
     def active(self) -> bool:
         return self.cfg.privacy.record.enabled or self.cfg.privacy.institution.enabled
 
-    def server_adds_noise(self) -> bool:
-        return server_adds_noise(self.cfg)
-
-    def noise_average(
-        self, average: dict[str, np.ndarray], contributors: int
-    ) -> OrderedDict[str, np.ndarray]:
-        """Gaussian noise of std sigma*C on the sum of clipped updates = sigma*C/n on the mean."""
+    def noise_sum(self, total: np.ndarray) -> np.ndarray:
+        """Gaussian noise of std sigma*C on the sum of clipped updates (the coordinator adds it)."""
         inst = self.cfg.privacy.institution
-        total = flatten(average).astype(np.float64) * contributors
-        noised = add_server_noise(
+        return add_server_noise(
             total, noise_multiplier=inst.noise_multiplier, clip_norm=inst.clip_norm
         )
-        return unflatten((noised / contributors).astype(np.float32), average)
 
     def record_round(
-        self, r: int, reports: list[SiteUpdate], declined: dict[str, str]
+        self, r: int, reports: list[SiteReport], declined: dict[str, str]
     ) -> dict[str, Any]:
         """Account round ``r``; returns the metrics row's privacy keys."""
         if not self.active:
             return {}
-        rec_eps = {
-            u.site: u.metrics["record-epsilon"] for u in reports if "record-epsilon" in u.metrics
-        }
-        rec_delta = {
-            u.site: u.metrics["record-delta"] for u in reports if "record-delta" in u.metrics
-        }
+        rec_eps = _reported(reports, keys.RECORD_EPSILON)
+        rec_delta = _reported(reports, keys.RECORD_DELTA)
         inst_eps = self.accountant.step_round() if self.accountant else None
         self.ledger.add(r, rec_eps, inst_eps, rec_delta, sorted(declined))
         return {
@@ -98,3 +78,7 @@ class ServerPrivacy:
             return {}
         totals = self.ledger.summary()
         return {**totals.to_dict(), "statement": report_text(totals)}
+
+
+def _reported(reports: list[SiteReport], key: str) -> dict[str, float]:
+    return {u.site: u.metrics[key] for u in reports if key in u.metrics}

@@ -1,6 +1,9 @@
 """The coordinator's round loop, top to bottom: preflight, rounds, outputs.
 
-A failed or empty round raises RoundError and stops the run; it never returns as a success.
+Each round gets its weighted sum from one of two sources, plain (server/plain_round.py) or secure
+(server/secagg_round.py); the min-sites rule, the institution-level noise and the step are the
+same for both (common/protocol/aggregate.py). A failed or empty round raises RoundError and stops
+the run; it never returns as a success.
 """
 
 from __future__ import annotations
@@ -20,39 +23,29 @@ from flwr.serverapp import Grid
 from common.core.adapters import (
     attach_lora,
     exchanged_keys,
-    flatten,
     frozen_fingerprint,
     get_state,
     set_state,
 )
 from common.core.config import Config
-from common.core.errors import FedtuneError, RoundError
+from common.core.errors import RoundError
 from common.core.models import load_base
 from common.core.records import Record, read_folder
 from common.core.tasks import evaluate
-from common.protocol.wire import config_record, from_record, to_record
+from common.protocol import keys
+from common.protocol.aggregate import RoundSum, apply_sum, require_min_sites, site_weights
+from common.protocol.wire import config_record
 from server import checkpoint
 from server.exchange import send_and_receive
 from server.outputs import RunWriter, dropouts
-from server.privacy_round import ServerPrivacy, server_adds_noise
+from server.plain_round import PlainRound
+from server.privacy_round import ServerPrivacy
 from server.secagg_round import SecAggRound
-from server.strategy import SiteSampler, SiteUpdate, WeightedFedAvg
+from server.strategy import SiteSampler
 
 logger = logging.getLogger(__name__)
 NODE_WAIT_S = 120.0
 NODE_POLL_S = 2.0
-
-
-@dataclass
-class RoundOutcome:
-    updates: list[SiteUpdate]
-    failed: dict[str, str]
-    bytes_up: int
-    # Secure aggregation: `updates` is the one aggregate (no site's own update is ever seen);
-    # `reports` the contributors' metrics (empty deltas); `extra` the secagg_* row keys.
-    reports: list[SiteUpdate] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    declined: dict[str, str] = field(default_factory=dict)  # site -> why (privacy budget)
 
 
 @dataclass
@@ -92,20 +85,19 @@ class FederatedRun:
         if ckpt:
             state, final, first, elapsed = self._restore(ckpt, keys, privacy)
             set_state(model, state)
-        strategy, sampler = WeightedFedAvg(self.cfg.federation), SiteSampler(self.cfg.federation)
-        noise = privacy.noise_average if privacy.server_adds_noise() else None
+        sampler = SiteSampler(self.cfg.federation)
+        noise = privacy.noise_sum if self.cfg.institution_noise_at == "server" else None
         for r in range(first, self.cfg.federation.rounds + 1):
             t0 = time.monotonic()
             sampled = sampler.sample(self._available(r, nodes), r)
-            outcome = self._train_round(r, sampled, state, fingerprint)
-            reports = outcome.reports if outcome.reports is not None else outcome.updates
-            state = strategy.apply(state, outcome.updates, noise, len(reports))
+            summed = self._train_round(r, sampled, state, fingerprint)
+            state = apply_sum(self.cfg, state, summed, noise)
             set_state(model, state)
             writer.adapter(model, r)
             if self._eval_due(r):
                 final = self._evaluate(model, loaded.tokenizer, test)
-            row = self._row(r, outcome, final if self._eval_due(r) else {}, len(sampled), state)
-            row.update(privacy.record_round(r, reports, outcome.declined))
+            row = self._row(r, summed, final if self._eval_due(r) else {}, len(sampled))
+            row.update(privacy.record_round(r, summed.reports, summed.declined))
             row["seconds"] = round(time.monotonic() - t0, 3)
             self._record(writer, row)
             wall = elapsed + time.monotonic() - start
@@ -194,8 +186,8 @@ class FederatedRun:
 
     def _preflight(self, nodes: list[int], fingerprint: str) -> None:
         """Every site checks its data and model before any training; any failure stops the run."""
-        content = lambda: RecordDict({"config": self._config(0, fingerprint)})  # noqa: E731
-        msgs = [Message(content(), dst_node_id=n, message_type="query.check") for n in nodes]
+        content = lambda: RecordDict({keys.CONFIG: self._config(0, fingerprint)})  # noqa: E731
+        msgs = [Message(content(), dst_node_id=n, message_type=keys.CHECK) for n in nodes]
         replies = send_and_receive(self.grid, msgs, self.cfg.federation.round_timeout_s)
         problems: list[str] = []
         for node, reply in replies.items():
@@ -203,7 +195,7 @@ class FederatedRun:
                 problems.append(f"site on node {node}: {reply.error.reason}")
                 continue
             try:
-                self._register_site(node, reply.content.config_records["site"], fingerprint)
+                self._register_site(node, reply.content.config_records[keys.SITE], fingerprint)
             except (KeyError, ValueError, RoundError) as err:
                 problems.append(f"site on node {node}: {err}")
         missing = set(nodes) - set(replies)
@@ -217,141 +209,71 @@ class FederatedRun:
 
     def _register_site(self, node: int, info: Any, fingerprint: str) -> None:
         """Record a site's preflight answer: a unique name, its counts, the same frozen A."""
-        name = str(info["name"])
+        name = str(info[keys.NAME])
         if name in self.site_records:
             raise RoundError(f"site name `{name}` is used by two nodes (`site-name`)")
-        if str(info["fingerprint"]) != fingerprint:
+        if str(info[keys.FINGERPRINT]) != fingerprint:
             raise RoundError(
                 f"`{name}`'s frozen LoRA A differs from the coordinator's (same base model, "
                 "`lora` settings and fedtune version needed)"
             )
         self.site_names[node] = name
-        self.site_records[name] = int(str(info["records"]))
-        prep = {k[8:]: int(str(v)) for k, v in info.items() if k.startswith("prepare:")}
+        self.site_records[name] = int(str(info[keys.RECORDS]))
+        prefix = keys.PREPARE_PREFIX
+        prep = {k[len(prefix) :]: int(str(v)) for k, v in info.items() if k.startswith(prefix)}
         if prep:
             self.site_prepare[name] = prep
 
     def _config(self, round_idx: int, fingerprint: str) -> Any:
         return config_record(
             self.cfg,
-            round=round_idx,
-            fingerprint=fingerprint,
-            data_root=self.data_root,
-            run_id=self.run_id,
+            {
+                keys.ROUND: round_idx,
+                keys.FINGERPRINT: fingerprint,
+                keys.DATA_ROOT: self.data_root,
+                keys.RUN_ID: self.run_id,
+            },
         )
 
     # -- one round ---------------------------------------------------------------------------
     def _train_round(
         self, r: int, sampled: list[int], state: dict[str, np.ndarray], fingerprint: str
-    ) -> RoundOutcome:
-        if self.cfg.secagg.enabled:
-            records = {n: self.site_records[self.site_names[n]] for n in sampled}
-            driver = SecAggRound(self.grid, self.cfg, r, self.site_names, records)
-            result = driver.run(state, self._config(r, fingerprint))
-            stats = result.stats
-            self._bytes_down = stats.bytes_down
-            aggregate = SiteUpdate(
-                f"secure sum of {len(stats.reports)}", result.delta, result.records, {}
-            )
-            failed = {k: v for k, v in stats.failed.items() if k not in stats.declined}
-            return RoundOutcome(
-                [aggregate], failed, stats.bytes_up, stats.reports, stats.row(), stats.declined
-            )
-        payload = to_record(state)
-        self._bytes_down = payload.count_bytes() * len(sampled)
-        msgs = [
-            Message(
-                RecordDict({"adapter": payload, "config": self._config(r, fingerprint)}),
-                dst_node_id=n,
-                message_type="train",
-                group_id=str(r),
-            )
-            for n in sampled
-        ]
-        replies = send_and_receive(self.grid, msgs, self.cfg.federation.round_timeout_s)
-        outcome = self._collect(replies, sampled, state)
-        if len(outcome.updates) < self.cfg.federation.min_sites:
-            problems = {**outcome.failed, **outcome.declined}
-            detail = "; ".join(f"{s}: {e}" for s, e in problems.items()) or "none failed"
-            raise RoundError(
-                f"round {r}: {len(outcome.updates)} site(s) succeeded, "
-                f"`federation.min_sites` is {self.cfg.federation.min_sites} ({detail})"
-            )
-        return outcome
+    ) -> RoundSum:
+        """The round's weighted sum, from the plain or the secure source; too few fails it."""
+        records = {n: self.site_records[self.site_names[n]] for n in sampled}
+        weights = site_weights(self.cfg, records)
+        source = SecAggRound if self.cfg.secagg.enabled else PlainRound
+        summed = source(self.grid, self.cfg, r, self.site_names, weights).run(
+            state, self._config(r, fingerprint)
+        )
+        require_min_sites(self.cfg, r, len(summed.reports), {**summed.failed, **summed.declined})
+        return summed
 
-    def _collect(
-        self, replies: dict[int, Message], sampled: list[int], state: dict[str, np.ndarray]
-    ) -> RoundOutcome:
-        outcome = RoundOutcome([], {}, 0)
-        for node, reply in replies.items():
-            name = self.site_names.get(node, str(node))
-            if reply.has_error():
-                outcome.failed[name] = str(reply.error.reason)
-                logger.warning("site %s failed this round: %s", name, reply.error.reason)
-                continue
-            if "declined" in reply.content:
-                reason = str(reply.content.config_records["declined"]["reason"])
-                outcome.declined[name] = reason
-                logger.warning("site %s declined this round: %s", name, reason)
-                continue
-            try:
-                record = reply.content.array_records["update"]
-                delta = from_record(record, expected=state)
-                self._check_norm(delta)
-                raw = reply.content.metric_records["metrics"]
-                metrics = {k: float(str(v)) for k, v in raw.items()}
-                records = int(metrics["num-examples"])
-            except (FedtuneError, KeyError, ValueError, TypeError) as err:
-                outcome.failed[name] = f"malformed update rejected: {err}"
-                logger.warning("site %s: malformed update rejected: %s", name, err)
-                continue
-            outcome.bytes_up += record.count_bytes()
-            outcome.updates.append(SiteUpdate(name, delta, records, metrics))
-        for node in sorted(set(sampled) - set(replies)):
-            name = self.site_names.get(node, str(node))
-            outcome.failed[name] = "no reply within `federation.round_timeout_s`"
-            logger.warning("site %s did not reply in time", name)
-        return outcome
-
-    def _check_norm(self, delta: dict[str, np.ndarray]) -> None:
-        """With institution-level DP and the noise added here, every update must be clipped."""
-        inst = self.cfg.privacy.institution
-        if not server_adds_noise(self.cfg):
-            return
-        norm = float(np.linalg.norm(flatten(delta)))
-        if norm > inst.clip_norm * (1 + 1e-4):
-            raise RoundError(f"update norm {norm:.4g} exceeds `privacy.institution.clip_norm`")
-
-    def _row(
-        self,
-        r: int,
-        outcome: RoundOutcome,
-        ev: dict[str, float],
-        sampled: int,
-        state: dict[str, Any],
-    ) -> dict[str, Any]:
-        reports = outcome.updates if outcome.reports is None else outcome.reports
-        with_loss = [u for u in reports if "train-loss" in u.metrics]
+    def _row(self, r: int, summed: RoundSum, ev: dict[str, float], sampled: int) -> dict[str, Any]:
+        reports = summed.reports
+        with_loss = [u for u in reports if keys.TRAIN_LOSS in u.metrics]
         weights = np.array([u.records for u in with_loss], dtype=np.float64)
-        losses = np.array([u.metrics["train-loss"] for u in with_loss])
+        losses = np.array([u.metrics[keys.TRAIN_LOSS] for u in with_loss])
         # Sites report no loss under record-level DP or secure aggregation (it is not private).
         train_loss = float((weights * losses).sum() / weights.sum()) if with_loss else None
         row: dict[str, Any] = {
             "round": r,
             "sites": sorted(u.site for u in reports),
             "sites_sampled": sampled,
-            "sites_failed": outcome.failed,
+            "sites_failed": summed.failed,
             "sites_offline": sorted(str(self.site_names.get(n, n)) for n in self._offline),
             "train_loss": train_loss,
-            "site_train_loss": {u.site: u.metrics["train-loss"] for u in with_loss},
+            "site_train_loss": {u.site: u.metrics[keys.TRAIN_LOSS] for u in with_loss},
             "site_seconds": {
-                u.site: u.metrics["site-seconds"] for u in with_loss if "site-seconds" in u.metrics
+                u.site: u.metrics[keys.SITE_SECONDS]
+                for u in with_loss
+                if keys.SITE_SECONDS in u.metrics
             },
-            "bytes_up": outcome.bytes_up,
-            "bytes_down": self._bytes_down,
+            "bytes_up": summed.bytes_up,
+            "bytes_down": summed.bytes_down,
         }
         row.update({f"eval_{k}": v for k, v in ev.items() if k != "examples"})
-        row.update(outcome.extra)
+        row.update(summed.extra)
         return row
 
     def _record(self, writer: RunWriter, row: dict[str, Any]) -> None:

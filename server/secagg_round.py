@@ -5,40 +5,27 @@ mask request (the site trains, then uploads a masked vector and encrypted shares
 ``query.secagg_unmask``. The coordinator only ever holds masked vectors and the final sum.
 
 Flower node ids (uint64) map to protocol site ids 0..n-1 by sorted node id. Sites pre-multiply
-their update by a public weight ``w_i`` (records / mean records of the sampled sites, from
-preflight; 1 without record weighting); the server divides the unmasked sum by the contributors'
-``sum w_i``, which equals WeightedFedAvg's average. ``server_lr`` is applied by the strategy.
+their update by their public weight ``w_i`` (common/protocol/aggregate.py: site_weights); the
+unmasked sum and the contributors' ``sum w_i`` are this path's RoundSum. What happens to it (the
+min-sites rule, noise, the step) is shared with the plain path.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.core.adapters import unflatten
 from common.core.config import Config
 from common.core.errors import RoundError, SecAggError
-from common.protocol.secagg_keys import (
-    ADVERT,
-    KEYS_QUERY,
-    MASK_REQUEST,
-    MASKED,
-    SETUP,
-    UNMASK_QUERY,
-    UNMASK_REPLY,
-    UNMASK_REQUEST,
-    UPLOAD,
-    WEIGHT_KEY,
-)
-from common.protocol.wire import to_record
+from common.protocol import keys
+from common.protocol.aggregate import RoundSum, SiteReport, require_min_sites
+from common.protocol.wire import declined_reason, metrics_of, to_record
 from common.secagg import (
     AggregateResult,
     KeyAdvert,
@@ -47,39 +34,10 @@ from common.secagg import (
     SecAggServer,
     UnmaskReply,
 )
-from server.exchange import send_and_receive
-from server.strategy import SiteUpdate
+from server.exchange import record_bytes, send_and_receive
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class SecAggStats:
-    """What a round under secure aggregation reports (never an individual update)."""
-
-    reports: list[SiteUpdate] = field(default_factory=list)  # contributors' metrics, no delta
-    failed: dict[str, str] = field(default_factory=dict)  # site -> reason
-    dropped: dict[str, str] = field(default_factory=dict)  # site -> stage it dropped at
-    bytes_up: int = 0
-    bytes_down: int = 0
-    error_bound: float = 0.0  # per coordinate, on the averaged update, in-range inputs
-    clipped: int = 0  # coordinates clipped to `secagg.clip_range`, summed over sites
-    declined: dict[str, str] = field(default_factory=dict)  # site -> why (privacy budget)
-
-    def row(self) -> dict[str, Any]:
-        return {
-            "secagg_error_bound": self.error_bound,
-            "secagg_dropped": self.dropped,
-            "secagg_clipped": self.clipped,
-        }
-
-
-@dataclass
-class SecAggRoundResult:
-    delta: OrderedDict[str, np.ndarray]  # sum_i w_i delta_i / sum_i w_i over contributors
-    records: int  # contributors' records
-    stats: SecAggStats
 
 
 def threshold_for(cfg: Config, sampled: int) -> int:
@@ -96,43 +54,47 @@ class SecAggRound:
         cfg: Config,
         round_idx: int,
         names: Mapping[int, str],
-        records: Mapping[int, int],
+        weights: Mapping[int, float],
     ) -> None:
         self.grid, self.cfg, self.r = grid, cfg, round_idx
-        self.nodes = sorted(records)
+        self.nodes = sorted(weights)
         self.site_of = {node: i for i, node in enumerate(self.nodes)}
         self.names = {node: names.get(node, str(node)) for node in self.nodes}
-        self.weights = _weights(cfg, records, self.nodes)
+        self.weights = weights
         self.params = SecAggParams(
             threshold=threshold_for(cfg, len(self.nodes)),
             neighbours=cfg.secagg.neighbours,
             modulus_bits=cfg.secagg.modulus_bits,
             clip_range=cfg.quantizer_range,
         )
-        self.stats = SecAggStats()
+        self.summed = RoundSum(np.zeros(0), 0.0, [])
+        self.dropped: dict[str, str] = {}  # site -> stage it dropped at
+        self.clipped = 0  # coordinates clipped to the quantizer's range, summed over sites
 
-    def run(self, state: dict[str, np.ndarray], config: ConfigRecord) -> SecAggRoundResult:
+    def run(self, state: dict[str, np.ndarray], config: ConfigRecord) -> RoundSum:
         """All three stages; SecAggError (too few sites at any stage) becomes RoundError."""
         try:
             server = SecAggServer(self.params, self.r, range(len(self.nodes)))
             adverts = self._keys()
             request = server.mask_request({self.site_of[n]: a for n, a in adverts.items()})
             self._train(server, request.to_dict(), state, config, list(adverts))
-            self._require_min_sites()
+            # Before anything is unmasked: a sum of too few sites is never revealed.
+            problems = {**self.summed.failed, **self.summed.declined}
+            require_min_sites(self.cfg, self.r, len(self.summed.reports), problems)
             replies = self._unmask(server.unmask_requests())
             result = server.finish(replies)
         except SecAggError as err:
             raise RoundError(f"round {self.r}: secure aggregation aborted: {err}") from err
-        return self._average(result, state)
+        return self._sum(result)
 
     # -- stages ------------------------------------------------------------------------------
     def _keys(self) -> dict[int, KeyAdvert]:
-        contents = {n: RecordDict({SETUP: self._setup(n)}) for n in self.nodes}
-        replies = self._exchange("keys", f"query.{KEYS_QUERY}", contents)
+        contents = {n: RecordDict({keys.SETUP: self._setup(n)}) for n in self.nodes}
+        replies = self._exchange("keys", keys.KEYS, contents)
         return self._parse(
             "keys",
             replies,
-            lambda n, c: self._own(n, KeyAdvert.from_dict(c.config_records[ADVERT])),
+            lambda n, c: self._own(n, KeyAdvert.from_dict(c.config_records[keys.ADVERT])),
         )
 
     def _train(
@@ -148,67 +110,65 @@ class SecAggRound:
         contents = {
             n: RecordDict(
                 {
-                    "adapter": adapter,
-                    "config": ConfigRecord({**config, WEIGHT_KEY: self.weights[n]}),
-                    MASK_REQUEST: mask_request,
+                    keys.ADAPTER: adapter,
+                    keys.CONFIG: ConfigRecord({**config, keys.WEIGHT: self.weights[n]}),
+                    keys.MASK_REQUEST: mask_request,
                 }
             )
             for n in nodes
         }
-        replies = self._exchange("train", "train", contents)
+        replies = self._exchange("train", keys.TRAIN, contents)
         self._parse("train", replies, lambda n, c: self._upload(server, n, c, size))
 
     def _upload(self, server: SecAggServer, node: int, content: RecordDict, size: int) -> None:
         """Check one site's upload and add it to the masked sum; keep its metrics only."""
-        if "declined" in content:  # over its privacy budget: a dropout, said out loud
-            reason = str(content.config_records["declined"]["reason"])
-            self.stats.declined[self.names[node]] = reason
+        reason = declined_reason(content)
+        if reason is not None:  # over its privacy budget: a dropout, said out loud
+            self.summed.declined[self.names[node]] = reason
             raise SecAggError(f"declined: {reason}")
-        metrics = {k: float(v) for k, v in content.metric_records["metrics"].items()}  # type: ignore[arg-type]
-        report = SiteUpdate(self.names[node], {}, int(metrics["num-examples"]), metrics)
-        masked = content.array_records[MASKED]["masked"].numpy()
+        metrics = metrics_of(content)
+        report = SiteReport(self.names[node], int(metrics[keys.NUM_EXAMPLES]), metrics)
+        masked = content.array_records[keys.MASKED][keys.MASKED_ARRAY].numpy()
         if masked.shape != (size,):
             raise SecAggError(f"masked vector has shape {masked.shape}, expected ({size},)")
-        upload = MaskedUpload.from_dict(content.config_records[UPLOAD], masked)
+        upload = MaskedUpload.from_dict(content.config_records[keys.UPLOAD], masked)
         server.add_upload(self._own(node, upload))  # raises before adding anything
-        self.stats.clipped += int(metrics.get("secagg-clipped", 0))
-        self.stats.reports.append(report)
+        self.clipped += int(metrics.get(keys.SECAGG_CLIPPED, 0))
+        self.summed.reports.append(report)
 
     def _unmask(self, requests: Mapping[int, Any]) -> dict[int, UnmaskReply]:
         contents = {
-            self.nodes[s]: RecordDict({UNMASK_REQUEST: ConfigRecord(req.to_dict())})
+            self.nodes[s]: RecordDict({keys.UNMASK_REQUEST: ConfigRecord(req.to_dict())})
             for s, req in requests.items()
         }
-        replies = self._exchange("unmask", f"query.{UNMASK_QUERY}", contents)
+        replies = self._exchange("unmask", keys.UNMASK, contents)
         parsed = self._parse(
             "unmask",
             replies,
-            lambda n, c: self._own(n, UnmaskReply.from_dict(c.config_records[UNMASK_REPLY])),
+            lambda n, c: self._own(n, UnmaskReply.from_dict(c.config_records[keys.UNMASK_REPLY])),
         )
         return {self.site_of[n]: reply for n, reply in parsed.items()}
 
-    def _require_min_sites(self) -> None:
-        count, needed = len(self.stats.reports), self.cfg.federation.min_sites
-        if count < needed:
-            detail = "; ".join(f"{s}: {e}" for s, e in self.stats.failed.items()) or "none failed"
-            raise RoundError(
-                f"round {self.r}: {count} site(s) succeeded, `federation.min_sites` is "
-                f"{needed} ({detail})"
-            )
-
-    def _average(self, result: AggregateResult, state: dict[str, np.ndarray]) -> SecAggRoundResult:
+    def _sum(self, result: AggregateResult) -> RoundSum:
         contributors = [self.nodes[s] for s in result.contributors]
-        total_weight = float(sum(self.weights[n] for n in contributors))
-        self.stats.error_bound = result.error_bound / total_weight
-        delta = unflatten(result.total / total_weight, state)
-        records = sum(r.records for r in self.stats.reports)
+        summed = self.summed
+        # A site that declined also dropped out of the protocol; it is reported as declined only.
+        summed.failed = {k: v for k, v in summed.failed.items() if k not in summed.declined}
+        summed.total = result.total
+        summed.weight = float(sum(self.weights[n] for n in contributors))
+        bound = result.error_bound / summed.weight  # per coordinate, on the averaged update
+        summed.extra = {
+            "secagg_error_bound": bound,
+            "secagg_dropped": self.dropped,
+            "secagg_clipped": self.clipped,
+        }
         logger.info(
             "round %d: secure sum of %d site(s), error bound %.3g per coordinate",
             self.r,
             len(contributors),
-            self.stats.error_bound,
+            bound,
         )
-        return SecAggRoundResult(delta, records, self.stats)
+        return summed
 
     # -- plumbing ----------------------------------------------------------------------------
     def _setup(self, node: int) -> ConfigRecord:
@@ -224,7 +184,7 @@ class SecAggRound:
             Message(c, dst_node_id=n, message_type=message_type, group_id=str(self.r))
             for n, c in contents.items()
         ]
-        self.stats.bytes_down += sum(record_bytes(c) for c in contents.values())
+        self.summed.bytes_down += sum(record_bytes(c) for c in contents.values())
         timeout = self.cfg.federation.round_timeout_s
         good: dict[int, RecordDict] = {}
         for node, reply in send_and_receive(self.grid, msgs, timeout).items():
@@ -234,9 +194,9 @@ class SecAggRound:
                 self._drop(node, stage, str(reply.error.reason))
             else:
                 good[node] = reply.content
-                self.stats.bytes_up += record_bytes(reply.content, skip=("metrics",))
+                self.summed.bytes_up += record_bytes(reply.content, skip=(keys.METRICS,))
         for node in sorted(set(contents) - set(good)):
-            if self.names[node] not in self.stats.dropped:
+            if self.names[node] not in self.dropped:
                 self._drop(node, stage, "no reply within `federation.round_timeout_s`")
         return good
 
@@ -261,37 +221,6 @@ class SecAggRound:
         """A site lost at `keys` or `train` is not in the sum; one lost at `unmask` still is."""
         name = self.names[node]
         if stage != "unmask":
-            self.stats.failed[name] = f"secagg {stage}: {reason}"
-        self.stats.dropped[name] = stage
+            self.summed.failed[name] = f"secagg {stage}: {reason}"
+        self.dropped[name] = stage
         logger.warning("site %s dropped at secagg stage `%s`: %s", name, stage, reason)
-
-
-def _weights(cfg: Config, records: Mapping[int, int], nodes: list[int]) -> dict[int, float]:
-    """Public per-site weights with mean 1 over the sampled sites (records weighting), else 1."""
-    if cfg.site_weighting != "records":
-        return {n: 1.0 for n in nodes}
-    mean = sum(records[n] for n in nodes) / len(nodes)
-    if mean <= 0:
-        raise RoundError("site weights sum to zero (every site reported 0 records)")
-    return {n: records[n] / mean for n in nodes}
-
-
-def record_bytes(content: RecordDict, skip: tuple[str, ...] = ()) -> int:
-    """Bytes of arrays and config values (Flower's ConfigRecord.count_bytes fails on [])."""
-    total = 0
-    for name, record in content.items():
-        if name in skip:
-            continue
-        if isinstance(record, ArrayRecord):
-            total += record.count_bytes()
-        elif isinstance(record, ConfigRecord):
-            total += sum(len(k) + _value_bytes(v) for k, v in record.items())
-    return total
-
-
-def _value_bytes(value: Any) -> int:
-    if isinstance(value, list):
-        return sum(_value_bytes(v) for v in value)
-    if isinstance(value, (bytes, str)):
-        return len(value)
-    return 1 if isinstance(value, bool) else 8

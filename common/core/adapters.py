@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ def flatten(state: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([v.ravel() for v in state.values()]).astype(np.float32)
 
 
-def unflatten(vec: np.ndarray, like: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+def unflatten(vec: np.ndarray, like: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     offset = 0
     for key, ref in like.items():

@@ -1,4 +1,5 @@
-"""What crosses the wire: adapter arrays <-> Flower ArrayRecords, and the round's config.
+"""How a round's records are built and read: adapter arrays <-> ArrayRecords, the round's config,
+metrics and declines (the names are in common/protocol/keys.py).
 
 The server sends the resolved config tree as one JSON string, so every site trains with exactly the
 coordinator's settings; site-local settings (data folder, name, budgets) come from node config.
@@ -8,15 +9,15 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.core.config import Config, build_config
 from common.core.errors import ModelError
-
-CONFIG_KEY = "fedtune-config"
+from common.protocol import keys
 
 
 def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -44,11 +45,33 @@ def from_record(
     return state
 
 
-def config_record(cfg: Config, **extra: Any) -> ConfigRecord:
-    payload: dict[str, Any] = {CONFIG_KEY: json.dumps(cfg.model_dump(mode="json"))}
-    payload.update({k.replace("_", "-"): v for k, v in extra.items()})
-    return ConfigRecord(payload)
+def config_record(cfg: Config, extra: Mapping[str, Any]) -> ConfigRecord:
+    """The CONFIG record: the whole resolved tree plus the round's keys (ROUND, RUN_ID, ...)."""
+    return ConfigRecord({keys.CONFIG_TREE: json.dumps(cfg.model_dump(mode="json")), **extra})
 
 
 def config_from_record(record: ConfigRecord) -> Config:
-    return build_config(json.loads(str(record[CONFIG_KEY])), "round config")
+    return build_config(json.loads(str(record[keys.CONFIG_TREE])), "round config")
+
+
+def declined(name: str, reason: str, records: int) -> RecordDict:
+    """A site's reply when it declines the round (e.g. over its privacy budget)."""
+    return RecordDict(
+        {
+            keys.DECLINED: ConfigRecord({keys.NAME: name, keys.REASON: reason}),
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: records}),
+        }
+    )
+
+
+def declined_reason(content: RecordDict) -> str | None:
+    """Why the site declined, or None if the reply is not a decline."""
+    if keys.DECLINED not in content:
+        return None
+    return str(content.config_records[keys.DECLINED][keys.REASON])
+
+
+def metrics_of(content: RecordDict) -> dict[str, float]:
+    """The reply's metrics as floats (KeyError/ValueError on a malformed record)."""
+    raw = content.metric_records[keys.METRICS]
+    return {k: float(str(v)) for k, v in raw.items()}

@@ -13,11 +13,11 @@ from common.core.adapters import (
     set_state,
     unflatten,
 )
-from common.core.config import FederationConfig
+from common.core.config import Config, FederationConfig
 from common.core.errors import ModelError
 from common.core.models import build_tiny
+from common.protocol.aggregate import RoundSum, apply_sum, site_weights
 from common.protocol.wire import from_record, to_record
-from server.strategy import SiteUpdate, WeightedFedAvg
 
 
 def peft_model(cfg):
@@ -71,29 +71,32 @@ def test_bad_state_is_rejected_with_the_key(tiny_cfg):
         from_record(to_record({"x": np.zeros(3, np.float32)}), expected=state)
 
 
+def _plain_sum(cfg, deltas, records):
+    """The plain path's sum, as server/plain_round.py builds it from the public weights."""
+    weights = site_weights(cfg, dict(enumerate(records)))
+    total = sum(weights[i] * flatten(d).astype(np.float64) for i, d in enumerate(deltas))
+    return RoundSum(total, sum(weights.values()), [])
+
+
 def test_weighted_fedavg_matches_numpy_reference():
     rng = np.random.default_rng(1)
     glob = {
         "w": rng.normal(size=(4, 3)).astype(np.float32),
         "b": rng.normal(size=5).astype(np.float32),
     }
-    updates = [
-        SiteUpdate(
-            f"s{i}",
-            {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()},
-            n,
-            {},
-        )
-        for i, n in enumerate([10, 30, 60])
+    deltas = [
+        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()} for _ in range(3)
     ]
-    new = WeightedFedAvg(FederationConfig(server_lr=0.5)).apply(glob, updates)
+    cfg = Config(federation=FederationConfig(server_lr=0.5))
+    new = apply_sum(cfg, glob, _plain_sum(cfg, deltas, [10, 30, 60]))
     w = np.array([10, 30, 60]) / 100
     for k in glob:
-        ref = glob[k] + 0.5 * sum(wi * u.delta[k] for wi, u in zip(w, updates, strict=True))
+        ref = glob[k] + 0.5 * sum(wi * d[k] for wi, d in zip(w, deltas, strict=True))
         np.testing.assert_allclose(new[k], ref, rtol=1e-6, atol=1e-6)
-    uniform = WeightedFedAvg(FederationConfig(weighting="uniform")).average(updates)
+    uniform = Config(federation=FederationConfig(weighting="uniform"))
+    new = apply_sum(uniform, glob, _plain_sum(uniform, deltas, [10, 30, 60]))
     np.testing.assert_allclose(
-        uniform["b"], np.mean([u.delta["b"] for u in updates], axis=0), rtol=1e-6
+        new["b"] - glob["b"], np.mean([d["b"] for d in deltas], axis=0), rtol=1e-5, atol=1e-6
     )
 
 
@@ -103,26 +106,20 @@ def test_ffa_average_of_b_equals_average_of_b_times_a(tiny_cfg):
     keys = exchanged_keys(model, tiny_cfg.lora)
     glob = get_state(model, keys)
     rng = np.random.default_rng(2)
-    updates = [
-        SiteUpdate(
-            f"s{i}",
-            {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()},
-            n,
-            {},
-        )
-        for i, n in enumerate([5, 7, 11])
+    deltas = [
+        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()} for _ in range(3)
     ]
-    new = WeightedFedAvg(FederationConfig()).apply(glob, updates)
+    new = apply_sum(tiny_cfg, glob, _plain_sum(tiny_cfg, deltas, [5, 7, 11]))
     weights = np.array([5, 7, 11]) / 23
     module = model.base_model.model.model.layers[0].self_attn.q_proj
     a = module.lora_A["default"].weight.detach().numpy().astype(np.float64)
     key = next(k for k in keys if "layers.0.self_attn.q_proj.lora_B" in k)
-    site_products = [(glob[key] + u.delta[key]).astype(np.float64) @ a for u in updates]
+    site_products = [(glob[key] + d[key]).astype(np.float64) @ a for d in deltas]
     expected = sum(w * p for w, p in zip(weights, site_products, strict=True))
     np.testing.assert_allclose(new[key].astype(np.float64) @ a, expected, rtol=1e-5, atol=1e-6)
     # ...while averaging A and B separately is not exact (the reason ffa is the default).
-    a_sites = [a + rng.normal(size=a.shape) for _ in updates]
-    b_sites = [glob[key] + u.delta[key] for u in updates]
+    a_sites = [a + rng.normal(size=a.shape) for _ in deltas]
+    b_sites = [glob[key] + d[key] for d in deltas]
     separate = sum(w * b for w, b in zip(weights, b_sites, strict=True)) @ sum(
         w * x for w, x in zip(weights, a_sites, strict=True)
     )

@@ -1,0 +1,98 @@
+"""The aggregation rule both round paths share (docs/architecture.md, "One round").
+
+Plain FedAvg and secure aggregation differ only in how the weighted sum of the sites' updates is
+obtained: the coordinator adds the plain updates itself, or unmasks the sum of masked ones. What
+follows is written once, here:
+
+- the public weights ``w_i`` (records / mean records of the round's sampled sites, from preflight;
+  1 with uniform weighting), which plain sums apply at the coordinator and secure sites apply
+  before masking;
+- the min-sites rule (a round with fewer contributors than ``federation.min_sites`` fails);
+- the step: ``new = global + server_lr * (sum_i w_i delta_i [+ noise]) / sum_i w_i``, with the
+  institution-level noise added to the sum when the coordinator is the one adding it.
+
+Under ``ffa`` the deltas are of B only (A shared and frozen): the average is the exact average of
+the sites' weight deltas B_i·A; under ``fedavg`` it averages A and B separately.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.core.adapters import unflatten
+from common.core.config import Config
+from common.core.errors import RoundError
+
+# Noise on the sum: flat float64 vector in, same shape out.
+SumNoise = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class SiteReport:
+    """What one contributor reports besides its update (the update itself is only ever summed)."""
+
+    site: str
+    records: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundSum:
+    """What a round's sum source returns: the weighted sum and who is in it, never an update."""
+
+    total: np.ndarray  # (d,) float64: sum_i w_i * delta_i over the contributors, flattened
+    weight: float  # sum_i w_i over the same contributors
+    reports: list[SiteReport]  # the contributors
+    failed: dict[str, str] = field(default_factory=dict)  # site -> why (not in the sum)
+    declined: dict[str, str] = field(default_factory=dict)  # site -> why (privacy budget)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # path-specific metrics row keys
+
+
+def site_weights(cfg: Config, records: Mapping[int, int]) -> dict[int, float]:
+    """Public weights of the sampled nodes: mean 1 with record weighting, else all 1."""
+    if cfg.site_weighting != "records":
+        return {n: 1.0 for n in records}
+    mean = sum(records.values()) / max(1, len(records))
+    if mean <= 0:
+        raise RoundError("site weights sum to zero (every site reported 0 records)")
+    return {n: records[n] / mean for n in records}
+
+
+def require_min_sites(
+    cfg: Config, round_idx: int, contributors: int, problems: Mapping[str, str]
+) -> None:
+    """The min-sites rule: fewer contributors than `federation.min_sites` fails the round."""
+    needed = cfg.federation.min_sites
+    if contributors >= needed:
+        return
+    detail = "; ".join(f"{s}: {e}" for s, e in problems.items()) or "none failed"
+    raise RoundError(
+        f"round {round_idx}: {contributors} site(s) succeeded, "
+        f"`federation.min_sites` is {needed} ({detail})"
+    )
+
+
+def apply_sum(
+    cfg: Config,
+    global_state: Mapping[str, np.ndarray],
+    summed: RoundSum,
+    noise: SumNoise | None = None,
+) -> OrderedDict[str, np.ndarray]:
+    """Step the global adapter by the (optionally noised) weighted average of the round."""
+    if summed.weight <= 0:
+        raise RoundError("no site updates to aggregate")
+    total = summed.total.astype(np.float64)
+    if noise is not None:
+        total = noise(total)
+    average = unflatten((total / summed.weight).astype(np.float32), global_state)
+    lr = cfg.federation.server_lr
+    return OrderedDict(
+        (k, (global_state[k] + lr * average[k]).astype(np.float32)) for k in global_state
+    )
