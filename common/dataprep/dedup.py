@@ -230,6 +230,8 @@ def _near_passes(
 ) -> None:
     hasher = MinHasher(cfg)
     packed = hasher.shingles([normalized[i] for i in alive])
+    if not len(packed):
+        return  # no text has a shingle (or there are no texts): nothing can be near another
     bounds = np.searchsorted(packed >> np.uint64(32), np.arange(len(alive) + 1, dtype=np.uint64))
     signatures = hasher.signatures(packed, len(alive))
     sets = {i: packed[bounds[k] : bounds[k + 1]] & _MAX32 for k, i in enumerate(alive)}

@@ -129,6 +129,12 @@ def test_exact_duplicates_are_normalized_and_first_is_kept() -> None:
     assert dups.of == {2: 0} and dups.exact == 1 and dups.kind == {2: "exact"}
 
 
+def test_no_records_means_no_duplicates() -> None:
+    # `data check` on a folder of empty files gets here with no documents at all.
+    dups = find_duplicates([], DedupConfig())
+    assert dups.of == {} and dups.exact == dups.near == 0
+
+
 def test_near_duplicates_above_and_below_threshold() -> None:
     one_word = WORDS.replace("mild", "severe")
     many = WORDS.replace("mild", "a").replace("second", "b").replace("two", "c")
