@@ -37,8 +37,9 @@ from common.core.adapters import (
 from common.core.config import Config
 from common.core.errors import DataError, ModelError
 from common.core.models import load_base
-from common.core.records import Record, read_folder
+from common.core.records import Record
 from common.core.tasks import Encoded, encode
+from common.dataprep.onthefly import load_prepared
 
 logger = logging.getLogger(__name__)
 
@@ -111,20 +112,9 @@ def site_model(cfg: Config) -> SiteModel:
 
 
 def load_records(site: SiteInfo, cfg: Config) -> list[Record]:
-    """The site's records; prepared on the fly when `data.prepare` enables a rule.
-
-    The preparation counts (numbers only) are then available from
-    ``common.dataprep.onthefly.last_counts(site.data_dir)`` for the run's metrics.
-    """
-    records = read_folder(site.data_dir, cfg.data.form, cfg.data.labels)
-    if not cfg.data.prepare.enabled:
-        return records
-    from common.dataprep.onthefly import prepare_records
-
-    prepared, _ = prepare_records(records, cfg.data.prepare, site.data_dir)
-    if not prepared:
-        raise DataError(f"data folder `{site.data_dir}`: no records left after `data.prepare`")
-    return prepared
+    """The site's records; prepared on the fly when `data.prepare` enables a rule."""
+    records, _ = load_prepared(site.data_dir, cfg.data)
+    return records
 
 
 def split_eval(records: list[Record], cfg: Config, seed: int) -> tuple[list[Record], list[Record]]:
@@ -136,8 +126,11 @@ def split_eval(records: list[Record], cfg: Config, seed: int) -> tuple[list[Reco
 
 
 def check_site(site: SiteInfo, cfg: Config) -> dict[str, Any]:
-    """Preflight: data readable and valid, model loadable. Returns counts only."""
-    records = load_records(site, cfg)
+    """Preflight: data readable and valid (read as training reads it), model loadable.
+
+    Returns counts only, with those of `data.prepare` when a rule is on (never contents).
+    """
+    records, prepare_counts = load_prepared(site.data_dir, cfg.data)
     sm = site_model(cfg)
     encoded = encode(records, sm.tokenizer, cfg)
     train, held = split_eval(records, cfg, cfg.train.seed + site.index)
@@ -147,10 +140,7 @@ def check_site(site: SiteInfo, cfg: Config) -> dict[str, Any]:
         "max-tokens": max(len(e.input_ids) for e in encoded),
         "fingerprint": sm.fingerprint,
     }
-    if cfg.data.prepare.enabled:  # counts only, never contents
-        from common.dataprep.onthefly import last_counts
-
-        info.update({f"prepare:{k}": v for k, v in last_counts(site.data_dir).items()})
+    info.update({f"prepare:{k}": v for k, v in prepare_counts.items()})
     return info
 
 

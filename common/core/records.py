@@ -1,26 +1,25 @@
-"""Record files: JSONL or CSV, in instruction, chat or classification form.
+"""Records of a site's folder: JSONL, CSV or Parquet, in instruction, chat or classification form.
 
 A data folder is read completely and checked before any training: every problem is collected with
 its file, line and field, and reported at once, so a run stops before training, never half-way.
-Record contents never appear in logs or errors (only positions and field names).
+:func:`read_records` is the one path from a folder to validated records; training
+(:func:`read_folder`), the site's preflight and ``fedtune data check`` all go through it, so they
+agree on every folder. Record contents never appear in logs or errors (only positions and fields).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.core.errors import DataError
+from common.core.readers import MAX_LINE_BYTES, FileRows, Issue, RawRow, list_files, read_file
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl", ".csv")
 FORMS: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction", "output"),
     "chat": ("messages",),
@@ -41,33 +40,43 @@ class Record:
 
 
 @dataclass
-class Problems:
-    items: list[str] = field(default_factory=list)
+class FolderRecords:
+    """A folder read and checked: the valid rows with their forms and records (same order), the
+    issues of rows that are not valid, and every file read (with its own problems)."""
 
-    def add(self, where: str, msg: str) -> None:
-        self.items.append(f"{where}: {msg}")
+    files: list[FileRows] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    rows: list[RawRow] = field(default_factory=list)
+    forms: list[str] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    file_forms: dict[str, str] = field(default_factory=dict)
 
-    def raise_if_any(self, folder: Path) -> None:
-        if not self.items:
-            return
-        shown = self.items[:MAX_PROBLEMS]
-        more = len(self.items) - len(shown)
-        tail = f"\n  ... and {more} more" if more else ""
-        raise DataError(
-            f"data folder `{folder}` has {len(self.items)} problem(s):\n  "
-            + "\n  ".join(shown)
-            + tail
-        )
+    def problems(self) -> list[Issue]:
+        """Everything that makes the folder unusable for training, by file and line."""
+        by_file: dict[str, list[Issue]] = {}
+        for issue in self.issues:
+            by_file.setdefault(issue.file, []).append(issue)
+        out: list[Issue] = []
+        for f in self.files:
+            whole = f.problem()
+            out += [whole] if whole else sorted(by_file.get(f.name, []), key=lambda i: i.line)
+        return out
 
 
 def detect_form(row: dict[str, Any]) -> str | None:
+    """The first form whose required fields are all present in ``row`` (None if none is)."""
     for form, required in FORMS.items():
         if all(k in row for k in required):
             return form
     return None
 
 
-def _to_record(row: dict[str, Any], form: str, where: str, labels: list[str]) -> Record:
+def known_forms() -> str:
+    return "; ".join(f"{form}: {', '.join(keys)}" for form, keys in FORMS.items())
+
+
+def to_record(row: dict[str, Any], form: str, where: str, labels: list[str]) -> Record:
     """Build a record from a parsed row; raises ValueError naming the field."""
     missing = [k for k in FORMS[form] if row.get(k) in (None, "")]
     if missing:
@@ -105,83 +114,79 @@ def _chat_record(messages: Any, where: str) -> Record:
     return Record(turns, str(messages[-1]["content"]), None, where)
 
 
-def _decode_lines(path: Path, problems: Problems) -> Iterator[tuple[int, str]]:
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            yield lineno, raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            problems.add(f"{path.name}:{lineno}", f"not UTF-8 (byte {err.start})")
+def read_records(
+    folder: str | Path,
+    form: str = "auto",
+    labels: list[str] | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> FolderRecords:
+    """Read and check every record file of ``folder``; problems are collected, not raised.
+
+    Raises DataError only for the folder itself (missing, unlistable, no record files). A file's
+    form is ``form``, or with ``auto`` that of its first row of a known form.
+    """
+    paths, ignored = list_files(Path(folder))
+    out = FolderRecords(ignored=ignored)
+    allowed = list(labels or [])
+    for path in paths:
+        rows = read_file(path, max_line_bytes)
+        out.files.append(rows)
+        out.issues.extend(rows.issues)
+        file_form = None if form == "auto" else form
+        for row in rows.rows:
+            file_form = _add_row(out, row, file_form, allowed) or file_form
+        if file_form:
+            out.file_forms[rows.name] = file_form
+    return out
 
 
-def _rows_jsonl(path: Path, problems: Problems) -> Iterator[tuple[int, dict[str, Any]]]:
-    for lineno, line in _decode_lines(path, problems):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.add(f"{path.name}:{lineno}", f"bad JSON ({err.msg} at column {err.colno})")
-            continue
-        if not isinstance(row, dict):
-            problems.add(f"{path.name}:{lineno}", "expected a JSON object")
-            continue
-        yield lineno, row
-
-
-def _rows_csv(path: Path, problems: Problems) -> Iterator[tuple[int, dict[str, Any]]]:
+def _add_row(out: FolderRecords, row: RawRow, file_form: str | None, labels: list[str]) -> str:
+    """Check one row against its file's form; returns the form ('' when none is known yet)."""
+    found = detect_form(row.data)
+    row_form = file_form or found
+    if row_form is None:
+        message = f"no known form: fields {sorted(row.data)} (expected {known_forms()})"
+        out.issues.append(Issue(row.file, row.line, "form", message))
+        return ""
+    if found is not None and not all(k in row.data for k in FORMS[row_form]):
+        message = f"{found} record in a {row_form} file"
+        out.issues.append(Issue(row.file, row.line, "mixed-form", message))
+        return row_form
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        problems.add(f"{path.name}:{line}", f"not UTF-8 (byte {err.start})")
+        record = to_record(row.data, row_form, row.where, labels)
+    except ValueError as err:
+        kind = "empty" if str(err).startswith("missing field") else "invalid"
+        out.issues.append(Issue(row.file, row.line, kind, str(err)))
+        return row_form
+    out.rows.append(row)
+    out.forms.append(row_form)
+    out.records.append(record)
+    return row_form
+
+
+def raise_problems(folder: str | Path, problems: list[Issue]) -> None:
+    """One DataError listing the first problems (and how many more), if there are any."""
+    if not problems:
         return
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    for row in reader:
-        yield reader.line_num, {k: v for k, v in row.items() if k is not None}
-
-
-def read_file(path: Path, form: str, labels: list[str], problems: Problems) -> list[Record]:
-    """Records of one file; problems are collected, not raised."""
-    rows = _rows_jsonl(path, problems) if path.suffix == ".jsonl" else _rows_csv(path, problems)
-    records: list[Record] = []
-    seen_form = None if form == "auto" else form
-    for lineno, row in rows:
-        where = f"{path.name}:{lineno}"
-        row_form = seen_form or detect_form(row)
-        if row_form is None:
-            problems.add(where, f"no known form: fields {sorted(row)} (expected {_forms_text()})")
-            continue
-        seen_form = row_form
-        try:
-            records.append(_to_record(row, row_form, where, labels))
-        except ValueError as err:
-            problems.add(where, str(err))
-    if not records and not any(p.startswith(f"{path.name}:") for p in problems.items):
-        problems.add(path.name, "empty file (no records)")
-    return records
-
-
-def _forms_text() -> str:
-    return "; ".join(f"{form}: {', '.join(keys)}" for form, keys in FORMS.items())
+    shown = [str(p) for p in problems[:MAX_PROBLEMS]]
+    more = len(problems) - len(shown)
+    tail = f"\n  ... and {more} more" if more else ""
+    raise DataError(
+        f"data folder `{folder}` has {len(problems)} problem(s):\n  " + "\n  ".join(shown) + tail
+    )
 
 
 def read_folder(
-    folder: str | Path, form: str = "auto", labels: list[str] | None = None
+    folder: str | Path,
+    form: str = "auto",
+    labels: list[str] | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> list[Record]:
-    """Read and check every record file in ``folder``; all problems raised at once as DataError."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"data folder `{folder}` does not exist or is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in SUFFIXES)
-    if not files:
-        raise DataError(f"data folder `{folder}` has no {' or '.join(SUFFIXES)} files")
-    problems = Problems()
-    records: list[Record] = []
-    for path in files:
-        records.extend(read_file(path, form, list(labels or []), problems))
-    problems.raise_if_any(folder)
-    logger.info("read %d records from %d file(s) in %s", len(records), len(files), folder)
-    return records
+    """The records of ``folder`` for training: every problem raised at once as DataError."""
+    read = read_records(folder, form, labels, max_line_bytes)
+    raise_problems(folder, read.problems())
+    logger.info("read %d records from %d file(s) in %s", len(read.records), len(read.files), folder)
+    return read.records
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -2,8 +2,9 @@
 
 Reads every file (problems are collected per file and line, never raised half-way), then reports
 forms, fields, labels, token lengths for the configured model, duplicates, and suspected personal
-data by kind (counts only). ``usable`` is what training would say: it reads JSONL and CSV and
-refuses any malformed record, so every problem there makes the folder unusable.
+data by kind (counts only). The folder is read by :func:`common.core.records.read_records`, the
+reader training uses, and ``usable`` is what training says: it refuses any malformed record or
+unreadable file, so every problem there makes the folder unusable.
 """
 
 from __future__ import annotations
@@ -19,20 +20,12 @@ from common.core.config import Config
 from common.core.records import Record
 from common.core.tasks import prepare_prompt
 from common.dataprep.dedup import find_duplicates
-from common.dataprep.readers import TRAINING_SUFFIXES, FileRows, list_files, read_file
 from common.dataprep.redact import Redactor
-from common.dataprep.report import MAX_LISTED, CheckReport, FileSummary, Lengths
-from common.dataprep.rows import Loaded, load_rows
+from common.dataprep.report import MAX_LISTED, REPORT_NAME, CheckReport, FileSummary, Lengths
+from common.dataprep.rows import Loaded, load_folder
 
 logger = logging.getLogger(__name__)
 BATCH = 1024
-
-
-def read_folder_rows(folder: Path, cfg: Config) -> tuple[list[FileRows], list[str], Loaded]:
-    """Every file of ``folder`` read and checked; raises DataError only for the folder itself."""
-    paths, ignored = list_files(folder)
-    files = [read_file(p, cfg.data.prepare.max_line_bytes) for p in paths]
-    return files, ignored, load_rows(files, cfg.data.form, cfg.data.labels)
 
 
 def check_folder(
@@ -40,11 +33,13 @@ def check_folder(
 ) -> CheckReport:
     """The report of ``fedtune data check``; ``tokenizer`` defaults to the configured model's."""
     folder = Path(folder)
-    files, ignored, loaded = read_folder_rows(folder, cfg)
-    report = CheckReport(str(folder), records=len(loaded.records), ignored_files=ignored)
-    _describe(report, files, loaded)
+    loaded = load_folder(folder, cfg.data)
+    read = loaded.read
+    ignored = [name for name in read.ignored if name != REPORT_NAME]
+    report = CheckReport(str(folder), records=len(read.records), ignored_files=ignored)
+    _describe(report, loaded)
     tok = tokenizer if tokenizer is not None else _tokenizer(cfg)
-    report.tokens = token_lengths(loaded.records, tok, cfg)
+    report.tokens = token_lengths(read.records, tok, cfg)
     dups = find_duplicates(loaded.docs, cfg.data.prepare.dedup)
     report.duplicates = {
         "exact": dups.exact,
@@ -53,7 +48,7 @@ def check_folder(
         "clusters_with_conflicting_labels": dups.label_conflicts,
     }
     report.personal_data = personal_data(loaded, cfg)
-    _verdict(report, cfg)
+    _verdict(report, loaded, cfg)
     logger.info("checked %s: %d records, usable=%s", folder, report.records, report.usable)
     return report
 
@@ -64,19 +59,19 @@ def _tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     return load_base(cfg.model, cfg.data.labels).tokenizer
 
 
-def _describe(report: CheckReport, files: list[FileRows], loaded: Loaded) -> None:
-    records = Counter(r.file for r in loaded.rows)
-    problems = Counter(i.where.rsplit(":", 1)[0] for i in loaded.issues)
-    for f in files:
-        name = f.path.name
-        form = loaded.file_forms.get(name, "")
+def _describe(report: CheckReport, loaded: Loaded) -> None:
+    read = loaded.read
+    records = Counter(r.file for r in read.rows)
+    problems = Counter(i.file for i in read.issues)
+    for f in read.files:
+        name, form = f.name, read.file_forms.get(f.name, "")
         summary = FileSummary(name, len(f.rows), records[name], form, f.skipped, problems[name])
         report.files.append(summary)
-    report.forms = dict(Counter(loaded.forms))
+    report.forms = dict(Counter(read.forms))
     report.fields = dict(loaded.fields.most_common())
-    report.labels = dict(Counter(r.label for r in loaded.records if r.label is not None))
-    report.issues_by_kind = dict(Counter(i.kind for i in loaded.issues))
-    report.issues = [str(i) for i in loaded.issues[:MAX_LISTED]]
+    report.labels = dict(Counter(r.label for r in read.records if r.label is not None))
+    report.issues_by_kind = dict(Counter(i.kind for i in read.issues))
+    report.issues = [str(i) for i in read.issues[:MAX_LISTED]]
 
 
 def token_lengths(records: list[Record], tok: PreTrainedTokenizerBase, cfg: Config) -> Lengths:
@@ -119,17 +114,9 @@ def personal_data(loaded: Loaded, cfg: Config) -> dict[str, int]:
     return {**dict(sorted(found.items())), "records_with_any": records}
 
 
-def _verdict(report: CheckReport, cfg: Config) -> None:
-    for f in report.files:
-        if f.skipped:
-            report.reasons.append(f"`{f.name}` {f.skipped}")
-        elif not f.records and not f.issues:
-            report.reasons.append(f"`{f.name}` is empty (no records)")
-        elif not f.name.endswith(TRAINING_SUFFIXES) and not cfg.data.prepare.enabled:
-            report.warnings.append(
-                f"`{f.name}`: training reads {' and '.join(TRAINING_SUFFIXES)} files only; "
-                "`fedtune data prepare` converts Parquet to JSONL"
-            )
+def _verdict(report: CheckReport, loaded: Loaded, cfg: Config) -> None:
+    """Not usable exactly when training's :func:`~common.core.records.read_folder` refuses it."""
+    report.reasons += [str(p) for f in loaded.read.files if (p := f.problem())]
     if report.issues_by_kind:
         n = sum(report.issues_by_kind.values())
         report.reasons.append(f"{n} malformed or unreadable record(s); training refuses them")

@@ -1,7 +1,8 @@
 """The ClientApp's preparation: the same steps on records already read, in memory.
 
-``load_records`` calls :func:`prepare_records` when ``data.prepare`` enables a rule; the counts
-(never contents) are kept per site folder for the run's metrics (:func:`last_counts`).
+:func:`load_prepared` reads a site's folder as training does and, when ``data.prepare`` enables a
+rule, prepares the records; it returns the counts (never contents) with them, for the site's
+preflight and metrics to pass on.
 """
 
 from __future__ import annotations
@@ -9,17 +10,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.core.config import PrepareConfig
-from common.core.records import Record
+from common.core.config import DataConfig, PrepareConfig
+from common.core.errors import DataError
+from common.core.records import Record, read_folder
 from common.dataprep.pipeline import Steps, prepare_docs
 from common.dataprep.rows import docs_from_records, record_with_texts
 
 logger = logging.getLogger(__name__)
-_COUNTS: dict[str, dict[str, int]] = {}
 
 
 def prepare_records(
-    records: list[Record], cfg: PrepareConfig, folder: str | Path = ""
+    records: list[Record], cfg: PrepareConfig
 ) -> tuple[list[Record], dict[str, int]]:
     """Prepared records and the counts per rule (``prepare.<rule>`` keys, numbers only)."""
     prepared = prepare_docs(docs_from_records(records), cfg, Steps.from_config(cfg))
@@ -30,10 +31,17 @@ def prepare_records(
     ]
     counts = {"prepare.records_in": len(records), "prepare.records_out": len(out)}
     counts |= {f"prepare.{k}": int(v) for k, v in sorted(prepared.counts.items())}
-    _COUNTS[str(folder)] = counts
     return out, counts
 
 
-def last_counts(folder: str | Path) -> dict[str, int]:
-    """Counts of the last on-the-fly preparation of ``folder`` ({} if none ran)."""
-    return dict(_COUNTS.get(str(folder), {}))
+def load_prepared(folder: str | Path, data: DataConfig) -> tuple[list[Record], dict[str, int]]:
+    """The records of ``folder`` for training, prepared when ``data.prepare`` enables a rule,
+    and the preparation counts ({} when no rule is on)."""
+    records = read_folder(folder, data.form, data.labels, data.prepare.max_line_bytes)
+    if not data.prepare.enabled:
+        return records, {}
+    prepared, counts = prepare_records(records, data.prepare)
+    if not prepared:
+        raise DataError(f"data folder `{folder}`: no records left after `data.prepare`")
+    logger.info("prepared %s on the fly: %d -> %d records", folder, len(records), len(prepared))
+    return prepared, counts

@@ -21,11 +21,10 @@ from typing import Any
 
 from common.core.config import Config, PrepareConfig
 from common.core.errors import DataError
-from common.dataprep.check import read_folder_rows
+from common.core.readers import FileRows
 from common.dataprep.pipeline import Prepared, Steps, prepare_docs
-from common.dataprep.readers import REPORT_NAME, FileRows
-from common.dataprep.report import PrepareReport
-from common.dataprep.rows import Loaded, with_texts
+from common.dataprep.report import REPORT_NAME, PrepareReport
+from common.dataprep.rows import Loaded, load_folder, with_texts
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +38,12 @@ def prepare_folder(
     pcfg = cfg.data.prepare
     steps = Steps(clean or pcfg.clean.enabled, dedup or pcfg.dedup.enabled,
                   redact or pcfg.redact.enabled)  # fmt: skip
-    files, _, loaded = read_folder_rows(src, cfg)
+    loaded = load_folder(src, cfg.data)
     prepared = prepare_docs(loaded.docs, pcfg, steps)
-    report = _report(src, out, steps, pcfg, files, loaded, prepared)
-    outputs = _outputs(files, loaded, prepared)
+    report = _report(src, out, steps, pcfg, loaded, prepared)
+    outputs = _outputs(loaded, prepared)
     report.written = {name: len(rows) for name, rows in outputs.items()}
-    _write_atomically(out, outputs, files, report)
+    _write_atomically(out, outputs, loaded.read.files, report)
     logger.info("prepared %s: %d -> %d records", src, report.records_in, report.records_out)
     return report
 
@@ -66,20 +65,20 @@ def _check_paths(src: Path, out: Path) -> None:
 
 
 def _report(
-    src: Path, out: Path, steps: Steps, pcfg: PrepareConfig, files: list[FileRows],
-    loaded: Loaded, prepared: Prepared,
-) -> PrepareReport:  # fmt: skip
+    src: Path, out: Path, steps: Steps, pcfg: PrepareConfig, loaded: Loaded, prepared: Prepared
+) -> PrepareReport:
+    read = loaded.read
     report = PrepareReport(str(src), str(out), asdict(steps), _settings(pcfg))
-    report.records_in = len(loaded.rows) + len(loaded.issues)
+    report.records_in = len(read.rows) + len(read.issues)
     report.records_out = len(prepared.kept)
     report.counts = dict(sorted(prepared.counts.items()))
     unread = [
-        {"where": i.where, "rule": f"read.{i.kind}", "detail": i.message} for i in loaded.issues
+        {"where": i.where, "rule": f"read.{i.kind}", "detail": i.message} for i in read.issues
     ]
     report.dropped = unread + [asdict(d) for d in prepared.dropped]
-    for issue in loaded.issues:
+    for issue in read.issues:
         report.counts[f"read.{issue.kind}"] = report.counts.get(f"read.{issue.kind}", 0) + 1
-    report.skipped_files = {f.path.name: f.skipped for f in files if f.skipped}
+    report.skipped_files = {f.name: f.skipped for f in read.files if f.skipped}
     return report
 
 
@@ -90,17 +89,16 @@ def _settings(pcfg: PrepareConfig) -> dict[str, Any]:
     return settings
 
 
-def _outputs(
-    files: list[FileRows], loaded: Loaded, prepared: Prepared
-) -> dict[str, list[dict[str, Any]]]:
+def _outputs(loaded: Loaded, prepared: Prepared) -> dict[str, list[dict[str, Any]]]:
     """Output file name -> rows to write, in source order; files with nothing kept are left out."""
+    read = loaded.read
     by_file: dict[str, list[dict[str, Any]]] = {}
     for i in prepared.kept:
-        row, doc = loaded.rows[i], prepared.docs[i]
+        row, doc = read.rows[i], prepared.docs[i]
         if doc is None:
             continue
-        by_file.setdefault(row.file, []).append(with_texts(row.data, loaded.forms[i], doc.texts))
-    names = {f.path.name: _out_name(f.path) for f in files}
+        by_file.setdefault(row.file, []).append(with_texts(row.data, read.forms[i], doc.texts))
+    names = {f.name: _out_name(f.path) for f in read.files}
     return {names[name]: rows for name, rows in by_file.items()}
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 MAX_LISTED = 1000  # positions listed in a report; the counts stay exact
+REPORT_NAME = "prepare-report.json"  # written into `data prepare`'s output folder
 
 
 @dataclass

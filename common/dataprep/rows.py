@@ -1,8 +1,9 @@
-"""From raw rows to documents: the text fields a rule may change, the label, and the split.
+"""From a folder's valid rows to documents: the text fields a rule may change, the label, the split.
 
-A row is valid when :mod:`common.core.records` would accept it, so a folder that passes here also
-passes training. The same :class:`Doc` view is built from rows (``data prepare``) and from
-:class:`~common.core.records.Record` s (the ClientApp on the fly), so both see the same texts.
+Rows are read and validated by :func:`common.core.records.read_records`, the reader training uses,
+so a folder that passes here also passes training. The same :class:`Doc` view is built from rows
+(``data prepare``) and from :class:`~common.core.records.Record` s (the ClientApp on the fly), so
+both see the same texts.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from common.core.records import FORMS, Record, _to_record, detect_form
-from common.dataprep.readers import FileRows, Issue, RawRow
+from common.core.config import DataConfig
+from common.core.records import FolderRecords, Record, read_records
 
 EVAL_FILE = re.compile(r"(?:^|[-_.])(?:eval|test|valid|validation|dev)(?:[-_.]|$)", re.I)
 INSTRUCTION_FIELDS = ("instruction", "input", "output")
@@ -37,15 +39,11 @@ class Doc:
 
 @dataclass
 class Loaded:
-    """Valid rows of a folder, with their documents and records, and every issue met."""
+    """A folder as training reads it, with one document per valid row and the fields seen."""
 
-    rows: list[RawRow] = field(default_factory=list)
-    forms: list[str] = field(default_factory=list)
+    read: FolderRecords
     docs: list[Doc] = field(default_factory=list)
-    records: list[Record] = field(default_factory=list)
-    issues: list[Issue] = field(default_factory=list)
     fields: Counter[str] = field(default_factory=Counter)
-    file_forms: dict[str, str] = field(default_factory=dict)
 
 
 def is_eval_file(name: str) -> bool:
@@ -53,41 +51,15 @@ def is_eval_file(name: str) -> bool:
     return bool(EVAL_FILE.search(name.rsplit(".", 1)[0]))
 
 
-def load_rows(files: list[FileRows], form: str, labels: list[str]) -> Loaded:
-    """Check every row of every file; valid ones become documents and records."""
-    out = Loaded()
-    for f in files:
-        out.issues.extend(f.issues)
-        file_form = None if form == "auto" else form
-        for row in f.rows:
-            file_form = _add_row(out, row, file_form, labels) or file_form
-        if file_form:
-            out.file_forms[f.path.name] = file_form
+def load_folder(folder: Path, data: DataConfig) -> Loaded:
+    """Every file of ``folder`` read and checked; raises DataError only for the folder itself."""
+    read = read_records(folder, data.form, data.labels, data.prepare.max_line_bytes)
+    out = Loaded(read)
+    for row, form, record in zip(read.rows, read.forms, read.records, strict=True):
+        texts = row_texts(row.data, form)
+        out.docs.append(Doc(row.where, texts, record.label, is_eval_file(row.file)))
+        out.fields.update(row.data.keys())
     return out
-
-
-def _add_row(out: Loaded, row: RawRow, file_form: str | None, labels: list[str]) -> str | None:
-    found = detect_form(row.data)
-    row_form = file_form or found
-    if row_form is None:
-        out.issues.append(Issue(row.where, "form", f"no known form: fields {sorted(row.data)}"))
-        return None
-    if found is not None and found != row_form:
-        out.issues.append(Issue(row.where, "mixed-form", f"{found} record in a {row_form} file"))
-        return row_form
-    try:
-        record = _to_record(row.data, row_form, row.where, labels)
-    except ValueError as err:
-        kind = "empty" if str(err).startswith("missing field") else "invalid"
-        out.issues.append(Issue(row.where, kind, str(err)))
-        return row_form
-    out.rows.append(row)
-    out.forms.append(row_form)
-    out.records.append(record)
-    texts = row_texts(row.data, row_form)
-    out.docs.append(Doc(row.where, texts, record.label, is_eval_file(row.file)))
-    out.fields.update(row.data.keys())
-    return row_form
 
 
 def row_texts(data: dict[str, Any], form: str) -> list[str]:
@@ -134,7 +106,3 @@ def record_with_texts(record: Record, texts: list[str]) -> Record:
     messages = [{**m, "content": t} for m, t in zip(record.messages, texts[:turns], strict=True)]
     answer = record.answer if record.label is not None else texts[turns]
     return replace(record, messages=messages, answer=answer)
-
-
-def known_forms() -> str:
-    return "; ".join(f"{form}: {', '.join(keys)}" for form, keys in FORMS.items())

@@ -1,21 +1,26 @@
-"""check and prepare on real folders: bad input, originals untouched, idempotence, drug reviews."""
+"""check and prepare on real folders: bad input, originals untouched, idempotence, drug reviews;
+and training, the site's preflight and ``data check`` agreeing on the same folders."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from cli.data import data_check, data_prepare
-from client.site import SiteInfo, load_records
+from client.site import SiteInfo, check_site, load_records
 from common.core.config import Config
 from common.core.errors import DataError
+from common.core.records import Record, read_folder
 from common.core.tiny import byte_tokenizer
-from common.dataprep import check_folder, prepare_folder
-from common.dataprep.onthefly import last_counts
+from common.dataprep import CheckReport, check_folder, prepare_folder
+from common.dataprep.onthefly import load_prepared
+from common.dataprep.rows import load_folder
 
 CFG = Config.model_validate({"model": {"source": "tiny:llama", "max_length": 64}})
 TOK = byte_tokenizer()
@@ -59,7 +64,7 @@ def test_check_reports_problems_by_file_and_line_without_contents(site: Path) ->
     assert report.issues_by_kind == {"empty": 1, "encoding": 1}
     assert any(i.startswith("a.jsonl:4:") for i in report.issues)
     assert any(i.startswith("c.jsonl:1:") for i in report.issues)
-    assert {f.name: f.skipped[:9] for f in report.files}["d.jsonl"] == "is UTF-16"
+    assert {f.name: f.skipped[:9] for f in report.files}["d.jsonl"] == "UTF-16 LE"
     assert report.ignored_files == ["README.txt"]
     assert report.labels == {"x": 3, "y": 4}
     assert report.duplicates["exact"] == 0 and report.duplicates["near"] == 1  # raw text
@@ -149,7 +154,8 @@ def test_parquet_is_read_and_converted(tmp_path: Path) -> None:
     src.mkdir()
     pq.write_table(pa.table({"text": ["a &amp; b", "c"], "label": ["x", "y"]}), src / "t.parquet")
     report = check_folder(src, CFG, TOK)
-    assert report.records == 2 and report.usable and "Parquet" in report.warnings[0]
+    assert report.records == 2 and report.usable and not report.warnings
+    assert [r.answer for r in read_folder(src)] == ["x", "y"]  # training reads it too
     assert data_prepare(src, tmp_path / "o", clean=True) == 0
     rows = (tmp_path / "o" / "t.parquet.jsonl").read_text().splitlines()
     assert json.loads(rows[0]) == {"text": "a & b", "label": "x"}
@@ -171,10 +177,9 @@ def test_client_prepares_on_the_fly_like_the_cli(site: Path, tmp_path: Path) -> 
         section.enabled = True
     records = load_records(SiteInfo("s", site, 0), cfg)
     prepare_folder(site, tmp_path / "o", False, False, False, cfg)
-    from common.core.records import read_folder
-
     assert records == [r for r in read_folder(tmp_path / "o")]
-    counts = last_counts(site)
+    again, counts = load_prepared(site, cfg.data)
+    assert again == records
     assert counts["prepare.records_out"] == len(records) and counts["prepare.dedup.exact"] == 1
     assert all(isinstance(v, int) for v in counts.values())
 
@@ -198,3 +203,98 @@ def test_drug_reviews_go_through_check_and_prepare(tmp_path: Path) -> None:
     )
     assert prepared.counts["redact.date"] == report.personal_data["date"]
     assert check_folder(tmp_path / "out", CFG, TOK).duplicates["exact"] == 0
+
+
+def _parquet(table: dict[str, list[str]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table(table), buf)
+    return buf.getvalue()
+
+
+BOM = "\ufeff".encode()
+ROWS = b'{"text": "one", "label": "x"}\n{"text": "two", "label": "y"}\n'
+CHAT = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+FOLDERS: dict[str, tuple[dict[str, bytes], bool]] = {  # files, usable
+    "bom-jsonl": ({"a.jsonl": BOM + ROWS}, True),
+    "bom-csv": ({"a.csv": BOM + b"text,label\r\none,x\r\ntwo,y\r\n"}, True),
+    "bad-json-line": ({"a.jsonl": ROWS + b'{"text": broken\n'}, False),
+    "empty-file": ({"a.jsonl": ROWS, "b.jsonl": b""}, False),
+    "only-blank-lines": ({"a.jsonl": b"\n \n\r\n"}, False),
+    "not-utf8-line": ({"a.jsonl": ROWS + b'{"text": "caf\xe9", "label": "x"}\n'}, False),
+    "utf16-file": ({"a.jsonl": ROWS, "b.jsonl": ROWS.decode().encode("utf-16")}, False),
+    "forms-across-files": (
+        {
+            "a.jsonl": b'{"instruction": "do", "output": "done"}\n',
+            "b.jsonl": json.dumps(CHAT).encode() + b"\n",
+            "c.csv": b"text,label\none,x\n",
+        },
+        True,
+    ),
+    "forms-within-a-file": (
+        {"a.jsonl": b'{"instruction": "do", "output": "done"}\n' + ROWS},
+        False,
+    ),
+    "csv-blank-rows": ({"a.csv": b"text,label\none,x\n\n,\ntwo,y\n"}, True),
+    "csv-wrong-width": ({"a.csv": b"text,label\none,x\nshort\nthree,x,y\n"}, False),
+    "crlf-jsonl": ({"a.jsonl": ROWS.replace(b"\n", b"\r\n")}, True),
+    "parquet-and-jsonl": (
+        {"a.jsonl": ROWS, "b.parquet": _parquet({"text": ["p"], "label": ["x"]})},
+        True,
+    ),
+    "not-a-record-file": ({"a.jsonl": ROWS, "notes.txt": b"\xff"}, True),
+}
+
+
+def _training(folder: Path) -> list[Record] | set[str]:
+    """What training reads: the records, or the problems listed by its DataError."""
+    try:
+        return read_folder(folder, CFG.data.form, CFG.data.labels)
+    except DataError as err:
+        return {line.strip() for line in str(err).splitlines()[1:]}
+
+
+def _preflight(folder: Path) -> dict[str, object] | set[str]:
+    try:
+        return check_site(SiteInfo("s", folder, 0), CFG)
+    except DataError as err:
+        return {line.strip() for line in str(err).splitlines()[1:]}
+
+
+def _check_problems(report: CheckReport) -> set[str]:
+    """The problems `data check` lists: each bad line, and each file bad as a whole."""
+    names = {f.name for f in report.files}
+    return set(report.issues) | {r for r in report.reasons if r.split(":", 1)[0] in names}
+
+
+@pytest.mark.parametrize("name", sorted(FOLDERS))
+def test_training_preflight_and_check_agree(name: str, tmp_path: Path) -> None:
+    files, usable = FOLDERS[name]
+    for file, content in files.items():
+        (tmp_path / file).write_bytes(content)
+    report = check_folder(tmp_path, CFG, TOK)
+    training, preflight = _training(tmp_path), _preflight(tmp_path)
+    assert report.usable is usable
+    if usable:
+        assert isinstance(training, list) and isinstance(preflight, dict)
+        assert len(training) == report.records == preflight["records"]
+        assert dict(Counter(r.label for r in training if r.label)) == report.labels
+        assert load_folder(tmp_path, CFG.data).read.records == training
+    else:
+        assert training == preflight == _check_problems(report)
+        assert all(p.startswith(tuple(files)) for p in training)  # each names its file
+
+
+@pytest.mark.parametrize(("name", "header"), [("a.jsonl", b""), ("a.csv", b"text,label\n")])
+def test_a_utf8_bom_changes_nothing(name: str, header: bytes, tmp_path: Path) -> None:
+    rows = ROWS if name.endswith(".jsonl") else b"one,x\ntwo,y\n"
+    plain, bom = tmp_path / "plain", tmp_path / "bom"
+    for folder, start in ((plain, b""), (bom, BOM)):
+        folder.mkdir()
+        (folder / name).write_bytes(start + header + rows)
+    assert read_folder(bom) == read_folder(plain) and len(read_folder(bom)) == 2
+    with_bom, without = check_folder(bom, CFG, TOK), check_folder(plain, CFG, TOK)
+    assert with_bom.usable and with_bom.issues == [] and with_bom.records == 2
+    assert with_bom.fields == without.fields == {"text": 2, "label": 2}
