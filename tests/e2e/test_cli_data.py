@@ -49,3 +49,17 @@ def test_check_names_the_bad_line(tmp_path):
     proc = fedtune("data", "check", str(src), "--config", str(SCENARIOS / "tiny.toml"))
     assert proc.returncode != 0
     assert "a.jsonl:2" in proc.stdout + proc.stderr
+
+
+def test_check_passes_a_bom_file_that_training_reads(tmp_path):
+    from common.core.records import read_folder
+
+    src = tmp_path / "records"
+    src.mkdir()
+    rows = '{"text": "fine", "label": "red"}\n{"text": "also fine", "label": "blue"}\n'
+    (src / "a.jsonl").write_bytes("\ufeff".encode() + rows.encode())
+    proc = fedtune("data", "check", str(src), "--config", str(SCENARIOS / "tiny.toml"), "--json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["usable"] and report["records"] == 2 and report["issues"] == []
+    assert [r.answer for r in read_folder(src)] == ["red", "blue"]
