@@ -11,6 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.app import app as real_app
+from common.protocol import keys
 from common.protocol.wire import from_record, to_record
 
 BAD_SITE = "site-1"
@@ -34,11 +35,11 @@ class PatchedClientApp(ClientApp):
     def __call__(self, message: Message, context: Context) -> Message:
         reply = real_app(message=message, context=context)
         site = str(context.node_config.get("site-name", ""))
-        if message.metadata.message_type != "train" or site != BAD_SITE or reply.has_error():
+        if message.metadata.message_type != keys.TRAIN or site != BAD_SITE or reply.has_error():
             return reply
-        round_idx = int(str(message.content.config_records["config"]["round"]))
-        update = from_record(reply.content.array_records["update"])
-        reply.content.array_records["update"] = to_record(corrupt(dict(update), round_idx))
+        round_idx = int(str(message.content.config_records[keys.CONFIG][keys.ROUND]))
+        update = from_record(reply.content.array_records[keys.UPDATE])
+        reply.content.array_records[keys.UPDATE] = to_record(corrupt(dict(update), round_idx))
         return reply
 
 
