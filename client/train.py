@@ -1,32 +1,40 @@
-"""Local training of the LoRA adapters at one site, in plain torch.
+"""Local training of the LoRA adapters at one site: the one loop, with or without DP-SGD.
 
-AdamW (no decay on biases and norms), linear warmup then decay over the run's planned steps,
-gradient accumulation, gradient clipping, seeded data order. One call = one round's local steps.
+:func:`train_round` owns what every round shares: the optimizer (:func:`make_optimizer`), the
+learning-rate schedule (:func:`lr_factor`, set in one place), the step loop, the loss bookkeeping
+and the :class:`TrainResult`. How one optimizer step is taken is a :class:`Stepper`:
+:class:`PlainStepper` here, ``client.dp.DPStepper`` for record-level DP, which wraps
+this same optimizer in Opacus' DPOptimizer. One call = one round's local steps.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from common.core.config import TrainConfig
 from common.core.tasks import Encoded, batch_loss, collate
 
 logger = logging.getLogger(__name__)
 
+Batch = dict[str, torch.Tensor]
+
 
 @dataclass
 class TrainResult:
-    loss: float  # mean training loss over the round's micro-batches
+    loss: float  # mean of the losses the round's steps reported (nan if none)
     first_loss: float
     last_loss: float
     steps: int
-    examples: int
+    examples: int  # records drawn (plain) or sampled from (DP-SGD)
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -56,12 +64,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
+def micro_batch_size(cfg: TrainConfig) -> int:
+    """Records per forward/backward pass: ``batch_size // grad_accum`` (at least 1)."""
+    return max(1, cfg.batch_size // cfg.grad_accum)
+
+
 def batches(
     examples: list[Encoded], cfg: TrainConfig, seed: int, pad_id: int, steps: int
-) -> list[list[dict[str, torch.Tensor]]]:
+) -> list[list[Batch]]:
     """``steps`` optimizer steps, each a list of ``grad_accum`` micro-batches, seeded order."""
     rng = np.random.default_rng(seed)
-    micro = max(1, cfg.batch_size // cfg.grad_accum)
+    micro = micro_batch_size(cfg)
     needed = steps * cfg.grad_accum * micro
     order: list[int] = []
     while len(order) < needed:
@@ -77,6 +90,72 @@ def batches(
     return out
 
 
+class Stepper(Protocol):
+    """How :func:`train_round` takes one optimizer step: all that plain and DP-SGD training
+    differ in. The loop has set the step's learning rate before :meth:`step` is called."""
+
+    examples: int  # for TrainResult.examples; set by :meth:`open`
+
+    def open(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        examples: list[Encoded],
+        cfg: TrainConfig,
+        *,
+        pad_id: int,
+        seed: int,
+    ) -> None:
+        """Take over the round's model, its optimizer (DP-SGD wraps it) and its records."""
+        ...
+
+    def step(self) -> list[float]:
+        """One optimizer step; the losses it saw (none for a step on no records)."""
+        ...
+
+    def close(self) -> None:
+        """Undo :meth:`open` (e.g. remove Opacus' hooks); runs even when a step failed."""
+        ...
+
+
+class PlainStepper:
+    """Seeded data order, ``grad_accum`` micro-batches, whole-gradient clipping, one step."""
+
+    examples = 0
+
+    def open(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        examples: list[Encoded],
+        cfg: TrainConfig,
+        *,
+        pad_id: int,
+        seed: int,
+    ) -> None:
+        self.model, self.optimizer, self.clip = model, optimizer, cfg.grad_clip_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.steps: Iterator[list[Batch]] = iter(
+            batches(examples, cfg, seed, pad_id, cfg.local_steps)
+        )
+        self.examples = cfg.local_steps * cfg.grad_accum * micro_batch_size(cfg)
+
+    def step(self) -> list[float]:
+        micro_batches = next(self.steps)
+        losses = []
+        for mb in micro_batches:
+            loss, _ = batch_loss(self.model, mb)
+            (loss / len(micro_batches)).backward()
+            losses.append(float(loss.detach()))
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    def close(self) -> None:
+        pass
+
+
 def train_round(
     model: nn.Module,
     examples: list[Encoded],
@@ -86,23 +165,42 @@ def train_round(
     round_idx: int,
     total_rounds: int,
     seed: int,
+    stepper: Stepper | None = None,
 ) -> TrainResult:
-    """Run ``cfg.local_steps`` optimizer steps; the schedule spans all planned rounds."""
+    """Run ``cfg.local_steps`` optimizer steps; the schedule spans all planned rounds.
+
+    ``stepper`` takes each step (default :class:`PlainStepper`; ``DPStepper`` for record-level
+    DP). Every ``train`` field means the same in both, except where said:
+
+    - ``local_steps``: optimizer steps per round (logical DP-SGD steps: one noise draw each).
+    - ``lr``, ``warmup_steps``, ``schedule``: the peak rate and its schedule over all planned
+      steps of the run, set here before every step.
+    - ``weight_decay``: AdamW's decoupled decay on weight matrices; never on biases and norm
+      weights (:func:`make_optimizer`). Under DP it acts after the noisy gradient step.
+    - ``batch_size``: records per optimizer step. Plain: exactly ``grad_accum`` micro-batches
+      of ``batch_size // grad_accum``. DP: the expected size of a Poisson batch (each record
+      drawn with probability ``batch_size / records``), run in physical batches of at most
+      ``batch_size // grad_accum``, so their number varies from step to step.
+    - ``grad_accum``: plain: micro-batches per step; DP: sets the physical batch size only.
+    - ``max_grad_norm``: plain only, the whole gradient's clipping bound (``grad_clip_norm``);
+      DP-SGD clips each record's gradient to ``privacy.record.max_grad_norm`` instead.
+    - ``seed``: seeds torch (dropout) in both, and the data order without DP. DP-SGD's Poisson
+      sampling and noise never follow it: they come from a CSPRNG, since whoever can replay
+      them can tell which records were drawn and subtract the noise.
+    """
     torch.manual_seed(seed)
     model.train()
     opt = make_optimizer(model, cfg)
     total = cfg.local_steps * total_rounds
-    params = [p for p in model.parameters() if p.requires_grad]
+    stepper = stepper if stepper is not None else PlainStepper()
     losses: list[float] = []
-    for s, micro_batches in enumerate(batches(examples, cfg, seed, pad_id, cfg.local_steps)):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(round_idx * cfg.local_steps + s, total, cfg)
-        for mb in micro_batches:
-            loss, _ = batch_loss(model, mb)
-            (loss / len(micro_batches)).backward()
-            losses.append(float(loss.detach()))
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    n = cfg.local_steps * cfg.grad_accum * max(1, cfg.batch_size // cfg.grad_accum)
-    return TrainResult(float(np.mean(losses)), losses[0], losses[-1], cfg.local_steps, n)
+    stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)
+    try:
+        for s in range(cfg.local_steps):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(round_idx * cfg.local_steps + s, total, cfg)
+            losses += stepper.step()
+    finally:
+        stepper.close()
+    seen = losses or [float("nan")]
+    return TrainResult(float(np.mean(seen)), seen[0], seen[-1], cfg.local_steps, stepper.examples)
