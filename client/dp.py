@@ -1,40 +1,40 @@
-"""Record-level DP at a site: Opacus DP-SGD wiring for a peft LoRA model.
+"""Record-level DP at a site: DP-SGD (Abadi et al. 2016) with Opacus on a peft LoRA model.
 
-Contract with the local trainer (client/train.py)::
+DP-SGD is a wrapper around the one training loop (``client.train.train_round``), not a second
+loop: the loop builds the optimizer (AdamW with its decay groups), sets the learning rate of
+every step and keeps the losses; :class:`DPStepper` is the loop's step for record-level DP::
 
-    plan = record_plan(cfg, len(records))         # common.privacy.accounting: noise, rate
-    acc = GaussianAccountant.from_bytes(saved) or GaussianAccountant(cfg.privacy.record.accountant)
-    if (why := decline_reason(acc, plan, cfg.privacy.record.budget_epsilon)):
-        ...decline the round with `why`...
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=...)
-    with DPTrainer(model, opt, cfg.privacy.record, plan, acc,
-                   physical_batch_size=cfg.train.batch_size) as dp:
-        for _ in range(cfg.train.local_steps):
-            loss = dp.step(records, collate_fn)          # one logical DP-SGD step
-            scheduler.step()
-    adapter = get_peft_model_state_dict(model)           # the original peft model, hooks removed
-    saved = acc.to_bytes()                               # persist (context.state and disk)
+    plan, reason = check_budget(site_accountant, cfg, len(examples), budget)  # client.privacy_site
+    stepper = DPStepper(cfg.privacy.record, plan, site_accountant.accountant)
+    train_round(model, examples, cfg.train, ..., stepper=stepper)
+    site_accountant.save()                            # epsilon composes over rounds and restarts
 
-- ``records`` is a sequence of per-record items and ``collate_fn(list_of_items)`` returns a dict of
-  tensors with ``labels`` (``(B, T)`` token labels with -100 ignored, or ``(B,)`` class labels);
-  every other key goes to ``model(**batch)``. DPTrainer draws each logical batch itself by Poisson
-  sampling at ``plan.sample_rate`` (the privacy analysis needs exactly that sampling: the trainer
-  must not pick batches), splits it into physical batches of at most ``physical_batch_size``
-  (gradient accumulation, as Opacus' BatchMemoryManager does), clips each record's gradient to
-  ``max_grad_norm``, adds noise once per logical step and steps the accountant.
-- The loss is per record (mean over its own tokens), so the privacy unit is one record
-  (one sequence), not one token.
-- Build the optimizer after the model is on its final device and after ``get_peft_model``:
-  opacus issue #820 (peft >= 0.14) silently leaves LoRA weights untouched when parameters are
-  moved or re-materialised after hooks/optimizer captured them. :func:`check_wiring` refuses such
-  a setup and DPTrainer checks that the first noisy step really moved the trainable weights.
+On ``open`` it builds a :class:`DPTrainer` around the loop's model and optimizer:
 
-For an Opacus-style loop, :func:`make_private` returns (model, optimizer, loader) and
-:func:`dp_backward` does the backward of per-record losses in either grad-sample mode.
+- Opacus' grad-sample module (``privacy.record.grad_sample_mode``: ``hooks`` or ``ghost``) and
+  its DPOptimizer wrapping the SAME optimizer, so weight decay and the schedule act as without DP.
+- Each logical step draws its own batch by Poisson sampling at ``plan.sample_rate``
+  (:meth:`DPTrainer.draw`; the privacy analysis needs exactly that sampling: nobody else picks
+  batches), runs it in physical batches of at most ``train.batch_size // train.grad_accum``
+  (Opacus' BatchMemoryManager protocol: earlier ones only clip and accumulate), clips each
+  record's gradient to ``privacy.record.max_grad_norm``, adds noise once per logical step, then
+  the wrapped optimizer steps. An empty Poisson batch still releases a noise-only step.
+- Sampling and noise come from torch generators seeded with 63 bits of the OS CSPRNG
+  (``secrets``), never from ``train.seed``: whoever can replay them can tell which records were
+  drawn and remove the noise. (DPTrainer's ``seed`` argument is for tests only.)
+- The accountant is the site's own (``common.privacy.accounting.GaussianAccountant``), stepped
+  once per logical step; a new PrivacyEngine per round would restart epsilon at 0.
+- The loss is per record (:func:`per_record_loss`: mean over its own tokens), so the privacy
+  unit is one record (one sequence), not one token.
+- Opacus issue #820 (peft >= 0.14): LoRA weights silently not updated when parameters are moved
+  or re-materialised after the hooks and optimizer captured them. :func:`check_wiring` refuses
+  an optimizer that does not hold exactly the model's trainable parameters, and the first noisy
+  step must move them. ``close`` removes the hooks: read the adapter from the peft model.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -42,17 +42,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.grad_sample.utils import get_gsm_class
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 
-from common.core.config import RecordDPConfig
+from client.train import micro_batch_size
+from common.core.config import RecordDPConfig, TrainConfig
 from common.core.errors import ModelError, PrivacyError
+from common.core.tasks import Encoded, collate
 from common.privacy.accounting import GaussianAccountant, RecordPlan
 
 logger = logging.getLogger(__name__)
@@ -141,33 +141,6 @@ def _attach_accountant(dp_opt: DPOptimizer, acc: GaussianAccountant, sample_rate
     dp_opt.attach_step_hook(hook)
 
 
-def make_private(
-    model: nn.Module,
-    optimizer: Optimizer,
-    data_loader: DataLoader,
-    cfg: RecordDPConfig,
-    noise_multiplier: float,
-    accountant: GaussianAccountant,
-    *,
-    sample_rate: float | None = None,
-    seed: int | None = None,
-) -> tuple[AbstractGradSampleModule, DPOptimizer, DataLoader]:
-    """Opacus' make_private with an external accountant and an explicit Poisson sample rate
-    (default ``batch_size / len(dataset)``). Use :func:`dp_backward` for the backward pass and
-    ``private_model.cleanup()`` at the end of the round; read the adapter from ``model``."""
-    n = len(data_loader.dataset)  # type: ignore[arg-type]
-    batch = data_loader.batch_size or 1
-    q = sample_rate if sample_rate is not None else batch / n
-    gen = _noise_generator(trainable(model)[0].device, seed)
-    gsm, dp_opt = _wrap(model, optimizer, cfg, noise_multiplier, round(q * n), gen)
-    _attach_accountant(dp_opt, accountant, q)
-    loader = DPDataLoader(
-        data_loader.dataset, sample_rate=q, collate_fn=data_loader.collate_fn,
-        generator=_noise_generator(torch.device("cpu"), seed),
-    )  # fmt: skip
-    return gsm, dp_opt, loader
-
-
 def dp_backward(
     private_model: AbstractGradSampleModule, dp_opt: DPOptimizer, losses: Tensor
 ) -> None:
@@ -224,15 +197,18 @@ class DPTrainer:
 
     def step(self, records: Sequence[Any], collate_fn: Callable[[list[Any]], Batch]) -> float:
         """One logical DP-SGD step on a Poisson sample of ``records``; returns the mean loss."""
+        return self.step_on(self.draw(records), collate_fn)
+
+    def draw(self, records: Sequence[Any]) -> list[Any]:
+        """A logical batch: a Poisson sample of ``records``, the plan's records (may be empty)."""
         if len(records) != self.plan.num_records:
             raise PrivacyError(
                 f"the plan is for {self.plan.num_records} records, got {len(records)}"
             )
-        chosen = [records[i] for i in self.sample(len(records))]
-        return self.step_on(chosen, collate_fn)
+        return [records[i] for i in self.sample(len(records))]
 
     def step_on(self, chosen: list[Any], collate_fn: Callable[[list[Any]], Batch]) -> float:
-        """One logical step on records already drawn by Poisson sampling (use :meth:`step`)."""
+        """One logical step on records already drawn by :meth:`draw`."""
         before = None if self._verified else [p.detach().clone() for p in trainable(self.model)]
         # An empty Poisson batch still releases a noisy step (the analysis counts every step).
         loss = self._accumulate(chosen, collate_fn) if chosen else self._noise_only_step()
@@ -287,26 +263,38 @@ class DPTrainer:
             )
 
 
-def dp_train_steps(
-    model: nn.Module,
-    optimizer: Optimizer,
-    records: Sequence[Any],
-    collate_fn: Callable[[list[Any]], Batch],
-    steps: int,
-    *,
-    cfg: RecordDPConfig,
-    plan: RecordPlan,
-    accountant: GaussianAccountant,
-    physical_batch_size: int,
-    on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """``steps`` logical DP-SGD steps; returns their mean losses (nan for an empty batch)."""
-    losses: list[float] = []
-    with DPTrainer(
-        model, optimizer, cfg, plan, accountant, physical_batch_size=physical_batch_size
-    ) as dp:
-        for i in range(steps):
-            losses.append(dp.step(records, collate_fn))
-            if on_step is not None:
-                on_step(i, losses[-1])
-    return losses
+class DPStepper:
+    """The training loop's step under record-level DP (``client.train.Stepper``): one logical
+    DP-SGD step of a :class:`DPTrainer` built around the loop's model and optimizer."""
+
+    def __init__(
+        self, cfg: RecordDPConfig, plan: RecordPlan, accountant: GaussianAccountant
+    ) -> None:
+        self.cfg, self.plan, self.accountant = cfg, plan, accountant
+        self.examples = 0
+
+    def open(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        examples: list[Encoded],
+        cfg: TrainConfig,
+        *,
+        pad_id: int,
+        seed: int,
+    ) -> None:
+        # `seed` is public: DPTrainer draws batches and noise from its own secret generators.
+        self.records, self.examples = examples, len(examples)
+        self.collate = functools.partial(collate, pad_id=pad_id)
+        self.trainer = DPTrainer(
+            model, optimizer, self.cfg, self.plan, self.accountant,
+            physical_batch_size=micro_batch_size(cfg),
+        )  # fmt: skip
+
+    def step(self) -> list[float]:
+        chosen = self.trainer.draw(self.records)
+        loss = self.trainer.step_on(chosen, self.collate)
+        return [loss] if chosen else []  # an empty Poisson batch: noise only, no loss to report
+
+    def close(self) -> None:
+        self.trainer.close()

@@ -1,20 +1,23 @@
-"""DP-SGD wiring on a tiny peft LoRA llama: #820 guard, clipping, accumulation, accounting."""
+"""DP-SGD on a tiny peft LoRA llama: #820 guard, clipping, accumulation, accounting, and DP as
+a step of the one training loop (same optimizer, schedule and weight decay as plain training)."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from client.dp import DPTrainer, check_wiring, dp_backward, make_private, per_record_loss
-from common.core.config import RecordDPConfig
-from common.core.errors import ModelError
+from client.dp import DPStepper, DPTrainer, check_wiring, per_record_loss
+from client.train import train_round
+from common.core.config import RecordDPConfig, TrainConfig
+from common.core.errors import ModelError, PrivacyError
+from common.core.tasks import Encoded
 from common.privacy.accounting import GaussianAccountant, RecordPlan
 
 N, T, VOCAB, LR = 32, 12, 128, 0.5
@@ -150,11 +153,12 @@ def test_batch_step_is_mean_of_clipped_per_record_gradients(mode: str) -> None:
     torch.testing.assert_close(got, torch.stack(clipped).mean(0), rtol=1e-3, atol=1e-7)
 
 
-def test_accountant_steps_once_per_logical_step_and_on_empty_batches() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_accountant_steps_once_per_logical_step_and_on_empty_batches(mode: str) -> None:
     model, acc = tiny_lora(), GaussianAccountant()
     p = plan(1.0, 1.0, 8)
     start = params(model, True)
-    with DPTrainer(model, sgd(model), dp_cfg("hooks", 1.0), p, acc,
+    with DPTrainer(model, sgd(model), dp_cfg(mode, 1.0), p, acc,
                    physical_batch_size=3, seed=0) as dp:  # fmt: skip
         losses = [dp.step(records(), collate) for _ in range(3)]
         dp.step_on([], collate)  # an empty Poisson batch: noise only, still accounted
@@ -179,15 +183,60 @@ def test_wiring_guard_refuses_optimizer_on_stale_parameters() -> None:
         check_wiring(model, stale)
 
 
-def test_make_private_gives_poisson_loader_and_external_accounting() -> None:
+def encoded() -> list[Encoded]:
+    """The records as the loop gets them; every record has as many targets as the others, so the
+    plain loss (token mean over the batch) equals DP-SGD's mean of per-record losses."""
+    return [Encoded(r["input_ids"].tolist(), r["labels"].tolist()) for r in records()]
+
+
+def loop_cfg(**update: object) -> TrainConfig:
+    """Three steps on every record (batch N, two micro-batches), with warmup and cosine decay."""
+    base = TrainConfig(local_steps=3, batch_size=N, grad_accum=2, lr=1e-2, warmup_steps=2,
+                       schedule="cosine", weight_decay=0.5)  # fmt: skip
+    return base.model_copy(update=update)
+
+
+def loop(model: nn.Module, cfg: TrainConfig, stepper: DPStepper | None = None) -> None:
+    train_round(model, encoded(), cfg, pad_id=0, round_idx=1, total_rounds=2, seed=3,
+                stepper=stepper)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dp_round_without_noise_equals_plain_round_with_weight_decay_issue_820(mode: str) -> None:
+    """The one loop with the DP stepper (noise 0, a huge clip bound, sample rate 1 so that both
+    train on every record) equals the loop with plain steps: the same AdamW with its decay groups,
+    the same schedule. Weight decay is large enough to see, so it acts the same way under DP."""
+    dp_model, plain_model, undecayed = tiny_lora(), tiny_lora(), tiny_lora()
+    every = RecordPlan(N, 1.0, N, 3, 2, 0.0, 1e6, 1e-5, 0.0)
+    acc = GaussianAccountant()
+    loop(dp_model, loop_cfg(), DPStepper(dp_cfg(mode, 1e6), every, acc))
+    loop(plain_model, loop_cfg(max_grad_norm=1e6))  # the plain step's clipping off as well
+    loop(undecayed, loop_cfg(max_grad_norm=1e6, weight_decay=0.0))
+    got, want, no_decay = params(dp_model, True), params(plain_model, True), params(undecayed, True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert max(float((want[k] - no_decay[k]).abs().max()) for k in want) > 1e-3  # decay is seen
+    assert acc.steps == 3
+    assert not any(hasattr(p, "grad_sample") for p in dp_model.parameters())  # hooks removed
+
+
+def test_dp_round_through_the_loop_samples_accounts_and_reports_losses() -> None:
     model, acc = tiny_lora(), GaussianAccountant()
-    loader = DataLoader(records(), batch_size=8, collate_fn=collate)  # type: ignore[arg-type]
-    gsm, opt, dp_loader = make_private(
-        model, sgd(model), loader, dp_cfg("ghost", 1.0), 1.0, acc, seed=0
-    )
-    batch = next(iter(dp_loader))
-    dp_backward(gsm, opt, per_record_loss(gsm(input_ids=batch["input_ids"]).logits,
-                                          batch["labels"]))  # fmt: skip
-    opt.step()
-    gsm.cleanup()
-    assert acc.history == [(1.0, 8 / N, 1)]
+    start = params(model, True)
+    stepper = DPStepper(dp_cfg("hooks", 1.0), plan(1.0, 1.0, 8), acc)
+    result = train_round(model, encoded(), loop_cfg(batch_size=8), pad_id=0, round_idx=0,
+                         total_rounds=1, seed=0, stepper=stepper)  # fmt: skip
+    assert acc.history == [(1.0, 8 / N, 3)]
+    assert result.steps == 3 and result.examples == N and math.isfinite(result.loss)
+    assert all(not torch.equal(v, start[k]) for k, v in params(model, True).items())
+    assert not model._forward_hooks and not model.base_model.model._forward_hooks
+
+
+def test_dp_stepper_removes_hooks_when_a_step_fails() -> None:
+    model = tiny_lora()
+    wrong = RecordPlan(N + 1, 8 / (N + 1), 8, 3, 1, 1.0, 1.0, 1e-5, 0.0)  # planned for N+1 records
+    with pytest.raises(PrivacyError, match="plan is for"):
+        loop(model, loop_cfg(batch_size=8), DPStepper(dp_cfg("hooks", 1.0), wrong,
+                                                      GaussianAccountant()))  # fmt: skip
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert not model._forward_hooks and not model.base_model.model._forward_hooks
