@@ -1,4 +1,6 @@
-"""A site's privacy machinery around the local round: its accountant, DP-SGD, update clipping.
+"""A site's privacy machinery around the local round: its accountant and budget, update clipping.
+
+DP-SGD itself is ``client.dp.DPStepper``, the step of the one training loop under record-level DP.
 
 The record-level accountant lives in the node's state (Flower's ``context.state``) and in a file in
 the site's state folder, so epsilon composes over the whole run even across process restarts. A
@@ -12,13 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from client.dp import DPTrainer
-from client.train import TrainResult, lr_factor
 from common.core.config import Config
-from common.core.tasks import Encoded, collate
 from common.privacy.accounting import (
     GaussianAccountant,
     RecordPlan,
@@ -87,38 +84,6 @@ def check_budget(
     return plan, reason
 
 
-def dp_train_round(
-    model: nn.Module,
-    examples: list[Encoded],
-    cfg: Config,
-    plan: RecordPlan,
-    acc: SiteAccountant,
-    *,
-    pad_id: int,
-    round_idx: int,
-) -> TrainResult:
-    """``local_steps`` logical DP-SGD steps (Poisson batches, per-record clipping, noise)."""
-    train = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
-    total = train.local_steps * cfg.federation.rounds
-    losses: list[float] = []
-    micro = max(1, train.batch_size // train.grad_accum)
-    model.train()
-    with DPTrainer(
-        model, opt, cfg.privacy.record, plan, acc.accountant, physical_batch_size=micro
-    ) as dp:
-        for s in range(train.local_steps):
-            for group in opt.param_groups:
-                group["lr"] = train.lr * lr_factor(round_idx * train.local_steps + s, total, train)
-            losses.append(dp.step(examples, lambda b: collate(b, pad_id)))
-    acc.save()
-    finite = [x for x in losses if np.isfinite(x)] or [float("nan")]
-    return TrainResult(
-        float(np.mean(finite)), finite[0], finite[-1], train.local_steps, len(examples)
-    )
-
-
 def privatize_update(vec: np.ndarray, cfg: Config, noise_at_site: bool) -> tuple[np.ndarray, float]:
     """Institution-level DP at the site: clip the whole update to C, add this site's noise share.
 
@@ -136,5 +101,4 @@ def privatize_update(vec: np.ndarray, cfg: Config, noise_at_site: bool) -> tuple
 
 
 def noise_at_site(cfg: Config) -> bool:
-    where = cfg.privacy.institution.noise_at
-    return where == "sites" or (where == "auto" and cfg.secagg.enabled)
+    return cfg.institution_noise_at == "sites"  # the rule lives in the config (one place)

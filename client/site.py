@@ -17,10 +17,10 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from client.dp import DPStepper
 from client.privacy_site import (
     SiteAccountant,
     check_budget,
-    dp_train_round,
     noise_at_site,
     privatize_update,
 )
@@ -162,7 +162,8 @@ def run_local_round(
     privacy_state: dict[str, Any] | None = None,
     budget: float | None = None,
 ) -> LocalUpdate:
-    """Set the global adapter, train locally (DP-SGD if configured), return new minus global.
+    """Set the global adapter, train locally (one loop; DP-SGD steps if configured), return new
+    minus global.
 
     With institution-level DP the whole update is clipped to C (and noised at the site when the
     noise is distributed) before it leaves. A site over its record-level budget declines.
@@ -178,7 +179,8 @@ def run_local_round(
     examples: list[Encoded] = encode(train, sm.tokenizer, cfg)
     pad = int(sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0)
     seed = cfg.train.seed + 1000 * round_idx + site.index
-    privacy: dict[str, float] = {}
+    acc: SiteAccountant | None = None
+    stepper: DPStepper | None = None  # None: plain steps
     if cfg.privacy.record.enabled:
         acc = SiteAccountant(privacy_state if privacy_state is not None else {},
                              site.state_file(), cfg.privacy.record.accountant)  # fmt: skip
@@ -186,13 +188,15 @@ def run_local_round(
         if reason:
             logger.warning("site %s: %s", site.name, reason)
             return LocalUpdate({}, None, len(train), declined=reason)
-        result = dp_train_round(sm.model, examples, cfg, plan, acc, pad_id=pad, round_idx=round_idx)
+        stepper = DPStepper(cfg.privacy.record, plan, acc.accountant)
+    result = train_round(
+        sm.model, examples, cfg.train, pad_id=pad, round_idx=round_idx,
+        total_rounds=cfg.federation.rounds, seed=seed, stepper=stepper,
+    )  # fmt: skip
+    privacy: dict[str, float] = {}
+    if acc is not None:
+        acc.save()  # epsilon composes over rounds and process restarts
         privacy = {"record-epsilon": acc.accountant.epsilon(plan.delta), "record-delta": plan.delta}
-    else:
-        result = train_round(
-            sm.model, examples, cfg.train, pad_id=pad, round_idx=round_idx,
-            total_rounds=cfg.federation.rounds, seed=seed,
-        )  # fmt: skip
     new_state = get_state(sm.model, sm.keys)
     delta = {k: new_state[k] - global_state[k] for k in sm.keys}
     if cfg.privacy.institution.enabled:
