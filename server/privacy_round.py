@@ -6,45 +6,52 @@ institution-level epsilon is accounted here over rounds with the site sampling r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
-
-import numpy as np
 
 from common.core.config import Config
 from common.privacy.accounting import (
     InstitutionAccountant,
     add_server_noise,
-    institution_sample_rate,
+    top_up_shares,
 )
-from common.privacy.report import PrivacyLedger, report_text
+from common.privacy.report import PrivacyLedger, context, report_text
 from common.protocol import keys
-from common.protocol.aggregate import SiteReport
+from common.protocol.aggregate import SiteReport, SumNoise, expected_sites
 
 logger = logging.getLogger(__name__)
 
 
 class ServerPrivacy:
     def __init__(self, cfg: Config, num_sites: int) -> None:
-        self.cfg = cfg
+        self.cfg, self.num_sites = cfg, num_sites
         inst = cfg.privacy.institution
         self.ledger = PrivacyLedger(institution_delta=inst.delta if inst.enabled else None)
         self.accountant: InstitutionAccountant | None = None
         if inst.enabled:
-            per_round = cfg.federation.sites_per_round or num_sites
-            q = institution_sample_rate(per_round, num_sites)
-            self.accountant = InstitutionAccountant(inst, q)
+            self.accountant = InstitutionAccountant(inst)
 
     @property
     def active(self) -> bool:
         return self.cfg.privacy.record.enabled or self.cfg.privacy.institution.enabled
 
-    def noise_sum(self, total: np.ndarray) -> np.ndarray:
-        """Gaussian noise of std sigma*C on the sum of clipped updates (the coordinator adds it)."""
-        inst = self.cfg.privacy.institution
-        return add_server_noise(
-            total, noise_multiplier=inst.noise_multiplier, clip_norm=inst.clip_norm
-        )
+    def noise(self) -> SumNoise | None:
+        """What the coordinator adds to a round's sum: all the noise (server noise), the shares
+        of missing sites (distributed noise), or nothing (no institution-level DP)."""
+        inst, where = self.cfg.privacy.institution, self.cfg.institution_noise_at
+        expected = expected_sites(self.cfg, self.num_sites)
+        if where == "server":
+            return lambda total, _: add_server_noise(
+                total, noise_multiplier=inst.noise_multiplier, clip_norm=inst.clip_norm
+            )
+        if where == "sites":
+            return lambda total, contributors: top_up_shares(
+                total, noise_multiplier=inst.noise_multiplier, clip_norm=inst.clip_norm,
+                min_sites=self.cfg.federation.min_sites, contributors=contributors,
+                expected=expected,
+            )  # fmt: skip
+        return None
 
     def record_round(
         self, r: int, reports: list[SiteReport], declined: dict[str, str]
@@ -76,7 +83,12 @@ class ServerPrivacy:
     def summary(self) -> dict[str, Any]:
         if not self.active:
             return {}
-        totals = self.ledger.summary()
+        prv = self.accountant.epsilon_with("prv") if self.accountant else None
+        totals = dataclasses.replace(
+            self.ledger.summary(),
+            **context(self.cfg, self.num_sites),
+            institution_epsilon_prv=prv,
+        )
         return {**totals.to_dict(), "statement": report_text(totals)}
 
 

@@ -33,7 +33,13 @@ from common.core.models import load_base
 from common.core.records import Record, read_folder
 from common.core.tasks import evaluate
 from common.protocol import keys
-from common.protocol.aggregate import RoundSum, apply_sum, require_min_sites, site_weights
+from common.protocol.aggregate import (
+    RoundSum,
+    apply_sum,
+    expected_sites,
+    require_min_sites,
+    site_weights,
+)
 from common.protocol.wire import config_record
 from server import checkpoint
 from server.exchange import send_and_receive
@@ -86,12 +92,13 @@ class FederatedRun:
             state, final, first, elapsed = self._restore(ckpt, keys, privacy)
             set_state(model, state)
         sampler = SiteSampler(self.cfg.federation)
-        noise = privacy.noise_sum if self.cfg.institution_noise_at == "server" else None
+        noise = privacy.noise()
+        expected = expected_sites(self.cfg, len(nodes))
         for r in range(first, self.cfg.federation.rounds + 1):
             t0 = time.monotonic()
             sampled = sampler.sample(self._available(r, nodes), r)
             summed = self._train_round(r, sampled, state, fingerprint)
-            state = apply_sum(self.cfg, state, summed, noise)
+            state = apply_sum(self.cfg, state, summed, expected, noise)
             set_state(model, state)
             writer.adapter(model, r)
             if self._eval_due(r):

@@ -11,7 +11,12 @@ arXiv:1710.06963). Each site clips its update to norm C; Gaussian noise of std `
 on the sum, either added by the server (no secure aggregation) or as distributed shares, each site
 adding std ``sigma * C / sqrt(min_sites)`` so that any ``k >= min_sites`` survivors carry at least
 the planned noise (Kairouz et al. 2021, "The distributed discrete Gaussian", arXiv:2102.06387).
-Rounds are accounted as a subsampled Gaussian with site sampling rate ``q = sites/num_sites``.
+The coordinator divides the noised sum by a fixed public number (common/protocol/aggregate.py),
+so adjacency is add/remove of one institution with sensitivity C. Every round is accounted as a
+full (q = 1) Gaussian mechanism for every institution: the coordinator chooses which sites take
+part and sees who did, and the run folder records the participants, so neither the coordinator
+nor a holder of the published model is denied the knowledge that amplification by sampling
+(McMahan et al. 2018) would need to be hidden. A site that sat out a round is still charged.
 
 Nothing here touches torch models; vectors are numpy arrays.
 """
@@ -294,6 +299,30 @@ def add_noise_share(
     return (vec + gen.normal(0.0, std, size=np.shape(vec))).astype(np.asarray(vec).dtype)
 
 
+def top_up_shares(
+    total: np.ndarray,
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    min_sites: int,
+    contributors: int,
+    expected: int,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Distributed DP with dropouts: the coordinator adds the shares of the ``expected -
+    contributors`` sites that are missing, so the published noise does not depend on how many
+    took part (the noise's std would otherwise show it). The guarantee against the coordinator
+    rests on the sites' own shares alone (at least ``min_sites`` of them)."""
+    missing = max(0, expected - contributors)
+    if not missing:
+        return total
+    std = noise_share_std(
+        noise_multiplier=noise_multiplier, clip_norm=clip_norm, min_sites=min_sites
+    ) * math.sqrt(missing)
+    gen = rng if rng is not None else secure_rng()
+    return (total + gen.normal(0.0, std, size=np.shape(total))).astype(np.asarray(total).dtype)
+
+
 def add_server_noise(
     total: np.ndarray,
     *,
@@ -308,23 +337,20 @@ def add_server_noise(
     return (total + noise).astype(np.asarray(total).dtype)
 
 
-def institution_sample_rate(sites_per_round: int, num_sites: int) -> float:
-    """``q`` of the institution-level accountant. Flower samples a fixed number of sites without
-    replacement; accounting it as Poisson sampling at the same rate follows McMahan et al. 2018."""
-    if num_sites <= 0:
-        raise PrivacyError(f"`num_sites` must be positive (got {num_sites})")
-    chosen = num_sites if sites_per_round in (0, None) else min(sites_per_round, num_sites)
-    return chosen / num_sites
+INSTITUTION_SAMPLE_RATE = 1.0
+"""q of the institution-level accountant: no amplification by a sample the coordinator draws."""
 
 
 class InstitutionAccountant:
-    """Server-side epsilon of each institution's whole dataset, one step per round.
+    """Server-side epsilon of each institution's whole dataset, one full step per round.
 
-    Accounts the planned ``noise_multiplier``: with distributed noise and more than ``min_sites``
-    survivors the sum carries more noise than planned, so this is an upper bound.
+    Accounts the planned ``noise_multiplier`` at q = 1 (see the module docstring): with
+    distributed noise and more than ``min_sites`` survivors the sum carries more noise than
+    planned, so this is an upper bound.
     """
 
-    def __init__(self, cfg: InstitutionDPConfig, sample_rate: float) -> None:
+    def __init__(self, cfg: InstitutionDPConfig) -> None:
+        sample_rate = INSTITUTION_SAMPLE_RATE
         _check_step(cfg.noise_multiplier, sample_rate, 0)
         self.noise_multiplier, self.sample_rate, self.delta = (
             cfg.noise_multiplier, sample_rate, cfg.delta,
@@ -338,6 +364,10 @@ class InstitutionAccountant:
 
     def epsilon(self) -> float:
         return self.accountant.epsilon(self.delta)
+
+    def epsilon_with(self, mechanism: Mechanism) -> float:
+        """The same history accounted with another accountant (e.g. PRV beside RDP)."""
+        return _epsilon(mechanism, self.accountant.history, self.delta)
 
     def state_dict(self) -> dict[str, Any]:
         return self.accountant.state_dict()
@@ -356,9 +386,8 @@ def institution_epsilon_planned(cfg: Config, num_sites: int) -> float:
             f"`{cfg.site_weighting}`): weighted sums break the clip bound "
             "`privacy.institution.clip_norm`"
         )
-    q = institution_sample_rate(cfg.federation.sites_per_round, num_sites)
     acc = GaussianAccountant(inst.accountant)
     return acc.projected_epsilon(
-        steps=cfg.federation.rounds, sample_rate=q,
+        steps=cfg.federation.rounds, sample_rate=INSTITUTION_SAMPLE_RATE,
         noise_multiplier=inst.noise_multiplier, delta=inst.delta,
     )  # fmt: skip

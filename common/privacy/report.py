@@ -25,13 +25,19 @@ class PrivacySummary:
     record_delta: dict[str, float] = field(default_factory=dict)
     institution_epsilon: float | None = None  # None = institution level off
     institution_delta: float | None = None
+    record_accountant: str = "rdp"
+    institution_accountant: str = "rdp"
+    institution_epsilon_prv: float | None = None  # the same history under PRV, for comparison
+    institution_noise_at: str | None = None  # "server" or "sites" (threat model)
+    denominator: int | None = None  # the fixed DP-FedAvg denominator (sites per round)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PrivacySummary:
-        return cls(**dict(data))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -96,11 +102,23 @@ def plan(cfg: Config, num_records_per_site: Mapping[str, int]) -> PrivacySummary
             p = record_plan(cfg, n)
             rec_eps[site], rec_delta[site] = p.epsilon, p.delta
     inst = cfg.privacy.institution
-    inst_eps = institution_epsilon_planned(cfg, len(num_records_per_site)) if inst.enabled else None
+    sites = len(num_records_per_site)
+    inst_eps = institution_epsilon_planned(cfg, sites) if inst.enabled else None
     return PrivacySummary(
         cfg.federation.rounds, True, rec_eps, rec_delta, inst_eps,
-        inst.delta if inst.enabled else None,
+        inst.delta if inst.enabled else None, **context(cfg, sites),
     )  # fmt: skip
+
+
+def context(cfg: Config, num_sites: int) -> dict[str, Any]:
+    """The summary fields that say how the guarantee is obtained (accountants, threat model)."""
+    inst = cfg.privacy.institution
+    return {
+        "record_accountant": cfg.privacy.record.accountant,
+        "institution_accountant": inst.accountant,
+        "institution_noise_at": cfg.institution_noise_at,
+        "denominator": (cfg.federation.sites_per_round or num_sites) if inst.enabled else None,
+    }
 
 
 def _fmt(eps: float) -> str:
@@ -108,32 +126,60 @@ def _fmt(eps: float) -> str:
 
 
 def report_text(summary: PrivacySummary | Mapping[str, Any]) -> str:
-    """A plain statement of the guarantee, for a privacy officer."""
+    """The guarantee in plain words, per level: unit, adjacency, threat model, accountant,
+    epsilon, delta, rounds. What the summary, `privacy-report` and the model card print."""
     s = summary if isinstance(summary, PrivacySummary) else PrivacySummary.from_dict(summary)
     when = f"planned for {s.rounds} rounds" if s.planned else f"after {s.rounds} rounds"
-    lines = [f"Privacy guarantee ({when}):"]
-    if s.record_epsilon:
-        eps, delta = max(s.record_epsilon.values()), max(s.record_delta.values(), default=1.0)
-        lines.append(f"- Each patient record: ({_fmt(eps)}, {delta:.1e})-DP (worst site).")
-        lines += [
-            f"    site {k}: epsilon {_fmt(v)}, delta {s.record_delta.get(k, delta):.1e}"
-            for k, v in sorted(s.record_epsilon.items())
-        ]
-    else:
-        lines.append("- Each patient record: no record-level DP (not protected by noise).")
-    if s.institution_epsilon is not None:
-        lines.append(
-            f"- Each institution's entire dataset: ({_fmt(s.institution_epsilon)}, "
-            f"{s.institution_delta:.1e})-DP."
-        )
-    else:
-        lines.append("- Each institution's entire dataset: no institution-level DP.")
+    lines = [f"Privacy guarantee ({when}):", *_record_words(s), *_institution_words(s)]
     lines.append(
         "(epsilon, delta)-DP means: adding or removing that one record (or that whole institution) "
-        "changes the probability of any outcome of the published model by at most a factor "
-        "e^epsilon, except with probability delta."
+        "changes the probability of any outcome by at most a factor e^epsilon, except with "
+        "probability delta."
     )
     return "\n".join(lines)
+
+
+def _record_words(s: PrivacySummary) -> list[str]:
+    if not s.record_epsilon:
+        return ["- Each record: no record-level DP (not protected by noise)."]
+    eps, delta = max(s.record_epsilon.values()), max(s.record_delta.values(), default=1.0)
+    return [
+        f"- Each record: ({_fmt(eps)}, {delta:.1e})-DP at the worst site. Unit: one training "
+        "example of one site; add/remove adjacency; DP-SGD with per-record clipping at each "
+        f"site, {s.record_accountant.upper()} accountant composed over every round it trained. "
+        "Against anyone who sees what leaves the site: the coordinator, the other sites and "
+        "holders of the published model.",
+        *(
+            f"    site {k}: epsilon {_fmt(v)}, delta {s.record_delta.get(k, delta):.1e}"
+            for k, v in sorted(s.record_epsilon.items())
+        ),
+    ]
+
+
+def _institution_words(s: PrivacySummary) -> list[str]:
+    if s.institution_epsilon is None:
+        return ["- Each institution's entire dataset: no institution-level DP."]
+    prv = s.institution_epsilon_prv
+    beside = f" (PRV accountant: {_fmt(prv)})" if prv is not None else ""
+    by = (
+        "the sites, in shares, before secure aggregation: this also holds against the "
+        "coordinator, which sees only the masked sum with the noise already in it"
+        if s.institution_noise_at == "sites"
+        else "the coordinator, after it has seen each clipped update: this holds against holders "
+        "of the published model and of the per-round adapters, not against the coordinator"
+    )
+    denominator = (
+        f"a fixed denominator ({s.denominator} sites per round)"
+        if s.denominator
+        else ("a fixed denominator")
+    )
+    return [
+        f"- Each institution's entire dataset: ({_fmt(s.institution_epsilon)}, "
+        f"{s.institution_delta:.1e})-DP{beside}, add/remove adjacency. DP-FedAvg: each site's "
+        f"update clipped to norm C, Gaussian noise on the sum, {denominator}. Noise added by "
+        f"{by}. {s.institution_accountant.upper()} accountant, every round charged in full "
+        "(no amplification by the sample the coordinator draws)."
+    ]
 
 
 def noise_outlook(cfg: Config, num_records_per_site: Mapping[str, int]) -> str:

@@ -8,8 +8,15 @@ follows is written once, here:
   1 with uniform weighting), which plain sums apply at the coordinator and secure sites apply
   before masking;
 - the min-sites rule (a round with fewer contributors than ``federation.min_sites`` fails);
-- the step: ``new = global + server_lr * (sum_i w_i delta_i [+ noise]) / sum_i w_i``, with the
-  institution-level noise added to the sum when the coordinator is the one adding it.
+- the step: ``new = global + server_lr * (sum_i w_i delta_i [+ noise]) / D``, with the
+  institution-level noise the coordinator adds (all of it with server noise; with distributed
+  noise, the shares of sites that did not contribute, so the noise never shows how many did);
+- the denominator ``D``: the contributors' ``sum_i w_i`` without institution-level DP; with it,
+  a fixed public number, the sites expected per round (DP-FedAvg, McMahan et al. 2018,
+  arXiv:1710.06963). Dividing by the realised number of contributors would make the published
+  update's scale (its noise std sigma*C/n) show how many, and so whether a given institution,
+  took part: with D fixed, adding or removing one institution moves the published update by at
+  most C / D and its noise is sigma*C / D either way (add/remove adjacency).
 
 Under ``ffa`` the deltas are of B only (A shared and frozen): the average is the exact average of
 the sites' weight deltas B_i·A; under ``fedavg`` it averages A and B separately.
@@ -28,8 +35,8 @@ from common.core.adapters import unflatten
 from common.core.config import Config
 from common.core.errors import RoundError
 
-# Noise on the sum: flat float64 vector in, same shape out.
-SumNoise = Callable[[np.ndarray], np.ndarray]
+# Noise the coordinator adds to a round's sum: (flat float64 sum, contributors) -> noised sum.
+SumNoise = Callable[[np.ndarray, int], np.ndarray]
 
 
 @dataclass
@@ -79,19 +86,40 @@ def require_min_sites(
     )
 
 
+def denominator(cfg: Config, summed: RoundSum, expected_sites: int) -> float:
+    """D of the step: fixed (``expected_sites``) under institution-level DP, else sum_i w_i."""
+    if cfg.privacy.institution.enabled:
+        if expected_sites <= 0:
+            raise RoundError(f"the fixed denominator must be positive (got {expected_sites})")
+        return float(expected_sites)
+    if summed.weight <= 0:
+        raise RoundError("no site updates to aggregate")
+    return summed.weight
+
+
+def expected_sites(cfg: Config, num_sites: int) -> int:
+    """Sites sampled per round: public, fixed before the run (the DP-FedAvg denominator)."""
+    return cfg.federation.sites_per_round or num_sites
+
+
 def apply_sum(
     cfg: Config,
     global_state: Mapping[str, np.ndarray],
     summed: RoundSum,
+    expected: int,
     noise: SumNoise | None = None,
 ) -> OrderedDict[str, np.ndarray]:
-    """Step the global adapter by the (optionally noised) weighted average of the round."""
-    if summed.weight <= 0:
+    """Step the global adapter by the (optionally noised) sum over the round's denominator.
+
+    ``expected``: the sites expected per round (:func:`expected_sites`).
+    """
+    if not summed.reports:
         raise RoundError("no site updates to aggregate")
     total = summed.total.astype(np.float64)
     if noise is not None:
-        total = noise(total)
-    average = unflatten((total / summed.weight).astype(np.float32), global_state)
+        total = noise(total, len(summed.reports))
+    scale = denominator(cfg, summed, expected)
+    average = unflatten((total / scale).astype(np.float32), global_state)
     lr = cfg.federation.server_lr
     return OrderedDict(
         (k, (global_state[k] + lr * average[k]).astype(np.float32)) for k in global_state

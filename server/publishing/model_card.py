@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from common.core.config import Config
-
-_LEVEL_WORDS = {
-    "record": (
-        "Record-level differential privacy",
-        "any single record of any site changes the probability of any published model by at most "
-        "a factor of e^ε, except with probability δ",
-    ),
-    "institution": (
-        "Institution-level differential privacy",
-        "the whole contribution of any one site (all its records together) changes the probability "
-        "of any published model by at most a factor of e^ε, except with probability δ",
-    ),
-}
 
 
 def render_model_card(
@@ -88,29 +74,21 @@ def _evaluation(summary: dict[str, Any], before: dict[str, Any], after: dict[str
 
 
 def _privacy(privacy: Any) -> str:
+    """The run's plain statement (common/privacy/report.py), never raw keys."""
     lines = ["## Privacy guarantee\n"]
-    if not privacy:
+    statement = privacy.get("statement") if isinstance(privacy, dict) else None
+    if not privacy or not statement:
         lines.append(
             "**No differential privacy guarantee.** This run was trained without differential "
             "privacy: the model may memorise and reveal training records. Treat it as being as "
             "sensitive as the data it was trained on.\n"
         )
         return "\n".join(lines)
-    if not isinstance(privacy, dict):
-        return "\n".join([*lines, f"{privacy}\n"])
-    for level, value in privacy.items():
-        lines.append(_privacy_level(level, value))
+    head, *rest = str(statement).splitlines()
+    lines.append(f"**{head}**\n")
+    for line in rest:
+        lines.append(f"  {line.strip()}" if line.startswith("    ") else line)
     return "\n".join(lines) + "\n"
-
-
-def _privacy_level(level: str, value: Any) -> str:
-    title, meaning = _LEVEL_WORDS.get(level, (f"`{level}`", ""))
-    if isinstance(value, dict) and "epsilon" in value and "delta" in value:
-        sentence = f"- **{title}: (ε = {_g(value['epsilon'], 4)}, δ = {_g(value['delta'], 2)}).**"
-        sentence += f" In plain words: {meaning}." if meaning else ""
-        rest = {k: v for k, v in value.items() if k not in ("epsilon", "delta")}
-        return sentence + (f" Details: `{json.dumps(rest, sort_keys=True)}`" if rest else "")
-    return f"- {title}: `{json.dumps(value, sort_keys=True, default=str)}`"
 
 
 def _limitations(cfg: Config) -> str:

@@ -22,7 +22,7 @@ from common.privacy.accounting import (
     clip_update,
     decline_reason,
     default_delta,
-    institution_sample_rate,
+    institution_epsilon_planned,
     record_plan,
 )
 from common.privacy.report import PrivacyLedger, PrivacySummary, noise_outlook, plan, report_text
@@ -167,17 +167,27 @@ def test_distributed_shares_sum_to_full_noise_at_min_sites() -> None:
     assert float(sum(shares).std()) == pytest.approx(sigma * clip * math.sqrt(6 / 4), rel=0.02)
 
 
-def test_institution_accountant_uses_site_sampling_rate() -> None:
-    cfg = build_config({"privacy": {"institution": {"enabled": True, "noise_multiplier": 1.5}}})
-    q = institution_sample_rate(3, 10)
-    assert q == 0.3 and institution_sample_rate(0, 10) == 1.0
-    inst = InstitutionAccountant(cfg.privacy.institution, q)
-    eps = [inst.step_round() for _ in range(3)]
+def test_institution_accountant_claims_no_amplification_by_the_coordinators_sample() -> None:
+    # The coordinator draws the sample and sees it: every round is a full Gaussian step (q = 1),
+    # whatever `sites_per_round` is. banks.toml (4 of 5 sites, 4 rounds) was 9.59 at q = 0.8.
+    tree = {
+        "federation": {"sites_per_round": 4, "rounds": 4, "min_sites": 2},
+        "privacy": {"institution": {"enabled": True, "noise_multiplier": 1.5}},
+    }
+    cfg = build_config(tree)
+    inst = InstitutionAccountant(cfg.privacy.institution)
+    eps = [inst.step_round() for _ in range(4)]
     ref = RDPAccountant()
-    for _ in range(3):
-        ref.step(noise_multiplier=1.5, sample_rate=0.3)
+    for _ in range(4):
+        ref.step(noise_multiplier=1.5, sample_rate=1.0)
     assert eps[-1] == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-9)
-    assert eps[0] < eps[1] < eps[2]
+    assert eps[0] < eps[1] < eps[2] < eps[3]
+    subsampled = RDPAccountant()
+    for _ in range(4):
+        subsampled.step(noise_multiplier=1.5, sample_rate=0.8)
+    assert eps[-1] > subsampled.get_epsilon(delta=1e-5)  # the old, amplified claim was lower
+    assert institution_epsilon_planned(cfg, 5) == pytest.approx(eps[-1], rel=1e-9)
+    assert inst.epsilon_with("prv") <= eps[-1] * 1.05  # PRV beside RDP: close, usually tighter
 
 
 def test_plan_and_report_state_both_levels() -> None:
@@ -187,7 +197,7 @@ def test_plan_and_report_state_both_levels() -> None:
     assert max(summary.record_epsilon.values()) <= 8.0
     assert summary.institution_epsilon is not None and summary.institution_epsilon > 0
     text = report_text(summary.to_dict())
-    assert "Each patient record: (" in text and "Each institution's entire dataset: (" in text
+    assert "Each record: (" in text and "Each institution's entire dataset: (" in text
 
 
 def test_institution_dp_weights_sites_equally() -> None:

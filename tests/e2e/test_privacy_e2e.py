@@ -26,5 +26,5 @@ def test_private_run_and_its_report(tmp_path):
     assert 0 < worst <= 8.0 + 1e-6
     report = fedtune("privacy-report", str(out))
     assert report.returncode == 0, report.stderr
-    assert f"Each patient record: ({worst:.2f}" in report.stdout
+    assert f"Each record: ({worst:.2f}" in report.stdout
     assert "Each institution's entire dataset: (" in report.stdout

@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 from common.core.config import Config, build_config, to_toml
 from common.core.models import load_base
 from common.identity.signing import generate_keys
+from common.privacy.report import PrivacySummary, report_text
 from server.publishing.publish import publish
 
 TEST_TEXTS = [
@@ -83,10 +84,13 @@ def make_run(
 
 
 QV = ["q_proj", "v_proj"]
-PRIVACY = {
-    "record": {"epsilon": 3.5, "delta": 1e-5, "accountant": "rdp"},
-    "institution": {"epsilon": 8.0, "delta": 1e-5},
-}
+_TOTALS = PrivacySummary(
+    rounds=2, planned=False,
+    record_epsilon={"site-0": 3.5, "site-1": 2.0}, record_delta={"site-0": 1e-5, "site-1": 1e-5},
+    institution_epsilon=8.0, institution_delta=1e-5, institution_epsilon_prv=7.6,
+    institution_noise_at="sites", denominator=3,
+)  # fmt: skip
+PRIVACY = {**_TOTALS.to_dict(), "statement": report_text(_TOTALS)}  # as server/privacy_round.py
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ def test_both_levels_are_accounted_per_round(tiny_cfg, tmp_path: Path):
     privacy = summary["privacy"]
     assert privacy["institution_epsilon"] == inst[-1]
     assert (
-        "Each patient record" in privacy["statement"] and "Each institution" in privacy["statement"]
+        "Each record" in privacy["statement"] and "Each institution" in privacy["statement"]
     )
     assert all((tmp_path / "state" / f"site-{i}").glob("accountant-*.json") for i in range(3))
 

@@ -73,10 +73,16 @@ def test_verify_passes_and_card_tells_the_story(published: Path, keys: tuple[Pat
     manifest = verify_folder(published, load_public_key(keys[1]))
     assert manifest["evaluation"]["published"]["loss"] > 0
     card = (published / "MODEL_CARD.md").read_text()
-    needles = ["`tiny:llama`", "| site-0 | 120 |", "| site-2 | 5 |", "ε = 3.5", "δ = 1e-05"]
-    needles += ["Institution-level", "adapter published from round 2", "## Limitations"]
-    for needle in needles:
+    needles = ["`tiny:llama`", "| site-0 | 120 |", "| site-2 | 5 |", "(3.50, 1.0e-05)-DP"]
+    needles += ["Each institution's entire dataset: (8.00, 1.0e-05)-DP (PRV accountant: 7.60)"]
+    needles += ["add/remove adjacency", "fixed denominator (3 sites per round)"]
+    needles += ["also holds against the coordinator", "adapter published from round 2"]
+    for needle in [*needles, "## Limitations"]:
         assert needle in card, needle
+    privacy = card[card.index("## Privacy guarantee") : card.index("## Limitations")]
+    # Plain words only: no raw dict, JSON or key names from the summary.
+    for raw in ("{", "}", '"', "record_epsilon", "institution_noise_at", "`"):
+        assert raw not in privacy, raw
 
 
 def test_gate_refuses_a_model_made_worse(

@@ -12,11 +12,31 @@ from common.core.config.section import Section
 class TrainConfig(Section):
     local_steps: int = Field(10, gt=0, description="Optimizer steps per site per round.")
     batch_size: int = Field(
-        8, gt=0, description="Records per optimizer step (before accumulation)."
+        8,
+        gt=0,
+        description=(
+            "Records per optimizer step. Without DP: `grad_accum` micro-batches of "
+            "`batch_size // grad_accum`. With record-level DP: the expected Poisson batch (each "
+            "record drawn with probability `batch_size / records`), run in physical batches of "
+            "at most `batch_size // grad_accum`."
+        ),
     )
-    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    grad_accum: int = Field(
+        1,
+        gt=0,
+        description=(
+            "Micro-batches per optimizer step; with DP it sets only the physical batch size "
+            "(`batch_size // grad_accum`)."
+        ),
+    )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decay (never on biases and norms).")
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "AdamW decoupled weight decay, with or without DP; never on biases and norm weights."
+        ),
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (over the whole run).")
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "cosine", description="Learning-rate decay after warmup, over all planned steps of the run."
@@ -29,7 +49,13 @@ class TrainConfig(Section):
             "clips each record's gradient to `privacy.record.max_grad_norm` instead."
         ),
     )
-    seed: int = Field(0, description="Seed of data order and dropout.")
+    seed: int = Field(
+        0,
+        description=(
+            "Seeds torch (dropout) and, without DP, the data order. DP-SGD's sampling and noise "
+            "never follow it: they come from a secret random source."
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")
 
