@@ -31,7 +31,7 @@ class Checkpoint:
     base: dict[str, float]
     final: dict[str, float]
     rows: list[dict[str, Any]]
-    site_records: dict[str, int]
+    site_records: dict[str, int | None]
     elapsed_s: float
     privacy: dict[str, Any] = field(default_factory=dict)
 

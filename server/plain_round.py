@@ -20,7 +20,7 @@ from common.core.config import Config
 from common.core.errors import FedtuneError, RoundError
 from common.protocol import keys
 from common.protocol.aggregate import RoundSum, SiteReport
-from common.protocol.wire import declined_reason, from_record, metrics_of, to_record
+from common.protocol.wire import declined_reason, from_record, metrics_of, record_count, to_record
 from server.exchange import record_bytes, send_and_receive
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class PlainRound:
             delta = flatten(from_record(record, expected=state)).astype(np.float64)
             self._check_norm(delta)
             metrics = metrics_of(content)
-            records = int(metrics[keys.NUM_EXAMPLES])
+            records = record_count(metrics)
         except (FedtuneError, KeyError, ValueError, TypeError) as err:
             self._fail(summed, node, f"malformed update rejected: {err}")
             return

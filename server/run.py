@@ -63,7 +63,8 @@ class FederatedRun:
     on_round: Callable[[dict[str, Any]], None] | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     site_names: dict[int, str] = field(default_factory=dict)
-    site_records: dict[str, int] = field(default_factory=dict)
+    # None: the site does not disclose its count (any DP level on: counts are not covered).
+    site_records: dict[str, int | None] = field(default_factory=dict)
     site_prepare: dict[str, dict[str, int]] = field(default_factory=dict)  # counts per rule
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     resume: bool = False
@@ -211,7 +212,9 @@ class FederatedRun:
             raise RoundError("preflight failed, nothing was trained:\n  " + "\n  ".join(problems))
         logger.info(
             "preflight ok: %s",
-            ", ".join(f"{k} ({v} records)" for k, v in self.site_records.items()),
+            ", ".join(
+                k if v is None else f"{k} ({v} records)" for k, v in self.site_records.items()
+            ),
         )
 
     def _register_site(self, node: int, info: Any, fingerprint: str) -> None:
@@ -225,7 +228,7 @@ class FederatedRun:
                 "`lora` settings and fedtune version needed)"
             )
         self.site_names[node] = name
-        self.site_records[name] = int(str(info[keys.RECORDS]))
+        self.site_records[name] = int(str(info[keys.RECORDS])) if keys.RECORDS in info else None
         prefix = keys.PREPARE_PREFIX
         prep = {k[len(prefix) :]: int(str(v)) for k, v in info.items() if k.startswith(prefix)}
         if prep:
@@ -247,8 +250,8 @@ class FederatedRun:
         self, r: int, sampled: list[int], state: dict[str, np.ndarray], fingerprint: str
     ) -> RoundSum:
         """The round's weighted sum, from the plain or the secure source; too few fails it."""
-        records = {n: self.site_records[self.site_names[n]] for n in sampled}
-        weights = site_weights(self.cfg, records)
+        counts = {n: self.site_records[self.site_names[n]] for n in sampled}
+        weights = site_weights(self.cfg, counts)
         source = SecAggRound if self.cfg.secagg.enabled else PlainRound
         summed = source(self.grid, self.cfg, r, self.site_names, weights).run(
             state, self._config(r, fingerprint)
@@ -258,7 +261,7 @@ class FederatedRun:
 
     def _row(self, r: int, summed: RoundSum, ev: dict[str, float], sampled: int) -> dict[str, Any]:
         reports = summed.reports
-        with_loss = [u for u in reports if keys.TRAIN_LOSS in u.metrics]
+        with_loss = [u for u in reports if keys.TRAIN_LOSS in u.metrics and u.records is not None]
         weights = np.array([u.records for u in with_loss], dtype=np.float64)
         losses = np.array([u.metrics[keys.TRAIN_LOSS] for u in with_loss])
         # Sites report no loss under record-level DP or secure aggregation (it is not private).
@@ -298,6 +301,15 @@ class FederatedRun:
         if self.on_round:
             self.on_round(row)
 
+    def _site_summary(self, name: str) -> dict[str, Any]:
+        """What the summary says of a site: only what the site disclosed (no counts under DP)."""
+        out: dict[str, Any] = {}
+        if self.site_records[name] is not None:
+            out["records"] = self.site_records[name]
+        if name in self.site_prepare:
+            out["prepare"] = self.site_prepare[name]
+        return out
+
     def _summary(
         self, base: dict[str, float], final: dict[str, float], wall: float, source: str
     ) -> dict[str, Any]:
@@ -306,13 +318,7 @@ class FederatedRun:
             "model": source,
             "task": self.cfg.model.task,
             "rounds": len(self.rows),
-            "sites": {
-                name: {
-                    "records": n,
-                    **({"prepare": self.site_prepare[name]} if name in self.site_prepare else {}),
-                }
-                for name, n in sorted(self.site_records.items())
-            },
+            "sites": {name: self._site_summary(name) for name in sorted(self.site_records)},
             "base": base,
             "final": final,
             "train_loss": [row["train_loss"] for row in self.rows],

@@ -44,7 +44,7 @@ class SiteReport:
     """What one contributor reports besides its update (the update itself is only ever summed)."""
 
     site: str
-    records: int
+    records: int | None  # None: not disclosed (any DP level on)
     metrics: dict[str, float]
 
 
@@ -62,14 +62,21 @@ class RoundSum:
     extra: dict[str, Any] = field(default_factory=dict)  # path-specific metrics row keys
 
 
-def site_weights(cfg: Config, records: Mapping[int, int]) -> dict[int, float]:
+def site_weights(cfg: Config, records: Mapping[int, int | None]) -> dict[int, float]:
     """Public weights of the sampled nodes: mean 1 with record weighting, else all 1."""
     if cfg.site_weighting != "records":
         return {n: 1.0 for n in records}
-    mean = sum(records.values()) / max(1, len(records))
+    counts = {n: c for n, c in records.items() if c is not None}
+    if len(counts) != len(records):
+        missing = sorted(str(n) for n in set(records) - set(counts))
+        raise RoundError(
+            f"`federation.weighting` is `records` but node(s) {', '.join(missing)} sent no "
+            "record count"
+        )
+    mean = sum(counts.values()) / max(1, len(counts))
     if mean <= 0:
         raise RoundError("site weights sum to zero (every site reported 0 records)")
-    return {n: records[n] / mean for n in records}
+    return {n: counts[n] / mean for n in counts}
 
 
 def require_min_sites(

@@ -75,3 +75,8 @@ def metrics_of(content: RecordDict) -> dict[str, float]:
     """The reply's metrics as floats (KeyError/ValueError on a malformed record)."""
     raw = content.metric_records[keys.METRICS]
     return {k: float(str(v)) for k, v in raw.items()}
+
+
+def record_count(metrics: Mapping[str, float]) -> int | None:
+    """The record count a site reported; None when it sends none (any DP level on)."""
+    return int(metrics[keys.NUM_EXAMPLES]) if keys.NUM_EXAMPLES in metrics else None

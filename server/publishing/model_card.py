@@ -39,9 +39,12 @@ def _provenance(cfg: Config, summary: dict[str, Any], round: int) -> str:
     ]
     for name in sorted(sites):
         info = sites[name]
-        count = info.get("records", "unknown") if isinstance(info, dict) else info
+        count = info.get("records", "not disclosed") if isinstance(info, dict) else info
         lines.append(f"| {name} | {count} |")
-    lines.append("\nOnly record counts are given; no record ever left its site.\n")
+    lines.append(
+        "\nOnly record counts are given, and none under differential privacy (a count is not "
+        "covered by the guarantee); no record ever left its site.\n"
+    )
     return "\n".join(lines)
 
 

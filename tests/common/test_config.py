@@ -227,3 +227,12 @@ def test_train_max_grad_norm_is_refused_under_record_dp() -> None:
     with pytest.raises(ConfigError, match=r"`train\.max_grad_norm`.*`privacy\.record\.max_grad"):
         load_config(None, ["privacy.record.enabled=true", "privacy.record.noise_multiplier=1.0",
                            "train.max_grad_norm=0.5"])  # fmt: skip
+
+
+def test_record_weighting_is_refused_under_either_dp_level() -> None:
+    # Record counts are not covered by the guarantee, so private sites do not send them.
+    record_dp = ["privacy.record.enabled=true", "privacy.record.noise_multiplier=1.0"]
+    assert load_config(None, record_dp).site_weighting == "uniform"
+    with pytest.raises(ConfigError, match=r"`federation\.weighting` must be .* record-level DP"):
+        load_config(None, [*record_dp, "federation.weighting='records'"])
+    assert load_config(None).site_weighting == "records"

@@ -19,7 +19,8 @@ class FederationConfig(Section):
         "auto",
         description=(
             "Weight of each site in the average: its record count (`records`), or equal "
-            "(`uniform`); `auto`: `uniform` with institution-level DP, else `records`."
+            "(`uniform`); `auto`: `uniform` with either DP level (sites then send no counts), "
+            "else `records`."
         ),
     )
     evaluate_every: int = Field(1, ge=0, description="Evaluate the global model every N rounds.")

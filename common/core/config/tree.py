@@ -67,6 +67,12 @@ class Config(Section):
                 "`federation.weighting` must be `uniform` (or `auto`) with institution-level DP: "
                 "weighting by records scales a site's sensitivity beyond the clip bound"
             )
+        elif self.privacy.record.enabled and fed.weighting == "records":
+            problems.append(
+                "`federation.weighting` must be `uniform` (or `auto`) with record-level DP: "
+                "weighting by records needs each site's exact record count, which the guarantee "
+                "does not cover (adding one record changes it), so sites do not send it"
+            )
         problems += self._noise_checks()
         if problems:
             raise ValueError("; ".join(problems))
@@ -93,10 +99,11 @@ class Config(Section):
     # -- derived values: computed from the fields, never written back into them -------------
     @property
     def site_weighting(self) -> Literal["records", "uniform"]:
-        """`federation.weighting` in effect (`auto`: uniform under institution-level DP)."""
+        """`federation.weighting` in effect (`auto`: uniform under either DP level)."""
         if self.federation.weighting != "auto":
             return self.federation.weighting
-        return "uniform" if self.privacy.institution.enabled else "records"
+        private = self.privacy.institution.enabled or self.privacy.record.enabled
+        return "uniform" if private else "records"
 
     @property
     def institution_noise_at(self) -> Literal["server", "sites"] | None:
