@@ -1,64 +1,193 @@
-"""`fedtune simulate`: N virtual sites on one machine, through Flower's simulation engine.
+"""`fedtune simulate`: N virtual sites on one machine, through Flower's simulation runtime.
 
-The CLI layer composes the pieces: the scenario's virtual sites (simulations/), the ServerApp
-(server/app.py) and the ClientApp (client/app.py). Nothing below the CLI knows all three.
+Flower's supported way to simulate is `flwr run` against a SuperLink in simulation mode, and this
+drives exactly that: a private SuperLink for the run (cli/superlink.py), then `flwr run <app>
+--stream` of the ServerApp (server/app.py) and ClientApp (client/app.py) that pyproject.toml
+names, its log shown as it comes (cli/flower_log.py) and kept in ``OUT/logs/``, and everything it
+started stopped afterwards, on errors and on Ctrl-C too. The run config names a TOML file holding
+the config, the run folder, and ``simulate-sites`` (the ServerApp writes the scenario's virtual
+sites into the run folder, as under `flwr run .`). Nothing below the CLI knows all three pieces.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from common.core.config import Config
-from common.core.errors import ConfigError, RoundError
-from simulations.run import prepare
+from cli.flower_log import FlowerLog, plain
+from cli.superlink import CONNECTION, LocalSuperLink
+from common.core.config import Config, to_toml
+from common.core.errors import ConfigError, FedtuneError, RoundError
 
 logger = logging.getLogger(__name__)
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml's [tool.flwr.app]
+STARTED = re.compile(r"Successfully started run (\d+)")
+FAILED_PREFIX = "Simulation failed with exception: "  # how flwr-simulation words a ServerApp error
+# Ray 2.55 warns on every `ray.init` that a future Ray will stop hiding GPUs from tasks that ask
+# for none (FutureWarning "Tip: In future versions of Ray, ..."). Opting in early would change
+# which device a site trains on (`train.device = "auto"` would see the GPUs), so this one
+# warning, from that one module, is ignored in the processes the SuperLink starts.
+RAY_GPU_TIP = "ignore:Tip:FutureWarning:ray._private.worker"
 
 
 def simulate(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run the scenario through Flower's simulation engine; returns the run summary.
+    """Run the scenario through Flower's simulation runtime; returns the run summary.
 
     ``resume``: continue the run in ``out`` after its last completed round (its own config and
     site folders are reused; ``cfg`` must be that config).
     """
-    from flwr.simulation import run_simulation
-
-    from client.app import app as client_app
-    from server.app import make_server_app
-
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        cfg = prepare(cfg, out)
-    (out / "summary.json").unlink(missing_ok=True)
-    run_config = {
-        "fedtune-config": json.dumps(cfg.model_dump(mode="json")),
-        "out": str(out),
-        "data-root": str(out / "sites"),
-        "resume": resume,
-    }
-    sites = cfg.simulation.partition.num_sites
-    cpus = os.cpu_count() or 1
-    if cfg.simulation.backend_cpus_per_site > cpus:
+    federation = federation_config(cfg)
+    if not (APP_DIR / "pyproject.toml").is_file():
         raise ConfigError(
-            f"`simulation.backend_cpus_per_site` = {cfg.simulation.backend_cpus_per_site} "
-            f"exceeds this machine's {cpus} CPUs"
+            f"`fedtune simulate` runs the Flower app in fedtune's source folder, and {APP_DIR} "
+            "has no pyproject.toml: install fedtune from its checkout (`pip install -e .`)"
         )
-    backend = {
-        "client_resources": {"num_cpus": cfg.simulation.backend_cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False},
-    }
-    run_simulation(
-        server_app=make_server_app(run_config),
-        client_app=client_app,
-        num_supernodes=sites,
-        backend_config=backend,  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    warnings_env = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), RAY_GPU_TIP]))
+    quiet = {"PYTHONWARNINGS": warnings_env}
+    with _sigterm_unwinds(), LocalSuperLink(out / "logs", extra_env=quiet) as link:
+        request = link.folder / "fedtune-config.toml"
+        request.write_text(to_toml(cfg), encoding="utf-8")
+        run_config = link.folder / "run-config.toml"
+        run_config.write_text(_run_config(request, out, resume), encoding="utf-8")
+        try:
+            run_id, shown = _run(link, run_config, federation, out / "logs" / "run.log")
+        except KeyboardInterrupt:
+            then = f"; `--resume {out}` continues it" if (out / "checkpoint.json").is_file() else ""
+            logger.warning("interrupted: stopping the run and the local SuperLink%s", then)
+            raise
+        return _summary(link, out, run_id, shown)
+
+
+def federation_config(cfg: Config) -> str:
+    """Flower's federation config (`flwr run --federation-config`): sites and Ray resources.
+
+    Flower takes whole CPUs, Ray counts logical ones: a fraction per site is scaled up together
+    with the machine's CPUs (0.5 per site on 2 CPUs = 1 per site on 4), so as many sites train at
+    a time as Ray would run with the fraction itself.
+    """
+    per_site, cpus = cfg.simulation.backend_cpus_per_site, os.cpu_count() or 1
+    if per_site > cpus:
+        raise ConfigError(
+            f"`simulation.backend_cpus_per_site` = {per_site} exceeds this machine's {cpus} CPUs"
+        )
+    share = Fraction(per_site).limit_denominator(100)
+    return (
+        f"num-supernodes={cfg.simulation.partition.num_sites} "
+        f"client-resources-num-cpus={share.numerator} client-resources-num-gpus=0.0 "
+        f"init-args-num-cpus={cpus * share.denominator}"
+    )  # no Ray dashboard: Flower's Ray backend leaves it off unless asked
+
+
+def _run_config(config_file: Path, out: Path, resume: bool) -> str:
+    """The run config (the keys pyproject.toml's [tool.flwr.app.config] declares)."""
+    import tomli_w
+
+    return tomli_w.dumps(
+        {
+            "scenario": str(config_file),
+            "overrides": "",
+            "out": str(out),
+            "simulate-sites": True,
+            "resume": resume,
+        }
     )
-    summary_path = out / "summary.json"
-    if not summary_path.is_file():
-        raise RoundError(f"the simulation ended without a summary; see the log above ({out})")
-    return dict(json.loads(summary_path.read_text(encoding="utf-8")))
+
+
+def _run(
+    link: LocalSuperLink, run_config: Path, federation: str, log: Path
+) -> tuple[int | None, FlowerLog]:
+    """`flwr run --stream` to its end: each line to ``log``, and what the user should see."""
+    cmd = ["run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_config)]
+    cmd += ["--federation-config", federation]
+    shown, run_id = FlowerLog(), None
+    with log.open("w", encoding="utf-8", buffering=1) as full:
+        proc = link.flwr(cmd, subprocess.PIPE, cwd=APP_DIR)
+        for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace"):
+            full.write(line)
+            if run_id is None and (m := STARTED.search(line)):
+                run_id = int(m.group(1))
+            _show(shown.feed(line))
+        _show(shown.finish())
+        if proc.wait() != 0 and run_id is None:
+            raise RoundError(f"`flwr run` failed (exit {proc.returncode}); its output: {log}")
+    return run_id, shown
+
+
+def _show(lines: list[str]) -> None:
+    colour = sys.stderr.isatty()
+    for line in lines:
+        sys.stderr.write(line if colour else plain(line) + "\n")
+    sys.stderr.flush()
+
+
+def _summary(
+    link: LocalSuperLink, out: Path, run_id: int | None, shown: FlowerLog
+) -> dict[str, Any]:
+    """The summary the ServerApp wrote; else the run failed: say why in one paragraph."""
+    path = out / "summary.json"
+    if path.is_file():
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    status, details = _status(link, run_id)
+    if shown.user_error is not None and details.startswith(FAILED_PREFIX):
+        raise _user_error(shown.user_error, details.removeprefix(FAILED_PREFIX))
+    cause = details or shown.failure or "no reason given"
+    raise RoundError(
+        f"the run ended without a summary (Flower: run {status}: {cause}); the log above has "
+        f"the details, all of it is in {out / 'logs' / 'run.log'}"
+    )
+
+
+def _user_error(cls: type[FedtuneError], message: str) -> FedtuneError:
+    """The ServerApp's own error, as it raised it (the same class and message)."""
+    try:
+        return cls(message)
+    except TypeError:  # a subclass with another constructor: the message is what matters
+        return FedtuneError(message)
+
+
+def _status(link: LocalSuperLink, run_id: int | None) -> tuple[str, str]:
+    """Flower's status of the run and its details (`flwr ls --run-id N --format json`)."""
+    if run_id is None:
+        return "unknown", ""
+    proc = link.flwr(
+        ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], subprocess.PIPE
+    )
+    text = proc.communicate(timeout=120)[0].decode("utf-8", errors="replace")
+    with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+        run = json.loads(text[text.index("{") :])["runs"][0]
+        return str(run["status"]), str(run.get("status-details", ""))
+    return "unknown", ""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (`kill`, a supervisor, a test's timeout) unwinds like Ctrl-C, so that the
+    processes started for the run are stopped before this one exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
