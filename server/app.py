@@ -1,7 +1,7 @@
 """fedtune's ServerApp: the same code under `fedtune simulate`, `flwr run .` and a SuperLink.
 
 Run config (Flower's flat key/value map) carries either the whole resolved config as JSON
-(`fedtune-config`, what `fedtune simulate` sends) or a `scenario` TOML path plus overrides; `out`
+(`fedtune-config`) or a `scenario` TOML path plus overrides (what `fedtune simulate` sends); `out`
 names the run folder and `data-root` (simulation only) where virtual sites find their folders.
 """
 
@@ -40,13 +40,33 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = from_run_config(conf)
     out = Path(str(conf.get("out", "runs/latest"))).expanduser().resolve()
     data_root = str(conf.get("data-root", ""))
-    if conf.get("simulate-sites") is True and not data_root and conf.get("resume") is not True:
-        # `flwr run .` on a simulation federation: write the scenario's virtual sites first.
-        cfg = prepare(cfg, out)
+    resume = conf.get("resume") is True
+    if conf.get("simulate-sites") is True and not data_root:
+        # A simulation federation (`flwr run .`, `fedtune simulate`): the scenario's virtual sites
+        # live in the run folder, written now or, on resume, by the run being continued.
+        if not resume:
+            cfg = prepare(cfg, out)
         data_root = str(out / "sites")
     logger.info("run %s: %d round(s), writing to %s", cfg.name, cfg.federation.rounds, out)
-    resume = conf.get("resume") is True
     return FederatedRun(cfg, out, grid, data_root=data_root, resume=resume).execute()
+
+
+def _log_in_flower_process() -> None:
+    """Under Flower's runtime the ServerApp has a process of its own where nothing set up
+    logging: fedtune's INFO records go to stderr, which Flower streams (`flwr run --stream`).
+    A process whose root logger takes INFO already (fedtune's CLI) is left as it is."""
+    if logging.getLogger().isEnabledFor(logging.INFO) or logging.getLogger("server").handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    for name in ("server", "common", "simulations"):
+        package = logging.getLogger(name)
+        package.setLevel(logging.INFO)
+        package.addHandler(handler)
+        package.propagate = False
+    # Flower logs through its own console handler; the root handler opacus installs at import
+    # (`logging.basicConfig` in opacus/utils/module_utils.py) printed each record, DEBUG too, again.
+    logging.getLogger("flwr").propagate = False
 
 
 def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
@@ -55,6 +75,7 @@ def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _log_in_flower_process()
         merged = {**dict(context.run_config), **dict(run_config or {})}
         run_server(grid, merged)
 
