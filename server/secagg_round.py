@@ -25,7 +25,7 @@ from common.core.config import Config
 from common.core.errors import RoundError, SecAggError
 from common.protocol import keys
 from common.protocol.aggregate import RoundSum, SiteReport, require_min_sites
-from common.protocol.wire import declined_reason, metrics_of, to_record
+from common.protocol.wire import declined_reason, metrics_of, record_count, to_record
 from common.secagg import (
     AggregateResult,
     KeyAdvert,
@@ -41,8 +41,12 @@ T = TypeVar("T")
 
 
 def threshold_for(cfg: Config, sampled: int) -> int:
-    """t = max(2, ceil(secagg.threshold * n)): never a sum of one site."""
-    return max(2, math.ceil(round(cfg.secagg.threshold * sampled, 9)))
+    """t = max(2, ceil(secagg.threshold * m)), m the holders of each site's shares: all
+    ``sampled`` sites (SecAgg), or a site and its k neighbours (SecAgg+, k < sampled - 1). Never
+    a sum of one site; `secagg.threshold` > 0.5 makes t a strict majority of m."""
+    k = cfg.secagg.neighbours
+    holders = sampled if k == 0 or k >= sampled - 1 else k + 1
+    return max(2, math.ceil(round(cfg.secagg.threshold * holders, 9)))
 
 
 class SecAggRound:
@@ -63,7 +67,8 @@ class SecAggRound:
         self.weights = weights
         self.params = SecAggParams(
             threshold=threshold_for(cfg, len(self.nodes)),
-            neighbours=cfg.secagg.neighbours,
+            # k >= n - 1 is the complete graph: say so, t is a majority of n then.
+            neighbours=k if (k := cfg.secagg.neighbours) < len(self.nodes) - 1 else 0,
             modulus_bits=cfg.secagg.modulus_bits,
             clip_range=cfg.quantizer_range,
         )
@@ -127,7 +132,7 @@ class SecAggRound:
             self.summed.declined[self.names[node]] = reason
             raise SecAggError(f"declined: {reason}")
         metrics = metrics_of(content)
-        report = SiteReport(self.names[node], int(metrics[keys.NUM_EXAMPLES]), metrics)
+        report = SiteReport(self.names[node], record_count(metrics), metrics)
         masked = content.array_records[keys.MASKED][keys.MASKED_ARRAY].numpy()
         if masked.shape != (size,):
             raise SecAggError(f"masked vector has shape {masked.shape}, expected ({size},)")

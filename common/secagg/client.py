@@ -137,6 +137,7 @@ class SecAggClient:
                 f"site {me}: {len(graph[me]) + 1} sites in the neighbourhood, fewer than "
                 f"`threshold` {self._params.threshold}"
             )
+        self._params.require_majority(len(graph[me]) + 1, f"site {me}")
         return graph
 
     def _pair_key(self, peer: int, peer_public: bytes) -> bytes:

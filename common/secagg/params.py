@@ -18,8 +18,10 @@ class SecAggParams:
 
     threshold: t, the number of surviving holders needed to rebuild a secret; also the fewest
         inputs the server may ever learn a sum of. Up to t - 1 sites colluding with the server
-        learn nothing about another site's input.
-    neighbours: k, each site's number of neighbours (SecAgg+); 0 means everyone (SecAgg). Even.
+        learn nothing about another site's input. Against a server that deviates, t must be a
+        strict majority of each site's m share holders (:meth:`require_majority`).
+    neighbours: k, each site's number of neighbours (SecAgg+); 0 means everyone (SecAgg). Even;
+        t <= k + 1 (a site's secrets are shared among itself and its neighbours) and 2t > k + 1.
     modulus_bits: b, masked vectors live in Z_{2^b} (uint32 for b <= 32, else uint64).
     clip_range: c, values are clipped to [-c, c] before quantization.
     stochastic_rounding: unbiased random rounding (error < 1 step) instead of nearest (<= 1/2).
@@ -44,12 +46,34 @@ class SecAggParams:
                 f"`neighbours` ({self.neighbours}) + 1 must be >= `threshold` ({self.threshold}):"
                 " a site's secrets are shared among itself and its neighbours"
             )
+        if self.neighbours > 0 and 2 * self.threshold <= self.neighbours + 1:
+            problems.append(
+                f"`threshold` ({self.threshold}) must be more than half of a neighbourhood "
+                f"(`neighbours` + 1 = {self.neighbours + 1}): with fewer, a server that lies about "
+                "who survived collects both kinds of a site's shares (Bell et al. 2020)"
+            )
         if not 8 <= self.modulus_bits <= 64:
             problems.append(f"`modulus_bits` must be in [8, 64], got {self.modulus_bits!r}")
         if not (math.isfinite(self.clip_range) and self.clip_range > 0):
             problems.append(f"`clip_range` must be a finite number > 0, got {self.clip_range!r}")
         if problems:
             raise SecAggError("invalid secure-aggregation parameters: " + "; ".join(problems))
+
+    def require_majority(self, holders: int, who: str) -> None:
+        """Refuse a round where t is not a strict majority of the ``holders`` of a site's shares.
+
+        An honest holder reveals, for a given site, either its self-mask share (the site
+        survived) or its pair-key shares (the site dropped), never both. A server that tells
+        different holders different stories obtains t shares of both kinds only if 2t <= m
+        (holders m, Bonawitz et al. 2017, §6: t > n/2 for the complete graph; Bell et al. 2020
+        apply it per neighbourhood of k + 1). With c colluding holders the bound is 2t > m + c.
+        """
+        if 2 * self.threshold <= holders:
+            raise SecAggError(
+                f"{who}: `threshold` {self.threshold} is not more than half of the {holders} "
+                "holders of each site's shares: a server that lies about who survived could "
+                "unmask a site (Bonawitz et al. 2017, §6); refusing the round"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (int, float, bool) for a Flower ConfigRecord."""

@@ -76,6 +76,8 @@ class SecAggServer:
         self._require(len(adverts), "sites advertised keys")
         self._adverts = dict(adverts)
         self._graph = build_graph(list(adverts), self.params.neighbours, self._graph_seed)
+        holders = min(len(peers) for peers in self._graph.values()) + 1
+        self.params.require_majority(holders, f"round {self.round_id}")
         self._quantizer = Quantizer(self.params, len(adverts))
         _ = self._quantizer.levels  # raises now if b is too small for this many sites
         logger.info("secagg round %s: %d sites advertised keys", self.round_id, len(adverts))

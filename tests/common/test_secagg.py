@@ -11,10 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from common.core.errors import SecAggError
+from common.core.config import load_config
+from common.core.errors import ConfigError, SecAggError
 from common.secagg import (
     KeyAdvert,
     MaskedUpload,
+    MaskRequest,
     SecAggClient,
     SecAggParams,
     SecAggServer,
@@ -45,8 +47,9 @@ def _check_sum(updates: dict[int, np.ndarray], result) -> None:  # type: ignore[
 @st.composite
 def _rounds(draw: st.DrawFn) -> tuple[SecAggParams, dict[int, np.ndarray]]:
     n = draw(st.integers(2, 9))
-    t = draw(st.integers(2, n))
-    k = draw(st.sampled_from([0, 2, 4, 6]).filter(lambda k: k == 0 or k + 1 >= t))
+    k = draw(st.sampled_from([0, 2, 4, 6]).filter(lambda k: k < n - 1))  # else complete: 0
+    holders = n if k == 0 else k + 1  # t must be a strict majority of them
+    t = draw(st.integers(max(2, holders // 2 + 1), max(2, holders)))
     params = SecAggParams(
         threshold=t,
         neighbours=k,
@@ -71,7 +74,7 @@ def test_masked_sum_equals_plain_sum_within_bound(case: tuple[SecAggParams, dict
 @FAST
 @given(st.integers(3, 8), st.data())
 def test_dropouts_at_any_stage_up_to_n_minus_t(n: int, data: st.DataObject) -> None:
-    t = data.draw(st.integers(2, n))
+    t = data.draw(st.integers(n // 2 + 1, n))
     updates = _updates(n, 5, 1.0, n)
     sites = sorted(updates)
     dropped = data.draw(st.lists(st.sampled_from(sites), unique=True, max_size=n - t))
@@ -97,7 +100,7 @@ def test_mixed_dropouts_pair_masks_of_a_dropped_uploader_are_removed() -> None:
     # two is rebuilt from the uploader's holders, no live help from either is needed.
     updates = _updates(6, 10, 1.0, 1)
     a, b, *_ = sorted(updates)
-    result = simulate_round(updates, SecAggParams(threshold=3), drop_after_stage={a: 1, b: 2})
+    result = simulate_round(updates, SecAggParams(threshold=4), drop_after_stage={a: 1, b: 2})
     assert b in result.contributors and a in result.absent
     _check_sum(updates, result)
 
@@ -267,7 +270,36 @@ def test_sparse_graph_is_k_regular_and_symmetric() -> None:
 
 @pytest.mark.parametrize(("bits", "sites"), [(64, 2), (33, 2), (16, 9), (8, 2)])
 def test_extreme_values_never_wrap(bits: int, sites: int) -> None:
-    params = SecAggParams(threshold=2, modulus_bits=bits, clip_range=1.0)
+    params = SecAggParams(threshold=sites // 2 + 1, modulus_bits=bits, clip_range=1.0)
     updates = {s: np.array([1.0, -1.0, 1.0, 0.999], np.float32) for s in range(sites)}
     result = simulate_round(updates, params)
     _check_sum(updates, result)
+
+
+def test_a_threshold_of_half_the_holders_is_refused_by_server_and_sites() -> None:
+    # t = 2 of 4: the coordinator could show two stories to two pairs of sites (issue 13).
+    params = SecAggParams(threshold=2)
+    clients = {s: SecAggClient(s, params, 0) for s in range(4)}
+    adverts = {s: c.advertise() for s, c in clients.items()}
+    with pytest.raises(SecAggError, match=r"`threshold` 2 is not more than half of the 4"):
+        SecAggServer(params, 0, adverts).mask_request(adverts)
+    request = MaskRequest(0, b"s" * 32, adverts)  # a server that skips its own check
+    with pytest.raises(SecAggError, match=r"site 1: `threshold` 2 is not more than half"):
+        clients[1].mask(np.zeros(3, np.float32), request)
+
+
+def test_sparse_threshold_must_be_a_majority_of_the_neighbourhood() -> None:
+    with pytest.raises(SecAggError) as info:
+        SecAggParams(threshold=3, neighbours=6)
+    assert "`threshold` (3)" in str(info.value) and "`neighbours` + 1 = 7" in str(info.value)
+    SecAggParams(threshold=4, neighbours=6)  # 4 of 7
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [("secagg.threshold=0.5", "secagg.threshold"), ("secagg.neighbours=3", "secagg.neighbours")],
+)
+def test_config_asking_for_less_than_a_majority_is_refused(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"`{field}`: must be"):
+        load_config(None, [override])
+    assert load_config(None, ["secagg.threshold=0.51"]).secagg.threshold == 0.51

@@ -124,6 +124,10 @@ def drop(stage: str, node: int = 101):
 def test_threshold_is_a_majority_fraction_never_below_two(base):
     cfg = base[0]
     assert [threshold_for(cfg, n) for n in (1, 2, 3, 10)] == [2, 2, 2, 7]
+    # SecAgg+: a majority of each neighbourhood (the site and its k neighbours), not of n.
+    sparse = cfg.model_copy(update={"secagg": cfg.secagg.model_copy(update={"neighbours": 4})})
+    assert [threshold_for(sparse, n) for n in (5, 6, 40)] == [4, 4, 4]
+    assert all(2 * threshold_for(sparse, n) > 5 for n in (6, 40))
 
 
 def test_secure_round_equals_the_plain_round_within_the_bound(base, plain):
