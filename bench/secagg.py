@@ -31,12 +31,21 @@ from numpy.typing import NDArray
 
 # Runnable as `python bench/secagg.py` from anywhere: the repository root holds `common`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.secagg import SecAggClient, SecAggParams, SecAggServer
+from common.identity.certs import ephemeral_federation
+from common.secagg import (
+    Credentials,
+    Identity,
+    SecAggClient,
+    SecAggParams,
+    SecAggServer,
+    TrustAnchor,
+)
 
 logger = logging.getLogger(__name__)
 
 CLIP = 8.0  # Flower's default clipping_range; updates are drawn well inside it
 REPEATS = 3
+SESSION = b"bench"
 
 
 def best_of(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -53,12 +62,19 @@ def fedavg(updates: list[NDArray[np.float32]], weights: list[int]) -> dict[str, 
     return {"server_s": time.perf_counter() - start}
 
 
+def credentials(sites: list[int]) -> dict[int, Credentials]:
+    fed = ephemeral_federation([f"site-{s}" for s in sites])
+    anchor = TrustAnchor.from_pem(fed.ca_cert)
+    return {s: Credentials(Identity.from_pem(*fed.identities[f"site-{s}"]), anchor) for s in sites}
+
+
 def ours(updates: list[NDArray[np.float32]], threshold: int) -> dict[str, float]:
     """One full round of fedtune's protocol; times per party, bytes per site."""
     params = SecAggParams(threshold=threshold, clip_range=CLIP)
     sites = list(range(len(updates)))
-    server = SecAggServer(params, round_id=1, site_ids=sites)
-    clients = {s: SecAggClient(s, params, round_id=1) for s in sites}
+    server = SecAggServer(params, round_id=1, site_ids=sites, session=SESSION)
+    creds = credentials(sites)
+    clients = {s: SecAggClient(s, params, 1, creds[s], SESSION) for s in sites}
     adverts = {s: c.advertise() for s, c in clients.items()}
     request = server.mask_request(adverts)
     mask_s, server_s, sent = 0.0, 0.0, 64.0 * len(sites)  # stage 1: two public keys each

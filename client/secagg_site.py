@@ -10,11 +10,22 @@ Three invocations per round, each possibly a new process (Flower's Deployment En
 3. ``query.secagg_unmask``: reveal the shares that remove the masks, then forget the secrets.
 
 The client state holds secret keys: it lives in ``context.state`` on the site and is never sent.
+
+Identity (:func:`credentials`): a site signs its advert with its identity key and verifies every
+peer's against the identity CA it trusts. Both are the site's own: node config ``identity-key``,
+``identity-cert``, ``ca-cert`` (PEM files from ``fedtune certs site``), or an identity the site's
+own process put in its node state (``keys.STATE_IDENTITY``). Only a virtual site of a simulation
+(no ``data-dir`` in its node config) takes the ephemeral identity the coordinator hands out in the
+setup message: a simulation has no trust boundary, and that identity protects nothing against
+the coordinator that issued it (docs/secure-aggregation.md).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -23,7 +34,15 @@ from common.core.adapters import flatten
 from common.core.config import Config
 from common.core.errors import SecAggError
 from common.protocol import keys
-from common.secagg import MaskRequest, SecAggClient, SecAggParams, UnmaskRequest
+from common.secagg import (
+    Credentials,
+    Identity,
+    MaskRequest,
+    SecAggClient,
+    SecAggParams,
+    TrustAnchor,
+    UnmaskRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +56,77 @@ def clip_coordinates(vec: np.ndarray, bound: float) -> tuple[np.ndarray, int]:
     return np.clip(vec, -bound, bound), clipped
 
 
-def advertise(content: RecordDict, state: RecordDict) -> RecordDict:
-    """Stage 1: fresh keys for this round; the secret state stays in ``context.state``."""
+def advertise(
+    content: RecordDict, state: RecordDict, node_config: Mapping[str, Any] | None = None
+) -> RecordDict:
+    """Stage 1: fresh keys for this round, signed; the secret state stays in ``context.state``.
+
+    ``node_config``: the site's (Flower's ``context.node_config``), where its identity is named.
+    """
     setup = content.config_records[keys.SETUP]
     params = SecAggParams.from_dict({k: setup[k] for k in PARAM_KEYS})
-    round_idx, site_id = int(_number(setup, "round")), int(_number(setup, "site-id"))
-    client = SecAggClient(site_id, params, round_idx)
+    round_idx = int(_number(setup, keys.SETUP_ROUND))
+    site_id = int(_number(setup, keys.SETUP_SITE_ID))
+    session = setup.get(keys.SESSION, "")
+    if not isinstance(session, str):
+        raise SecAggError(f"`{keys.SESSION}` must be a string in the secure-aggregation setup")
+    creds = credentials(setup, state, node_config)
+    client = SecAggClient(site_id, params, round_idx, creds, session.encode())
     _save(state, client, round_idx)
     logger.info("secagg round %d: advertised keys as site %d", round_idx, site_id)
     return RecordDict({keys.ADVERT: ConfigRecord(client.advertise().to_dict())})
+
+
+def credentials(
+    setup: ConfigRecord, state: RecordDict, node_config: Mapping[str, Any] | None
+) -> Credentials:
+    """The site's identity and trusted CA: its node config, else its node state, else (virtual
+    sites of a simulation only) the ephemeral identity in the setup message."""
+    named = {k: node_config.get(k) for k in _NODE_IDENTITY} if node_config else {}
+    if any(named.values()):
+        missing = [k for k, v in named.items() if not v]
+        if missing:
+            raise SecAggError(f"node config names an identity but lacks {', '.join(missing)}")
+        return _from_pem(*(_read(k, str(v)) for k, v in named.items()))
+    if keys.STATE_IDENTITY in state.config_records:
+        record = state.config_records[keys.STATE_IDENTITY]
+        return _from_pem(*(_pem(record, k) for k in _NODE_IDENTITY))
+    if node_config is not None and "data-dir" in node_config:
+        raise SecAggError(_NO_IDENTITY)  # a real site never takes the coordinator's identity
+    if keys.SIM_IDENTITY_KEY in setup:
+        logger.warning(
+            "secure aggregation with an ephemeral identity issued by the coordinator "
+            "(simulation): it does not protect against a dishonest coordinator"
+        )
+        return _from_pem(*(_pem(setup, k) for k in _SIM_IDENTITY))
+    raise SecAggError(_NO_IDENTITY)
+
+
+_NODE_IDENTITY = (keys.IDENTITY_KEY, keys.IDENTITY_CERT, keys.CA_CERT)
+_SIM_IDENTITY = (keys.SIM_IDENTITY_KEY, keys.SIM_IDENTITY_CERT, keys.SIM_CA_CERT)
+_NO_IDENTITY = (
+    "secure aggregation needs this site's identity: start the SuperNode with --node-config "
+    "\"identity-key='NAME.identity.key' identity-cert='NAME.identity.crt' "
+    "ca-cert='identity-ca.crt'\" (`fedtune certs site NAME`; deploy/README.md)"
+)
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as err:
+        raise SecAggError(f"node config `{key}`: cannot read {path}: {err.strerror}") from None
+
+
+def _pem(record: ConfigRecord, key: str) -> bytes:
+    value = record.get(key)
+    if not isinstance(value, bytes | str):
+        raise SecAggError(f"`{key}` must hold PEM bytes")
+    return value.encode() if isinstance(value, str) else value
+
+
+def _from_pem(key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> Credentials:
+    return Credentials(Identity.from_pem(key_pem, cert_pem), TrustAnchor.from_pem(ca_pem))
 
 
 def masked_update(

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from common.core.config import Config
 from common.core.errors import RoundError, SecAggError
+from common.identity.certs import EphemeralFederation, ephemeral_federation
 from common.protocol import keys
 from common.protocol.aggregate import RoundSum, SiteReport, require_min_sites
 from common.protocol.wire import declined_reason, metrics_of, record_count, to_record
@@ -32,6 +33,7 @@ from common.secagg import (
     MaskedUpload,
     SecAggParams,
     SecAggServer,
+    TrustAnchor,
     UnmaskReply,
 )
 from server.exchange import record_bytes, send_and_receive
@@ -72,15 +74,26 @@ class SecAggRound:
             modulus_bits=cfg.secagg.modulus_bits,
             clip_range=cfg.quantizer_range,
         )
+        self.session = ""  # the run id, set by `run`
+        self.ephemeral: EphemeralFederation | None = None
         self.summed = RoundSum(np.zeros(0), 0.0, [])
         self.dropped: dict[str, str] = {}  # site -> stage it dropped at
         self.clipped = 0  # coordinates clipped to the quantizer's range, summed over sites
 
     def run(self, state: dict[str, np.ndarray], config: ConfigRecord) -> RoundSum:
-        """All three stages; SecAggError (too few sites at any stage) becomes RoundError."""
+        """All stages; SecAggError (too few sites at any stage) becomes RoundError."""
+        self.session = str(config.get(keys.RUN_ID, ""))
+        # Virtual sites of a simulation (a data root is set) have no identities of their own: the
+        # coordinator issues ephemeral ones (an in-memory CA per round). Real sites bring theirs.
+        simulated = bool(config.get(keys.DATA_ROOT))
+        self.ephemeral = ephemeral_federation(list(self.names.values())) if simulated else None
+        anchor = TrustAnchor.from_pem(self.ephemeral.ca_cert) if self.ephemeral else None
         try:
-            server = SecAggServer(self.params, self.r, range(len(self.nodes)))
-            adverts = self._keys()
+            server = SecAggServer(
+                self.params, self.r, range(len(self.nodes)),
+                session=self.session.encode(), anchor=anchor,
+            )  # fmt: skip
+            adverts = self._keys(server)
             request = server.mask_request({self.site_of[n]: a for n, a in adverts.items()})
             self._train(server, request.to_dict(), state, config, list(adverts))
             # Before anything is unmasked: a sum of too few sites is never revealed.
@@ -93,14 +106,25 @@ class SecAggRound:
         return self._sum(result)
 
     # -- stages ------------------------------------------------------------------------------
-    def _keys(self) -> dict[int, KeyAdvert]:
+    def _keys(self, server: SecAggServer) -> dict[int, KeyAdvert]:
         contents = {n: RecordDict({keys.SETUP: self._setup(n)}) for n in self.nodes}
         replies = self._exchange("keys", keys.KEYS, contents)
-        return self._parse(
-            "keys",
-            replies,
-            lambda n, c: self._own(n, KeyAdvert.from_dict(c.config_records[keys.ADVERT])),
-        )
+        adverts = self._parse("keys", replies, lambda n, c: self._advert(server, n, c))
+        seen: dict[bytes, int] = {}
+        for node in sorted(adverts):  # one identity, one site: a second advert is dropped
+            identity = server.check_advert(adverts[node]).fingerprint
+            if identity in seen:
+                self._drop(node, "keys", f"advert signed by the identity of node {seen[identity]}")
+                del adverts[node]
+            seen.setdefault(identity, node)
+        return adverts
+
+    def _advert(self, server: SecAggServer, node: int, content: RecordDict) -> KeyAdvert:
+        """A site's advert, dropped here if its signature does not verify: every honest site
+        would refuse a round that contains it."""
+        advert = self._own(node, KeyAdvert.from_dict(content.config_records[keys.ADVERT]))
+        server.check_advert(advert)
+        return advert
 
     def _train(
         self,
@@ -177,9 +201,17 @@ class SecAggRound:
 
     # -- plumbing ----------------------------------------------------------------------------
     def _setup(self, node: int) -> ConfigRecord:
-        return ConfigRecord(
-            {"round": self.r, "site-id": self.site_of[node], **self.params.to_dict()}
-        )
+        setup: dict[str, Any] = {
+            keys.SETUP_ROUND: self.r,
+            keys.SETUP_SITE_ID: self.site_of[node],
+            keys.SESSION: self.session,
+            **self.params.to_dict(),
+        }
+        if self.ephemeral is not None:  # simulation only (see `run`)
+            key_pem, cert_pem = self.ephemeral.identities[self.names[node]]
+            setup[keys.SIM_IDENTITY_KEY], setup[keys.SIM_IDENTITY_CERT] = key_pem, cert_pem
+            setup[keys.SIM_CA_CERT] = self.ephemeral.ca_cert
+        return ConfigRecord(setup)
 
     def _exchange(
         self, stage: str, message_type: str, contents: dict[int, RecordDict]

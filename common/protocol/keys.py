@@ -32,6 +32,12 @@ DECLINED = "declined"  # ConfigRecord: NAME and REASON of a site that declines t
 ADVERT, UNMASK_REPLY = "secagg-advert", "secagg-unmask-reply"
 MASKED_ARRAY = "masked"  # the one array inside MASKED
 
+# -- keys inside SETUP (besides the SecAggParams fields) -------------------------------------
+SETUP_ROUND, SETUP_SITE_ID = "round", "site-id"
+SESSION = "session"  # the run id: every secure-aggregation signature binds it
+# Simulation only: the ephemeral identity the coordinator issues a virtual site (PEM bytes).
+SIM_IDENTITY_KEY, SIM_IDENTITY_CERT, SIM_CA_CERT = "sim-identity-key", "sim-identity-cert", "sim-ca"
+
 # -- keys inside CONFIG -----------------------------------------------------------------------
 CONFIG_TREE = "fedtune-config"  # the whole resolved config as one JSON string
 ROUND, FINGERPRINT, DATA_ROOT, RUN_ID = "round", "fingerprint", "data-root", "run-id"
@@ -51,3 +57,7 @@ SECAGG_CLIPPED = "secagg-clipped"
 
 # -- a site's node state (Flower's context.state), never sent ---------------------------------
 STATE_SECAGG, STATE_PRIVACY = "secagg", "privacy"
+STATE_IDENTITY = "secagg-identity"  # a site's own identity (IDENTITY_* keys), put there by the site
+
+# -- a site's node config (its own settings; never sent) ---------------------------------------
+IDENTITY_KEY, IDENTITY_CERT, CA_CERT = "identity-key", "identity-cert", "ca-cert"  # PEM files

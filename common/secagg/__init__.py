@@ -6,24 +6,28 @@ docs/secure-aggregation.md.
 
 Public API (three site calls per round; every message is plain data via ``to_dict``/``from_dict``):
 
+Every site holds :class:`Credentials`: its identity (an ECDSA P-256 key certified by the
+federation's identity CA) and that CA's certificate; adverts are signed and verified with them.
+
 Site (each call may be a new process; persist ``to_bytes()``, rebuild with ``from_bytes``)::
 
-    client = SecAggClient(site_id, params, round_id)
+    client = SecAggClient(site_id, params, round_id, credentials, session)
     advert: KeyAdvert = client.advertise()                               # stage 1
     upload: MaskedUpload = client.mask(update_float32_1d, mask_request)  # stage 2
     reply: UnmaskReply = client.unmask(unmask_request)                   # stage 3
 
 Server::
 
-    server = SecAggServer(params, round_id, sampled_site_ids)
+    server = SecAggServer(params, round_id, sampled_site_ids, session=session)
     mask_request: MaskRequest = server.mask_request({site: advert, ...})  # to every advertiser
     server.add_upload(upload)                                             # per upload received
     requests: dict[int, UnmaskRequest] = server.unmask_requests()         # one per survivor
     result: AggregateResult = server.finish({site: reply, ...})           # .total, .contributors
 
-``simulate_round(updates, params, drop_after_stage=...)`` runs a round in one process.
+``simulate_round(updates, params, credentials, drop_after_stage=...)`` runs a round in one process.
 """
 
+from common.secagg.auth import Credentials, Identity, TrustAnchor
 from common.secagg.client import SecAggClient
 from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
 from common.secagg.params import SecAggParams
@@ -33,6 +37,8 @@ from common.secagg.simulate import simulate_round
 
 __all__ = [
     "AggregateResult",
+    "Credentials",
+    "Identity",
     "KeyAdvert",
     "MaskRequest",
     "MaskedUpload",
@@ -40,6 +46,7 @@ __all__ = [
     "SecAggClient",
     "SecAggParams",
     "SecAggServer",
+    "TrustAnchor",
     "UnmaskReply",
     "UnmaskRequest",
     "simulate_round",

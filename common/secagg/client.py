@@ -16,6 +16,7 @@ rebuild with :meth:`SecAggClient.from_bytes`. The state holds the secret keys: k
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.core.errors import SecAggError
-from common.secagg import crypto, shamir
+from common.secagg import auth, crypto, shamir
+from common.secagg.auth import Credentials
 from common.secagg.graph import Graph, build_graph, component_size
 from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
 from common.secagg.params import SecAggParams
@@ -47,6 +49,10 @@ class _State:
     stage: str
     c_secret: str
     s_secret: str
+    session: str  # hex: the run this round belongs to; every signature binds it
+    identity_key: str  # PEM: the site's identity key and certificate, and the CA it trusts
+    identity_cert: str
+    ca_cert: str
     site_ids: list[int] = field(default_factory=list)
     graph_seed: str = ""
     c_publics: dict[str, str] = field(default_factory=dict)  # neighbour -> c public key
@@ -55,15 +61,30 @@ class _State:
 
 
 class SecAggClient:
-    """One site in one round. Create it per round: keys and seeds are never reused."""
+    """One site in one round. Create it per round: keys and seeds are never reused.
 
-    def __init__(self, site_id: int, params: SecAggParams, round_id: int) -> None:
+    ``credentials``: the site's identity (it signs the advert) and the CA it trusts (every peer's
+    advert must verify against it). ``session``: public bytes naming the run (its id), bound into
+    every signature so that nothing signed for one run is accepted in another.
+    """
+
+    def __init__(
+        self,
+        site_id: int,
+        params: SecAggParams,
+        round_id: int,
+        credentials: Credentials,
+        session: bytes = b"",
+    ) -> None:
         c_secret, _ = crypto.new_keypair()
         s_secret, _ = crypto.new_keypair()
+        key_pem, cert_pem = credentials.identity.to_pem()
+        ca_pem = credentials.anchor.to_pem()
         self._params = params
         self._s = _State(
-            site_id, round_id, params.to_dict(), _ADVERTISED, c_secret.hex(), s_secret.hex()
-        )
+            site_id, round_id, params.to_dict(), _ADVERTISED, c_secret.hex(), s_secret.hex(),
+            session.hex(), key_pem.decode(), cert_pem.decode(), ca_pem.decode(),
+        )  # fmt: skip
 
     @property
     def site_id(self) -> int:
@@ -88,12 +109,50 @@ class SecAggClient:
         client._params, client._s = SecAggParams.from_dict(state.params), state
         return client
 
+    def _identity(self) -> auth.Identity:
+        return auth.Identity.from_pem(self._s.identity_key.encode(), self._s.identity_cert.encode())
+
+    def _refuse(self, reason: str) -> SecAggError:
+        """Log why this site will not go on with the round (its own log says so), then raise."""
+        message = f"site {self._s.site_id}: {reason}"
+        logger.error("secagg round %s: refusing: %s", self._s.round_id, message)
+        return SecAggError(message)
+
     # Stage 1 ------------------------------------------------------------------------------------
     def advertise(self) -> KeyAdvert:
-        """The two public keys; the secrets stay in the state."""
+        """The two public keys, signed with the site's identity key; the secrets stay here."""
         c_pub = crypto.public_of(bytes.fromhex(self._s.c_secret))
         s_pub = crypto.public_of(bytes.fromhex(self._s.s_secret))
-        return KeyAdvert(self._s.site_id, c_pub, s_pub)
+        identity = self._identity()
+        unsigned = KeyAdvert(self._s.site_id, c_pub, s_pub, identity.cert_der)
+        message = unsigned.statement(self._session, self._s.round_id, self._params.digest())
+        return dataclasses.replace(unsigned, signature=identity.sign(message))
+
+    @property
+    def _session(self) -> bytes:
+        return bytes.fromhex(self._s.session)
+
+    def _verify_adverts(self, adverts: dict[int, KeyAdvert]) -> dict[int, auth.Peer]:
+        """Every advert must be signed, for this session, round and these parameters, by a
+        distinct site the CA certified (Bonawitz et al. 2017, §6: signed AdvertiseKeys). One bad
+        advert and this site refuses the whole set: it would mask with keys nobody vouches for."""
+        anchor = auth.TrustAnchor.from_pem(self._s.ca_cert.encode())
+        digest, peers = self._params.digest(), {}
+        for site, advert in sorted(adverts.items()):
+            who = f"the key advert of site {site}"
+            try:
+                if advert.site_id != site:
+                    raise SecAggError(f"{who} speaks for site {advert.site_id}")
+                peer = anchor.peer(advert.cert, who)
+                message = advert.statement(self._session, self._s.round_id, digest)
+                peer.verify(message, advert.signature, who)
+            except SecAggError as err:
+                raise self._refuse(f"{err}; refusing a round that contains it") from err
+            peers[site] = peer
+        names = [p.fingerprint for p in peers.values()]
+        if len(set(names)) != len(names):
+            raise self._refuse("two key adverts are signed by one identity; refusing the round")
+        return peers
 
     # Stage 2 ------------------------------------------------------------------------------------
     def mask(self, update: NDArray[np.floating], request: MaskRequest) -> MaskedUpload:
@@ -120,8 +179,9 @@ class SecAggClient:
     def _check_mask_request(self, update: NDArray[np.floating], request: MaskRequest) -> Graph:
         self._expect_stage(_ADVERTISED, request.round_id)
         me = self._s.site_id
-        if request.adverts.get(me) != self.advertise():
-            raise SecAggError(f"site {me}: the server relayed a wrong advert for this site")
+        if not self.advertise().same_keys(request.adverts.get(me)):
+            raise self._refuse("the server relayed a wrong advert for this site")
+        self._verify_adverts(request.adverts)
         keys = [k for a in request.adverts.values() for k in (a.c_public, a.s_public)]
         if len(set(keys)) != len(keys):
             raise SecAggError(f"site {me}: two adverts share a public key")

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.core.errors import SecAggError
+from common.secagg import auth
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +45,44 @@ def _zip(data: Mapping[str, Any], keys: str, values: str) -> dict[int, bytes]:
     return dict(zip(ids, blobs, strict=True))
 
 
+_ADVERT_FIELDS = ("c_public", "s_public", "cert", "signature")
+
+
 @dataclass(frozen=True)
 class KeyAdvert:
-    """Stage 1, site -> server: the site's two X25519 public keys (32 bytes each)."""
+    """Stage 1, site -> server: the site's two X25519 public keys (32 bytes each), signed.
+
+    ``signature``: the site's identity key over :meth:`statement` (session, round, site id, the
+    parameters' digest and both keys); ``cert`` (DER) certifies that key (common/secagg/auth.py).
+    """
 
     site_id: int
     c_public: bytes  # encrypts shares
     s_public: bytes  # agrees pairwise mask keys
+    cert: bytes = b""  # the site's identity certificate, DER
+    signature: bytes = b""  # ECDSA P-256 over statement(...)
+
+    def statement(self, session: bytes, round_id: int, params_digest: bytes) -> bytes:
+        """What the signature covers: a coordinator can neither forge nor re-purpose it."""
+        return auth.statement(
+            b"advert", session, round_id, self.site_id, params_digest, self.c_public, self.s_public
+        )
+
+    def same_keys(self, other: KeyAdvert | None) -> bool:
+        """Same site, keys and certificate (ECDSA signatures differ between signings)."""
+        return other is not None and (self.site_id, self.c_public, self.s_public, self.cert) == (
+            other.site_id,
+            other.c_public,
+            other.s_public,
+            other.cert,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"site_id": self.site_id, "c_public": self.c_public, "s_public": self.s_public}
+        return {"site_id": self.site_id, **{k: getattr(self, k) for k in _ADVERT_FIELDS}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KeyAdvert:
-        advert = cls(
-            _get(data, "site_id", int), _get(data, "c_public", bytes), _get(data, "s_public", bytes)
-        )
+        advert = cls(_get(data, "site_id", int), *(_get(data, k, bytes) for k in _ADVERT_FIELDS))
         if len(advert.c_public) != 32 or len(advert.s_public) != 32:
             raise SecAggError(f"site {advert.site_id}: public keys must be 32 bytes")
         return advert
@@ -67,7 +90,7 @@ class KeyAdvert:
 
 @dataclass(frozen=True)
 class MaskRequest:
-    """Stage 2, server -> every site (same content): all adverts and the graph seed."""
+    """Stage 2, server -> every site (same content): all signed adverts and the graph seed."""
 
     round_id: int
     graph_seed: bytes
@@ -75,20 +98,15 @@ class MaskRequest:
 
     def to_dict(self) -> dict[str, Any]:
         ids = sorted(self.adverts)
-        return {
-            "round_id": self.round_id,
-            "graph_seed": self.graph_seed,
-            "site_ids": ids,
-            "c_publics": [self.adverts[i].c_public for i in ids],
-            "s_publics": [self.adverts[i].s_public for i in ids],
-        }
+        lists = {f"{k}s": [getattr(self.adverts[i], k) for i in ids] for k in _ADVERT_FIELDS}
+        return {"round_id": self.round_id, "graph_seed": self.graph_seed, "site_ids": ids, **lists}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MaskRequest:
-        c_pub, s_pub = _zip(data, "site_ids", "c_publics"), _zip(data, "site_ids", "s_publics")
+        columns = {k: _zip(data, "site_ids", f"{k}s") for k in _ADVERT_FIELDS}
         adverts = {
-            i: KeyAdvert.from_dict({"site_id": i, "c_public": c_pub[i], "s_public": s_pub[i]})
-            for i in c_pub
+            i: KeyAdvert.from_dict({"site_id": i, **{k: columns[k][i] for k in _ADVERT_FIELDS}})
+            for i in columns["c_public"]
         }
         return cls(_get(data, "round_id", int), _get(data, "graph_seed", bytes), adverts)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -74,6 +76,11 @@ class SecAggParams:
                 "holders of each site's shares: a server that lies about who survived could "
                 "unmask a site (Bonawitz et al. 2017, §6); refusing the round"
             )
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical parameters: every site signs it into its advert, so sites
+        given different parameters (a smaller t, say) never form one round."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).digest()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (int, float, bool) for a Flower ConfigRecord."""

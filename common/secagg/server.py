@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.core.errors import SecAggError
-from common.secagg import crypto, shamir
+from common.secagg import auth, crypto, shamir
 from common.secagg.client import reduce_mod
 from common.secagg.graph import Graph, build_graph, component_size
 from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
@@ -55,8 +55,12 @@ class SecAggServer:
         round_id: int,
         site_ids: Iterable[int],
         graph_seed: bytes | None = None,
+        *,
+        session: bytes = b"",
+        anchor: auth.TrustAnchor | None = None,
     ) -> None:
-        self.params, self.round_id = params, round_id
+        self.params, self.round_id, self.session = params, round_id, session
+        self._anchor = anchor  # the coordinator's copy of the CA, if it has one
         self._sampled = set(site_ids)
         # Bell et al. §3.2: the graph must be random; a fresh seed per round.
         self._graph_seed = graph_seed if graph_seed is not None else os.urandom(32)
@@ -66,6 +70,19 @@ class SecAggServer:
         self._uploads: dict[int, _Upload] = {}
         self._sum: NDArray[np.unsignedinteger] | None = None
 
+    def check_advert(self, advert: KeyAdvert) -> auth.Peer:
+        """The advert's signature verifies under its certificate (and the CA, if the coordinator
+        has it). Sites verify for themselves; this only keeps one bad advert from making every
+        honest site refuse the round: the caller drops that site instead."""
+        who = f"the key advert of site {advert.site_id}"
+        if self._anchor is not None:
+            peer = self._anchor.peer(advert.cert, who)
+        else:
+            peer = auth.uncertified_peer(advert.cert, who)
+        message = advert.statement(self.session, self.round_id, self.params.digest())
+        peer.verify(message, advert.signature, who)
+        return peer
+
     def mask_request(self, adverts: Mapping[int, KeyAdvert]) -> MaskRequest:
         """Stage 1 -> 2: the request every advertising site gets (same for all)."""
         if self._quantizer is not None:
@@ -73,6 +90,9 @@ class SecAggServer:
         for site, advert in adverts.items():
             if advert.site_id != site or site not in self._sampled:
                 raise SecAggError(f"advert for site {site} is not from a sampled site")
+        identities = [self.check_advert(a).fingerprint for a in adverts.values()]
+        if len(set(identities)) != len(identities):
+            raise SecAggError(f"round {self.round_id}: two adverts are signed by one identity")
         self._require(len(adverts), "sites advertised keys")
         self._adverts = dict(adverts)
         self._graph = build_graph(list(adverts), self.params.neighbours, self._graph_seed)

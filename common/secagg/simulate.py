@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.typing import NDArray
 
+from common.secagg.auth import Credentials
 from common.secagg.client import SecAggClient
 from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
 from common.secagg.params import SecAggParams
@@ -23,23 +24,27 @@ logger = logging.getLogger(__name__)
 def simulate_round(
     updates: Mapping[int, NDArray[np.floating]],
     params: SecAggParams,
+    credentials: Mapping[int, Credentials],
     round_id: int = 0,
     drop_after_stage: Mapping[int, int] | None = None,
     graph_seed: bytes | None = None,
+    session: bytes = b"simulated run",
 ) -> AggregateResult:
     """Sum ``updates`` (site id -> 1-D float array) under secure aggregation.
 
-    ``drop_after_stage[site] = s`` makes the site vanish after completing stage ``s``: 0 never
-    advertises, 1 advertises but never uploads, 2 uploads but never answers the unmask request.
+    ``credentials[site]``: that site's identity and trusted CA (tests and benchmarks make them with
+    ``common.identity.certs.ephemeral_federation``). ``drop_after_stage[site] = s`` makes the site
+    vanish after completing stage ``s``: 0 never advertises, 1 advertises but never uploads,
+    2 uploads but never answers the unmask request.
     Raises :class:`~common.core.errors.SecAggError` when the round aborts.
     """
     drops = dict(drop_after_stage or {})
     alive = lambda site, stage: drops.get(site, 3) >= stage  # noqa: E731
-    server = SecAggServer(params, round_id, updates, graph_seed)
+    server = SecAggServer(params, round_id, updates, graph_seed, session=session)
     states: dict[int, bytes] = {}
     adverts: dict[int, KeyAdvert] = {}
     for site in (s for s in updates if alive(s, 1)):
-        client = SecAggClient(site, params, round_id)
+        client = SecAggClient(site, params, round_id, credentials[site], session)
         adverts[site] = KeyAdvert.from_dict(client.advertise().to_dict())
         states[site] = client.to_bytes()
     request = server.mask_request(adverts).to_dict()

@@ -15,15 +15,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common.core.errors import FedtuneError
+from common.core.errors import FedtuneError, SecAggError
 from common.identity.certs import (
     CertificateError,
     certs_init,
     certs_site,
+    ephemeral_federation,
     fingerprint,
     init_ca,
+    init_identity_ca,
+    issue_identity,
     site_keys,
 )
+from common.secagg.auth import Identity, TrustAnchor, statement
 
 
 def _mode(path: Path) -> int:
@@ -117,6 +121,7 @@ def test_cli_functions_print_paths_never_key_material(
     certs_site("bank-b", tmp_path / "keys")
     out = capsys.readouterr().out
     assert "ca.crt" in out and "bank-b.pub" in out and "flwr supernode register" in out
+    assert "bank-b.identity.csr" in out
     assert "PRIVATE KEY" not in out and "BEGIN" not in out
 
 
@@ -164,3 +169,62 @@ def test_tls_handshake_succeeds_with_the_ca_and_fails_without(tmp_path: Path) ->
     finally:
         sock.close()
         thread.join(timeout=5)
+
+
+def test_site_keys_write_an_identity_key_and_csr_and_with_the_ca_its_certificate(
+    tmp_path: Path,
+) -> None:
+    ca = init_identity_ca(tmp_path / "consortium")
+    assert _mode(ca.key) == 0o600
+    paths = site_keys(tmp_path / "keys", "clinic-1", ca.key, ca.cert)
+    assert _mode(paths.identity_key) == 0o600 and paths.identity_cert is not None
+    key = serialization.load_pem_private_key(paths.identity_key.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+    identity = Identity.from_pem(paths.identity_key.read_bytes(), paths.identity_cert.read_bytes())
+    peer = TrustAnchor.from_pem(ca.cert.read_bytes()).peer(identity.cert_der, "clinic-1")
+    assert peer.name == "clinic-1"
+    message = statement(b"test", 7, b"payload")
+    peer.verify(message, identity.sign(message), "a test statement")
+    with pytest.raises(SecAggError, match="not signed"):
+        peer.verify(statement(b"test", 8, b"payload"), identity.sign(message), "a replay")
+
+
+def test_the_consortium_issues_an_identity_from_the_sites_csr(tmp_path: Path) -> None:
+    paths = site_keys(tmp_path / "site", "bank-c")  # no CA at the site: a CSR only
+    assert paths.identity_cert is None and paths.identity_csr.is_file()
+    ca = init_identity_ca(tmp_path / "consortium")
+    cert = issue_identity(paths.identity_csr, ca.key, ca.cert, tmp_path / "issued")
+    assert cert.name == "bank-c.identity.crt"
+    identity = Identity.from_pem(paths.identity_key.read_bytes(), cert.read_bytes())
+    TrustAnchor.from_pem(ca.cert.read_bytes()).peer(identity.cert_der, "bank-c")
+    with pytest.raises(CertificateError, match="refusing to overwrite"):
+        issue_identity(paths.identity_csr, ca.key, ca.cert, tmp_path / "issued")
+
+
+def test_only_site_identities_of_the_ca_pass(tmp_path: Path) -> None:
+    tls = init_ca(tmp_path / "tls", [], [])
+    anchor = TrustAnchor.from_pem(tls.ca_cert.read_bytes())
+    # The SuperLink's TLS certificate is issued by the same CA and its key is the coordinator's:
+    # it must never pass as a site (serverAuth, not clientAuth; and P-384).
+    server = _cert(tls.server_cert).public_bytes(serialization.Encoding.DER)
+    with pytest.raises(SecAggError, match="site identity|P-256"):
+        anchor.peer(server, "the SuperLink's certificate")
+    site = site_keys(tmp_path / "keys", "site-a", tls.ca_key, tls.ca_cert)
+    assert site.identity_cert is not None
+    anchor.peer(_cert(site.identity_cert).public_bytes(serialization.Encoding.DER), "site-a")
+    foreign = ephemeral_federation(["site-a"])  # same name, another CA
+    other = Identity.from_pem(*foreign.identities["site-a"])
+    with pytest.raises(SecAggError, match="not issued by the federation's CA"):
+        anchor.peer(other.cert_der, "site-a")
+    with pytest.raises(SecAggError, match="not a CA"):
+        TrustAnchor.from_pem(tls.server_cert.read_bytes())
+
+
+def test_ephemeral_federation_lives_in_memory(tmp_path: Path) -> None:
+    fed = ephemeral_federation(["site-0", "site-1"])
+    anchor = TrustAnchor.from_pem(fed.ca_cert)
+    peers = [
+        anchor.peer(Identity.from_pem(*fed.identities[n]).cert_der, n) for n in ("site-0", "site-1")
+    ]
+    assert [p.name for p in peers] == ["site-0", "site-1"]
+    assert peers[0].fingerprint != peers[1].fingerprint

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,13 +16,18 @@ from scipy import stats
 
 from common.core.config import load_config
 from common.core.errors import ConfigError, SecAggError
+from common.identity.certs import ephemeral_federation
 from common.secagg import (
+    AggregateResult,
+    Credentials,
+    Identity,
     KeyAdvert,
     MaskedUpload,
     MaskRequest,
     SecAggClient,
     SecAggParams,
     SecAggServer,
+    TrustAnchor,
     UnmaskRequest,
     shamir,
     simulate_round,
@@ -28,11 +36,30 @@ from common.secagg.graph import build_graph
 from common.secagg.quantize import Quantizer
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SESSION = b"run-under-test"
+
+
+@functools.cache
+def _federation(size: int = 80) -> tuple[bytes, tuple[tuple[bytes, bytes], ...]]:
+    """One in-memory identity CA and ``size`` site identities (made once: 2 ms each)."""
+    fed = ephemeral_federation([f"site-{i}" for i in range(size)])
+    return fed.ca_cert, tuple(fed.identities[f"site-{i}"] for i in range(size))
+
+
+def creds(sites: Iterable[int]) -> dict[int, Credentials]:
+    """Credentials for each site id (ids below 80 map to identities one to one)."""
+    ca, identities = _federation()
+    anchor = TrustAnchor.from_pem(ca)
+    return {s: Credentials(Identity.from_pem(*identities[s]), anchor) for s in sites}
+
+
+def _sim(updates: dict[int, np.ndarray], params: SecAggParams, **kwargs: Any) -> AggregateResult:
+    return simulate_round(updates, params, creds(updates), session=SESSION, **kwargs)
 
 
 def _updates(n: int, dim: int, clip: float, seed: int) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {10 + 7 * i: rng.uniform(-clip, clip, dim).astype(np.float32) for i in range(n)}
+    return {10 + 5 * i: rng.uniform(-clip, clip, dim).astype(np.float32) for i in range(n)}
 
 
 def _plain_sum(updates: dict[int, np.ndarray], sites: list[int]) -> np.ndarray:
@@ -66,7 +93,7 @@ def _rounds(draw: st.DrawFn) -> tuple[SecAggParams, dict[int, np.ndarray]]:
 @given(_rounds())
 def test_masked_sum_equals_plain_sum_within_bound(case: tuple[SecAggParams, dict]) -> None:
     params, updates = case
-    result = simulate_round(updates, params, round_id=3)
+    result = _sim(updates, params, round_id=3)
     assert result.contributors == sorted(updates)
     _check_sum(updates, result)
 
@@ -79,7 +106,7 @@ def test_dropouts_at_any_stage_up_to_n_minus_t(n: int, data: st.DataObject) -> N
     sites = sorted(updates)
     dropped = data.draw(st.lists(st.sampled_from(sites), unique=True, max_size=n - t))
     stages = {s: data.draw(st.integers(0, 2)) for s in dropped}
-    result = simulate_round(updates, SecAggParams(threshold=t), drop_after_stage=stages)
+    result = _sim(updates, SecAggParams(threshold=t), drop_after_stage=stages)
     assert result.contributors == [s for s in sites if stages.get(s, 3) >= 2]
     assert result.absent == [s for s in sites if stages.get(s, 3) == 1]
     _check_sum(updates, result)
@@ -90,7 +117,7 @@ def test_sparse_graph_tolerates_dropouts(stage: int) -> None:
     updates = _updates(12, 8, 1.0, stage)
     drops = {site: stage for site in list(updates)[:3]}
     params = SecAggParams(threshold=4, neighbours=6)
-    result = simulate_round(updates, params, drop_after_stage=drops, graph_seed=b"g")
+    result = _sim(updates, params, drop_after_stage=drops, graph_seed=b"g")
     assert len(result.contributors) == 12 - 3 * (stage < 2)
     _check_sum(updates, result)
 
@@ -100,7 +127,7 @@ def test_mixed_dropouts_pair_masks_of_a_dropped_uploader_are_removed() -> None:
     # two is rebuilt from the uploader's holders, no live help from either is needed.
     updates = _updates(6, 10, 1.0, 1)
     a, b, *_ = sorted(updates)
-    result = simulate_round(updates, SecAggParams(threshold=4), drop_after_stage={a: 1, b: 2})
+    result = _sim(updates, SecAggParams(threshold=4), drop_after_stage={a: 1, b: 2})
     assert b in result.contributors and a in result.absent
     _check_sum(updates, result)
 
@@ -110,20 +137,27 @@ def test_too_few_survivors_aborts(stage: int) -> None:
     updates = _updates(5, 4, 1.0, 0)
     drops = {site: stage for site in list(updates)[:3]}
     with pytest.raises(SecAggError, match="threshold"):
-        simulate_round(updates, SecAggParams(threshold=3), drop_after_stage=drops)
+        _sim(updates, SecAggParams(threshold=3), drop_after_stage=drops)
 
 
 class _Round:
     """A round driven by hand, up to the unmask requests, to tamper with messages."""
 
-    def __init__(self, n: int = 4, t: int = 3, round_id: int = 1, dim: int = 6) -> None:
+    def __init__(
+        self, n: int = 4, t: int = 3, round_id: int = 1, dim: int = 6, masked: bool = True
+    ) -> None:
         self.params = SecAggParams(threshold=t)
         self.updates = _updates(n, dim, 1.0, round_id)
-        self.server = SecAggServer(self.params, round_id, self.updates)
-        self.clients = {s: SecAggClient(s, self.params, round_id) for s in self.updates}
+        self.server = SecAggServer(self.params, round_id, self.updates, session=SESSION)
+        self.creds = creds(self.updates)
+        self.clients = {
+            s: SecAggClient(s, self.params, round_id, self.creds[s], SESSION) for s in self.updates
+        }
         adverts = {s: c.advertise() for s, c in self.clients.items()}
         self.mask_request = self.server.mask_request(adverts)
         self.uploads: dict[int, MaskedUpload] = {}
+        if not masked:
+            return
         for s, c in self.clients.items():
             self.uploads[s] = c.mask(self.updates[s], self.mask_request)
             self.server.add_upload(self.uploads[s])
@@ -206,7 +240,7 @@ def test_masked_vector_is_uniform_for_a_constant_update() -> None:
     params = SecAggParams(threshold=2, stochastic_rounding=False)
     updates = {s: np.zeros(40_000, np.float32) for s in (1, 2, 3)}
     server = SecAggServer(params, 0, updates)
-    clients = {s: SecAggClient(s, params, 0) for s in updates}
+    clients = {s: SecAggClient(s, params, 0, c) for s, c in creds(updates).items()}
     request = server.mask_request({s: c.advertise() for s, c in clients.items()})
     masked = clients[1].mask(updates[1], request).masked
     encoded = Quantizer(params, 3).encode(updates[1])
@@ -221,8 +255,8 @@ def test_state_round_trips_through_bytes() -> None:
     site = next(iter(rnd.requests))
     restored = SecAggClient.from_bytes(rnd.clients[site].to_bytes())
     assert restored.stage == "masked" and restored.to_bytes() == rnd.clients[site].to_bytes()
-    fresh = SecAggClient(5, rnd.params, 1)
-    assert SecAggClient.from_bytes(fresh.to_bytes()).advertise() == fresh.advertise()
+    fresh = SecAggClient(5, rnd.params, 1, creds([5])[5])
+    assert SecAggClient.from_bytes(fresh.to_bytes()).advertise().same_keys(fresh.advertise())
     with pytest.raises(SecAggError, match="corrupt"):
         SecAggClient.from_bytes(b"{not json")
 
@@ -272,14 +306,14 @@ def test_sparse_graph_is_k_regular_and_symmetric() -> None:
 def test_extreme_values_never_wrap(bits: int, sites: int) -> None:
     params = SecAggParams(threshold=sites // 2 + 1, modulus_bits=bits, clip_range=1.0)
     updates = {s: np.array([1.0, -1.0, 1.0, 0.999], np.float32) for s in range(sites)}
-    result = simulate_round(updates, params)
+    result = _sim(updates, params)
     _check_sum(updates, result)
 
 
 def test_a_threshold_of_half_the_holders_is_refused_by_server_and_sites() -> None:
     # t = 2 of 4: the coordinator could show two stories to two pairs of sites (issue 13).
     params = SecAggParams(threshold=2)
-    clients = {s: SecAggClient(s, params, 0) for s in range(4)}
+    clients = {s: SecAggClient(s, params, 0, c) for s, c in creds(range(4)).items()}
     adverts = {s: c.advertise() for s, c in clients.items()}
     with pytest.raises(SecAggError, match=r"`threshold` 2 is not more than half of the 4"):
         SecAggServer(params, 0, adverts).mask_request(adverts)
@@ -303,3 +337,70 @@ def test_config_asking_for_less_than_a_majority_is_refused(override: str, field:
     with pytest.raises(ConfigError, match=rf"`{field}`: must be"):
         load_config(None, [override])
     assert load_config(None, ["secagg.threshold=0.51"]).secagg.threshold == 0.51
+
+
+def _forged(rnd: _Round, victim: int, how: str) -> KeyAdvert:
+    """The advert of site ``victim`` as a dishonest coordinator would relay it."""
+    real = rnd.mask_request.adverts[victim]
+    fake_c, fake_s = b"\x09" * 32, b"\x0a" * 32  # keys whose secrets the coordinator knows
+    if how == "unsigned":
+        return dataclasses.replace(real, c_public=fake_c, s_public=fake_s, signature=b"")
+    if how == "own-ca":  # the coordinator's own CA and a site identity it issued itself
+        fed = ephemeral_federation(["site-fake"])
+        mine = Identity.from_pem(*fed.identities["site-fake"])
+        unsigned = KeyAdvert(victim, fake_c, fake_s, mine.cert_der)
+        return dataclasses.replace(
+            unsigned, signature=mine.sign(unsigned.statement(SESSION, 1, rnd.params.digest()))
+        )
+    if how == "keys-swapped":  # the real certificate and signature, other keys
+        return dataclasses.replace(real, c_public=fake_c, s_public=fake_s)
+    other = next(s for s in rnd.clients if s != victim)
+    if how == "replayed":  # another site's genuine advert relayed under this site's id
+        return dataclasses.replace(rnd.mask_request.adverts[other], site_id=victim)
+    # "other-round": the victim's genuine signature of round 2, relayed in round 1
+    later = SecAggClient(victim, rnd.params, 2, rnd.creds[victim], SESSION)
+    return later.advertise()
+
+
+@pytest.mark.parametrize("how", ["unsigned", "own-ca", "keys-swapped", "replayed", "other-round"])
+def test_a_site_refuses_a_round_with_an_advert_no_certified_site_signed(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rnd = _Round(n=4, t=3, round_id=1, masked=False)
+    victim, honest = sorted(rnd.clients)[:2]
+    adverts = {**rnd.mask_request.adverts, victim: _forged(rnd, victim, how)}
+    request = dataclasses.replace(rnd.mask_request, adverts=adverts)
+    with (
+        caplog.at_level("ERROR", logger="common.secagg.client"),
+        pytest.raises(SecAggError, match=f"key advert of site {victim}"),
+    ):
+        rnd.clients[honest].mask(rnd.updates[honest], request)
+    assert f"site {honest}: the key advert of site {victim}" in caplog.text
+    assert "refusing" in caplog.text
+    anchor = rnd.creds[honest].anchor  # an honest coordinator with the CA drops it too
+    server = SecAggServer(rnd.params, 1, rnd.updates, session=SESSION, anchor=anchor)
+    with pytest.raises(SecAggError):
+        server.check_advert(adverts[victim])
+
+
+def test_a_site_refuses_two_adverts_of_one_identity() -> None:
+    # A dishonest site (it holds its key) signs a second advert to take two seats.
+    rnd = _Round(n=4, t=3, round_id=1, masked=False)
+    a, b, honest = sorted(rnd.clients)[:3]
+    second = SecAggClient(b, rnd.params, 1, rnd.creds[a], SESSION).advertise()
+    request = dataclasses.replace(rnd.mask_request, adverts={**rnd.mask_request.adverts, b: second})
+    with pytest.raises(SecAggError, match="signed by one identity"):
+        rnd.clients[honest].mask(rnd.updates[honest], request)
+
+
+def test_sites_given_different_parameters_never_form_one_round() -> None:
+    # Site 0 is told t = 4, the others t = 3: its signed parameters differ, its advert fails.
+    rnd = _Round(n=4, t=3, round_id=1, masked=False)
+    odd = sorted(rnd.clients)[0]
+    stricter = SecAggParams(threshold=4)
+    client = SecAggClient(odd, stricter, 1, rnd.creds[odd], SESSION)
+    adverts = {**rnd.mask_request.adverts, odd: client.advertise()}
+    request = dataclasses.replace(rnd.mask_request, adverts=adverts)
+    honest = sorted(rnd.clients)[1]
+    with pytest.raises(SecAggError, match=f"key advert of site {odd} is not signed"):
+        rnd.clients[honest].mask(rnd.updates[honest], request)

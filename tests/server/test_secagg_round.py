@@ -13,12 +13,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from safetensors.numpy import load_file
 
 from client.app import app as client_app
 from common.core.config import Config, load_config
 from common.core.errors import RoundError
+from common.identity.certs import EphemeralFederation, ephemeral_federation
+from common.protocol import keys
 from common.protocol.wire import from_record
 from server.run import FederatedRun
 from server.secagg_round import threshold_for
@@ -80,6 +82,7 @@ def secure(base: tuple[Config, dict[int, dict], Path], name: str, fault: Any = N
     )
     recorder = Recorder()
     grid = InProcessGrid(recorder, nodes, fault)
+    give_identities(grid, nodes)
     FederatedRun(cfg, root / name, grid).execute()
     return (
         recorder,
@@ -87,6 +90,18 @@ def secure(base: tuple[Config, dict[int, dict], Path], name: str, fault: Any = N
         _row(root / name),
         load_file(str(root / name / "rounds/1/adapter_model.safetensors")),
     )
+
+
+def give_identities(grid: InProcessGrid, nodes: dict[int, dict]) -> EphemeralFederation:
+    """Each site's own identity in its node state (what a SuperNode's node config names): the
+    coordinator never sees the identity CA's key."""
+    fed = ephemeral_federation([c["site-name"] for c in nodes.values()])
+    for node, conf in nodes.items():
+        key_pem, cert_pem = fed.identities[conf["site-name"]]
+        grid.contexts[node].state[keys.STATE_IDENTITY] = ConfigRecord(
+            {keys.IDENTITY_KEY: key_pem, keys.IDENTITY_CERT: cert_pem, keys.CA_CERT: fed.ca_cert}
+        )
+    return fed
 
 
 def expected_adapter(plain: Recorder, contributors: list[int]) -> dict[str, np.ndarray]:
