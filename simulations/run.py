@@ -1,7 +1,8 @@
-"""Virtual sites for a simulation: partition a corpus into per-site data folders.
+"""Virtual sites for a simulation: partition a corpus, or the user's records, into site folders.
 
 Each virtual site's partition is written to its own data folder (`OUT/sites/site-<i>/`) and the
 ClientApp reads it exactly as a real site would; the held-out test file goes to `OUT/test/`.
+Every folder written is checked as `fedtune data check` would check it before any training.
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from common.core.config import Config
+from common.core.errors import DataError
 from common.core.records import write_jsonl
+from common.dataprep import check_folder
 from simulations.corpora import CORPORA, Corpus
-from simulations.partition import split, top_labels
+from simulations.partition import assign, select, top_labels
+from simulations.userdata import user_corpus
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_labels(cfg: Config, corpus: Corpus) -> Config:
-    """Fill in `data.labels` (top-N of the training set) and the corpus' prompt when unset."""
+    """Fill in `data.labels` (the top-N labels of the training rows, all with `top_labels` = 0;
+    none for instruction and chat records) and the corpus' prompt, when unset."""
     part = cfg.simulation.partition
     labels = list(cfg.data.labels) or top_labels(corpus.train, part.top_labels)
     update: dict[str, Any] = {"labels": labels}
-    if cfg.data.prompt is None:
+    if cfg.data.prompt is None and corpus.prompt is not None:
         update["prompt"] = corpus.prompt
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
 
@@ -33,31 +38,52 @@ def resolve_labels(cfg: Config, corpus: Corpus) -> Config:
 def write_sites(cfg: Config, corpus: Corpus, out: Path) -> dict[str, int]:
     """Partition the corpus, write each site's folder and the test folder; returns counts."""
     part = cfg.simulation.partition
-    labels = set(cfg.data.labels)
-    train = [r for r in corpus.train if r["label"] in labels]
-    test = [r for r in corpus.test if r["label"] in labels]
-    if part.max_train_records:
-        train = train[: part.max_train_records]
-    if part.max_test_records:
-        test = test[: part.max_test_records]
-    parts = split([r["label"] for r in train], part.num_sites, part.scheme, part.alpha, part.seed)
+    train, groups, test = select(corpus.train, corpus.groups, corpus.test, cfg.data.labels, part)
+    parts = assign(train, groups, part)
     counts = {}
     for i, idx in enumerate(parts):
         rows = [train[j] for j in idx]
         write_jsonl(out / "sites" / f"site-{i}" / "records.jsonl", rows)
         counts[f"site-{i}"] = len(rows)
-        mix = Counter(r["label"] for r in rows).most_common(3)
+        mix = Counter(r["label"] for r in rows if "label" in r).most_common(3)
         logger.info("site-%d: %d records, top labels %s", i, len(rows), mix)
     write_jsonl(out / "test" / "records.jsonl", test)
     return counts
 
 
+def load_corpus(cfg: Config) -> Corpus:
+    """The pooled records of `simulation.partition.source`: a packaged corpus or the user's."""
+    part = cfg.simulation.partition
+    return CORPORA[part.corpus]() if part.source == "corpus" else user_corpus(cfg)
+
+
+def check_sites(cfg: Config, out: Path) -> None:
+    """`fedtune data check` on every virtual site and the test folder, before any training:
+    a folder it finds unusable stops the run with its reasons."""
+    from common.core.models import load_base  # the tokenizer, for token lengths
+
+    tok = load_base(cfg.model, cfg.data.labels).tokenizer
+    folders = [*sorted((out / "sites").iterdir(), key=lambda p: p.name), out / "test"]
+    reasons = []
+    for folder in folders:
+        report = check_folder(folder, cfg, tok)
+        reasons += [f"{folder.name}: {reason}" for reason in report.reasons]
+        logger.info(
+            "%s checked: %d records, %d labels, %d truncated, %d exact duplicates",
+            folder.name, report.records, len(report.labels), report.tokens.truncated,
+            report.duplicates.get("exact", 0),
+        )  # fmt: skip
+    if reasons:
+        raise DataError("virtual sites not usable for training:\n  " + "\n  ".join(reasons))
+
+
 def prepare(cfg: Config, out: Path) -> Config:
-    """Write the virtual sites' folders; return the config the run will use."""
-    corpus = CORPORA[cfg.simulation.partition.corpus]()
+    """Write the virtual sites' folders and check them; return the config the run will use."""
+    corpus = load_corpus(cfg)
     cfg = resolve_labels(cfg, corpus)
     for sub in ("sites", "test", "rounds", "plots"):
         shutil.rmtree(out / sub, ignore_errors=True)
     write_sites(cfg, corpus, out)
+    check_sites(cfg, out)
     ev = cfg.evaluation.model_copy(update={"test_dir": str(out / "test")})
     return cfg.model_copy(update={"evaluation": ev})
