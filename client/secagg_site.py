@@ -7,7 +7,9 @@ Three invocations per round, each possibly a new process (Flower's Deployment En
 2. ``train`` carrying a mask request: train locally (client/site.py, with institution-level DP
    if on), weight, clip to the quantizer's range, quantize and mask the update; the reply
    carries the masked vector and encrypted shares only.
-3. ``query.secagg_unmask``: reveal the shares that remove the masks, then forget the secrets.
+3. ``query.secagg_unmask``, twice: sign the survivor lists the coordinator shows (the consistency
+   check), then, shown enough signatures of those very lists, reveal the shares that remove the
+   masks and forget the secrets.
 
 The client state holds secret keys: it lives in ``context.state`` on the site and is never sent.
 
@@ -35,6 +37,7 @@ from common.core.config import Config
 from common.core.errors import SecAggError
 from common.protocol import keys
 from common.secagg import (
+    ConsistencyRequest,
     Credentials,
     Identity,
     MaskRequest,
@@ -166,7 +169,14 @@ def masked_update(
 
 
 def unmask(content: RecordDict, state: RecordDict) -> RecordDict:
-    """Stage 3: the shares that remove the masks; the client then forgets its secrets."""
+    """Stage 3, two calls: sign the survivor lists (the message carries SURVIVORS), then reveal
+    the shares that remove the masks once enough sites signed the same lists; then forget."""
+    if keys.SURVIVORS in content.config_records:
+        lists = ConsistencyRequest.from_dict(content.config_records[keys.SURVIVORS])
+        client = _load(state, lists.round_id)
+        signed = client.sign_survivors(lists)
+        _save(state, client, lists.round_id)
+        return RecordDict({keys.SURVIVORS_SIGNED: ConfigRecord(signed.to_dict())})
     request = UnmaskRequest.from_dict(content.config_records[keys.UNMASK_REQUEST])
     client = _load(state, request.round_id)
     reply = client.unmask(request)

@@ -29,10 +29,12 @@ from common.protocol.aggregate import RoundSum, SiteReport, require_min_sites
 from common.protocol.wire import declined_reason, metrics_of, record_count, to_record
 from common.secagg import (
     AggregateResult,
+    ConsistencyRequest,
     KeyAdvert,
     MaskedUpload,
     SecAggParams,
     SecAggServer,
+    SurvivorSignature,
     TrustAnchor,
     UnmaskReply,
 )
@@ -99,7 +101,8 @@ class SecAggRound:
             # Before anything is unmasked: a sum of too few sites is never revealed.
             problems = {**self.summed.failed, **self.summed.declined}
             require_min_sites(self.cfg, self.r, len(self.summed.reports), problems)
-            replies = self._unmask(server.unmask_requests())
+            signatures = self._survivors(server.consistency_request())
+            replies = self._unmask(server.unmask_requests(signatures))
             result = server.finish(replies)
         except SecAggError as err:
             raise RoundError(f"round {self.r}: secure aggregation aborted: {err}") from err
@@ -164,6 +167,20 @@ class SecAggRound:
         server.add_upload(self._own(node, upload))  # raises before adding anything
         self.clipped += int(metrics.get(keys.SECAGG_CLIPPED, 0))
         self.summed.reports.append(report)
+
+    def _survivors(self, lists: ConsistencyRequest) -> dict[int, SurvivorSignature]:
+        """The consistency check: every survivor signs the survivor lists it is shown."""
+        record = ConfigRecord(lists.to_dict())
+        contents = {self.nodes[s]: RecordDict({keys.SURVIVORS: record}) for s in lists.survivors}
+        replies = self._exchange("survivors", keys.UNMASK, contents)
+        parsed = self._parse(
+            "survivors",
+            replies,
+            lambda n, c: self._own(
+                n, SurvivorSignature.from_dict(c.config_records[keys.SURVIVORS_SIGNED])
+            ),
+        )
+        return {self.site_of[n]: signed for n, signed in parsed.items()}
 
     def _unmask(self, requests: Mapping[int, Any]) -> dict[int, UnmaskReply]:
         contents = {
@@ -255,9 +272,9 @@ class SecAggRound:
         return message
 
     def _drop(self, node: int, stage: str, reason: str) -> None:
-        """A site lost at `keys` or `train` is not in the sum; one lost at `unmask` still is."""
+        """A site lost at `keys` or `train` is not in the sum; one lost later still is."""
         name = self.names[node]
-        if stage != "unmask":
+        if stage not in ("survivors", "unmask"):
             self.summed.failed[name] = f"secagg {stage}: {reason}"
         self.dropped[name] = stage
         logger.warning("site %s dropped at secagg stage `%s`: %s", name, stage, reason)

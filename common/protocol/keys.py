@@ -10,6 +10,7 @@ site (client/) both import them from here; neither spells a key itself.
                   [+ MASK_REQUEST]               METRICS + MASKED + UPLOAD        (secure)
                                                  or METRICS + DECLINED            (over budget)
     query.secagg_keys   SETUP                    ADVERT
+    query.secagg_unmask SURVIVORS                SURVIVORS_SIGNED                 (consistency)
     query.secagg_unmask UNMASK_REQUEST           UNMASK_REPLY
 """
 
@@ -22,6 +23,7 @@ KEYS, UNMASK = f"query.{KEYS_QUERY}", f"query.{UNMASK_QUERY}"
 CONFIG = "config"  # ConfigRecord: the resolved config tree (CONFIG_TREE) and the round's keys
 ADAPTER = "adapter"  # ArrayRecord: the global adapter (PEFT state dict of the exchanged keys)
 SETUP, MASK_REQUEST, UNMASK_REQUEST = "secagg-setup", "secagg-request", "secagg-unmask-request"
+SURVIVORS = "secagg-survivors"  # the survivor lists to sign (query.secagg_unmask, first call)
 
 # -- records, site -> coordinator -------------------------------------------------------------
 SITE = "site"  # ConfigRecord: preflight answer (counts only, never contents)
@@ -30,6 +32,7 @@ UPDATE = "update"  # ArrayRecord: the plain path's update (new adapter minus glo
 MASKED, UPLOAD = "secagg-masked", "secagg-upload"  # the secure path's update, masked
 DECLINED = "declined"  # ConfigRecord: NAME and REASON of a site that declines the round
 ADVERT, UNMASK_REPLY = "secagg-advert", "secagg-unmask-reply"
+SURVIVORS_SIGNED = "secagg-survivors-signed"  # a survivor's signature over SURVIVORS
 MASKED_ARRAY = "masked"  # the one array inside MASKED
 
 # -- keys inside SETUP (besides the SecAggParams fields) -------------------------------------

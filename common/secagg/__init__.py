@@ -14,14 +14,16 @@ Site (each call may be a new process; persist ``to_bytes()``, rebuild with ``fro
     client = SecAggClient(site_id, params, round_id, credentials, session)
     advert: KeyAdvert = client.advertise()                               # stage 1
     upload: MaskedUpload = client.mask(update_float32_1d, mask_request)  # stage 2
-    reply: UnmaskReply = client.unmask(unmask_request)                   # stage 3
+    signed: SurvivorSignature = client.sign_survivors(consistency)        # stage 3a
+    reply: UnmaskReply = client.unmask(unmask_request)                   # stage 3b
 
 Server::
 
     server = SecAggServer(params, round_id, sampled_site_ids, session=session)
     mask_request: MaskRequest = server.mask_request({site: advert, ...})  # to every advertiser
     server.add_upload(upload)                                             # per upload received
-    requests: dict[int, UnmaskRequest] = server.unmask_requests()         # one per survivor
+    consistency: ConsistencyRequest = server.consistency_request()        # to every survivor
+    requests = server.unmask_requests({site: signed, ...})                # one per signer
     result: AggregateResult = server.finish({site: reply, ...})           # .total, .contributors
 
 ``simulate_round(updates, params, credentials, drop_after_stage=...)`` runs a round in one process.
@@ -29,7 +31,15 @@ Server::
 
 from common.secagg.auth import Credentials, Identity, TrustAnchor
 from common.secagg.client import SecAggClient
-from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
+from common.secagg.messages import (
+    ConsistencyRequest,
+    KeyAdvert,
+    MaskedUpload,
+    MaskRequest,
+    SurvivorSignature,
+    UnmaskReply,
+    UnmaskRequest,
+)
 from common.secagg.params import SecAggParams
 from common.secagg.quantize import Quantizer
 from common.secagg.server import AggregateResult, SecAggServer
@@ -37,6 +47,7 @@ from common.secagg.simulate import simulate_round
 
 __all__ = [
     "AggregateResult",
+    "ConsistencyRequest",
     "Credentials",
     "Identity",
     "KeyAdvert",
@@ -46,6 +57,7 @@ __all__ = [
     "SecAggClient",
     "SecAggParams",
     "SecAggServer",
+    "SurvivorSignature",
     "TrustAnchor",
     "UnmaskReply",
     "UnmaskRequest",

@@ -30,13 +30,22 @@ from common.core.errors import SecAggError
 from common.secagg import auth, crypto, shamir
 from common.secagg.auth import Credentials
 from common.secagg.graph import Graph, build_graph, component_size
-from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
+from common.secagg.messages import (
+    ConsistencyRequest,
+    KeyAdvert,
+    MaskedUpload,
+    MaskRequest,
+    SurvivorSignature,
+    UnmaskReply,
+    UnmaskRequest,
+    view_digest,
+)
 from common.secagg.params import SecAggParams
 from common.secagg.quantize import Quantizer
 
 logger = logging.getLogger(__name__)
 
-_ADVERTISED, _MASKED, _DONE = "advertised", "masked", "done"
+_ADVERTISED, _MASKED, _SIGNED, _DONE = "advertised", "masked", "signed", "done"
 
 
 @dataclass
@@ -58,6 +67,10 @@ class _State:
     c_publics: dict[str, str] = field(default_factory=dict)  # neighbour -> c public key
     own_self_share: str = ""
     own_pair_shares: dict[str, str] = field(default_factory=dict)  # neighbour -> my share
+    view: str = ""  # digest of the mask request this site masked under
+    certs: dict[str, str] = field(default_factory=dict)  # advertiser -> its verified certificate
+    signed_survivors: list[int] = field(default_factory=list)  # the lists this site signed
+    signed_absent: list[int] = field(default_factory=list)
 
 
 class SecAggClient:
@@ -92,7 +105,7 @@ class SecAggClient:
 
     @property
     def stage(self) -> str:
-        """``advertised`` (after construction), ``masked`` or ``done``."""
+        """``advertised`` (after construction), ``masked``, ``signed`` or ``done``."""
         return self._s.stage
 
     def to_bytes(self) -> bytes:
@@ -164,10 +177,12 @@ class SecAggClient:
         seed = os.urandom(crypto.KEY_BYTES)
         pair_keys = {v: self._pair_key(v, request.adverts[v].s_public) for v in neighbours}
         masked = _apply_masks(quantizer, quantizer.encode(update), me, rid, seed, pair_keys)
+        self._s.view = view_digest(self._session, request, self._params.digest()).hex()
         shares = self._share_secrets(seed, pair_keys, request)
         self._s.stage, self._s.s_secret = _MASKED, ""  # s is no longer needed: forget it
         self._s.site_ids, self._s.graph_seed = sorted(request.adverts), request.graph_seed.hex()
         self._s.c_publics = {str(v): request.adverts[v].c_public.hex() for v in neighbours}
+        self._s.certs = {str(v): a.cert.hex() for v, a in request.adverts.items()}
         return MaskedUpload(
             site_id=me,
             masked=masked,
@@ -224,8 +239,41 @@ class SecAggClient:
             key = crypto.agree(
                 c_secret, request.adverts[r].c_public, b"share-key", request.round_id, me, r
             )
-            sealed[r] = crypto.seal(key, plain, request.round_id, me, r)
+            sealed[r] = crypto.seal(key, plain, request.round_id, me, r, self._view)
         return sealed
+
+    @property
+    def _view(self) -> bytes:
+        return bytes.fromhex(self._s.view)
+
+    # Stage 3a -----------------------------------------------------------------------------------
+    def sign_survivors(self, request: ConsistencyRequest) -> SurvivorSignature:
+        """Sign the survivor and absent lists after checking them (Bonawitz et al. 2017, §6
+        ConsistencyCheck). A site signs one pair of lists per round, and later reveals shares
+        only for exactly these lists."""
+        self._expect_stage(_MASKED, request.round_id)
+        self._check_lists(request.survivors, request.absent)
+        signature = self._identity().sign(request.statement(self._session, self._view))
+        self._s.stage = _SIGNED
+        self._s.signed_survivors = sorted(request.survivors)
+        self._s.signed_absent = sorted(request.absent)
+        return SurvivorSignature(self._s.site_id, signature)
+
+    def _check_lists(self, survivors_list: list[int], absent_list: list[int]) -> None:
+        me, t = self._s.site_id, self._params.threshold
+        survivors, absent = set(survivors_list), set(absent_list)
+        if both := survivors & absent:
+            raise self._refuse(f"asked to treat {sorted(both)} as survivor and absent")
+        if survivors | absent != set(self._s.site_ids) or me not in survivors:
+            raise self._refuse("survivor/absent lists do not match the advertised sites")
+        graph = self._graph()
+        if len(survivors) < t or component_size(graph, survivors, me) < t:
+            # Bonawitz et al. §4 Unmasking: a site refuses when fewer than t inputs would be summed.
+            raise self._refuse(f"fewer than `threshold` {t} survivors are masked with it")
+
+    def _graph(self) -> Graph:
+        seed = bytes.fromhex(self._s.graph_seed)
+        return build_graph(self._s.site_ids, self._params.neighbours, seed)
 
     # Stage 3 ------------------------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
@@ -246,26 +294,50 @@ class SecAggClient:
         return UnmaskReply(me, self_shares, pair_shares)
 
     def _check_unmask_request(self, request: UnmaskRequest) -> Graph:
-        self._expect_stage(_MASKED, request.round_id)
-        me, t = self._s.site_id, self._params.threshold
-        survivors, absent = set(request.survivors), set(request.absent)
-        if both := survivors & absent:
-            raise SecAggError(f"site {me}: asked to treat {sorted(both)} as survivor and absent")
-        if survivors | absent != set(self._s.site_ids) or me not in survivors:
-            raise SecAggError(f"site {me}: survivor/absent lists do not match the advertised sites")
-        graph = build_graph(
-            self._s.site_ids, self._params.neighbours, bytes.fromhex(self._s.graph_seed)
-        )
-        expected = graph[me] & survivors
+        self._expect_stage(_SIGNED, request.round_id)
+        me = self._s.site_id
+        if (sorted(request.survivors), sorted(request.absent)) != (
+            self._s.signed_survivors,
+            self._s.signed_absent,
+        ):
+            raise self._refuse("asked to unmask for other survivor lists than the ones it signed")
+        self._check_signatures(request)
+        graph = self._graph()
+        expected = graph[me] & set(request.survivors)
         if set(request.shares) != expected:
-            raise SecAggError(
-                f"site {me}: shares came from {sorted(request.shares)}, but the surviving "
+            raise self._refuse(
+                f"shares came from {sorted(request.shares)}, but the surviving "
                 f"neighbours are {sorted(expected)}"
             )
-        if len(survivors) < t or component_size(graph, survivors, me) < t:
-            # Bonawitz et al. §4 Unmasking: a site refuses when fewer than t inputs would be summed.
-            raise SecAggError(f"site {me}: fewer than `threshold` {t} survivors are masked with it")
         return graph
+
+    def _check_signatures(self, request: UnmaskRequest) -> None:
+        """Enough survivors signed the very lists this site signed (Bonawitz et al. 2017, §6,
+        Unmasking: abort unless >= t valid signatures of U3 from U4 ⊆ U3). With a strict majority
+        of the advertisers required, two different lists cannot both gather enough signatures,
+        so every honest site that reveals anything was shown the same lists."""
+        needed = self._params.signatures_needed(len(self._s.site_ids))
+        signers = set(request.signatures)
+        if not signers <= set(request.survivors):
+            raise self._refuse(f"survivor lists signed by non-survivors {sorted(signers)}")
+        if len(signers) < needed:
+            raise self._refuse(
+                f"only {len(signers)} survivors signed the survivor lists, {needed} needed: "
+                "no proof the other sites were shown the same lists"
+            )
+        message = ConsistencyRequest(
+            self._s.round_id, self._s.signed_survivors, self._s.signed_absent
+        ).statement(self._session, self._view)
+        for signer, signature in sorted(request.signatures.items()):
+            who = f"the survivor lists of site {signer}"
+            peer = auth.uncertified_peer(bytes.fromhex(self._s.certs[str(signer)]), who)
+            try:  # certificates were checked against the CA when this site masked
+                peer.verify(message, signature, who)
+            except SecAggError as err:
+                raise self._refuse(
+                    f"{err}: the coordinator showed sites different survivor lists, or forged "
+                    "a signature; no share is revealed"
+                ) from err
 
     def _open(
         self, sender: int, blob: bytes, sender_neighbours: list[int]
@@ -275,7 +347,7 @@ class SecAggClient:
         key = crypto.agree(
             c_secret, bytes.fromhex(self._s.c_publics[str(sender)]), b"share-key", rid, me, sender
         )
-        plain = crypto.open_sealed(key, blob, rid, sender, me)
+        plain = crypto.open_sealed(key, blob, rid, sender, me, self._view)
         size = shamir.SHARE_BYTES
         if len(plain) != size * (1 + len(sender_neighbours)):
             raise SecAggError(f"site {me}: share bundle from site {sender} has the wrong length")
@@ -296,7 +368,7 @@ class SecAggClient:
 
     def _forget(self) -> None:
         """After revealing, nothing secret remains useful; a second unmask must be impossible."""
-        self._s.stage, self._s.c_secret = _DONE, ""
+        self._s.stage, self._s.c_secret, self._s.identity_key = _DONE, "", ""
         self._s.own_self_share, self._s.own_pair_shares = "", {}
 
 

@@ -75,29 +75,36 @@ def derive(seed: bytes, purpose: bytes, round_id: int, site: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(seed)
 
 
-def _share_ad(round_id: int, sender: int, receiver: int) -> bytes:
-    return VERSION + b" share" + _ids(round_id, sender, receiver)
+def _share_ad(round_id: int, sender: int, receiver: int, view: bytes) -> bytes:
+    return VERSION + b" share" + _ids(round_id, sender, receiver) + view
 
 
-def seal(key: bytes, plaintext: bytes, round_id: int, sender: int, receiver: int) -> bytes:
+def seal(
+    key: bytes, plaintext: bytes, round_id: int, sender: int, receiver: int, view: bytes = b""
+) -> bytes:
     """AES-GCM ciphertext ``nonce || ct || tag``; both directions share the key, so the nonce
-    is random (96 bits, a handful of messages per key)."""
+    is random (96 bits, a handful of messages per key). ``view``: the digest of the round as
+    the sender saw it (messages.view_digest); a receiver shown another round cannot open it."""
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, _share_ad(round_id, sender, receiver))
+    ad = _share_ad(round_id, sender, receiver, view)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, ad)
 
 
-def open_sealed(key: bytes, blob: bytes, round_id: int, sender: int, receiver: int) -> bytes:
+def open_sealed(
+    key: bytes, blob: bytes, round_id: int, sender: int, receiver: int, view: bytes = b""
+) -> bytes:
     """Decrypt a share sealed by :func:`seal`; tampering or replay raises :class:`SecAggError`."""
     if len(blob) < NONCE_BYTES + 16:
         raise SecAggError(f"encrypted share from site {sender} is truncated ({len(blob)} bytes)")
     try:
         return AESGCM(key).decrypt(
-            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _share_ad(round_id, sender, receiver)
+            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _share_ad(round_id, sender, receiver, view)
         )
     except InvalidTag as exc:
         raise SecAggError(
             f"encrypted share from site {sender} to site {receiver} in round {round_id} failed "
-            "authentication (tampered, replayed or re-routed)"
+            "authentication (tampered, replayed, re-routed, or sealed under another view of "
+            "the round)"
         ) from exc
 
 

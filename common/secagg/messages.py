@@ -8,6 +8,7 @@ ConfigRecord's value types) and a ``from_dict()`` that validates and raises
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,67 @@ class MaskRequest:
         return cls(_get(data, "round_id", int), _get(data, "graph_seed", bytes), adverts)
 
 
+def view_digest(session: bytes, request: MaskRequest, params_digest: bytes) -> bytes:
+    """SHA-256 of everything a site masked under: run, round, parameters, every advert and the
+    graph seed. Shares are sealed to it and survivor lists are signed with it, so sites that were
+    shown different rounds can neither open each other's shares nor vouch for each other."""
+    fields: list[bytes | int] = [session, request.round_id, params_digest, request.graph_seed]
+    for site in sorted(request.adverts):
+        advert = request.adverts[site]
+        fields += [site, advert.c_public, advert.s_public, hashlib.sha256(advert.cert).digest()]
+    return hashlib.sha256(auth.statement(b"view", *fields)).digest()
+
+
+def _ids(values: list[int]) -> bytes:
+    return b"".join(v.to_bytes(8, "big") for v in sorted(values))
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    """Stage 3a, server -> every survivor (same content): who uploaded and who did not.
+
+    Bonawitz et al. 2017, §6 ConsistencyCheck: each survivor signs the list it was shown; a site
+    reveals shares only once it sees enough signatures of the very same list (UnmaskRequest).
+    """
+
+    round_id: int
+    survivors: list[int]
+    absent: list[int]
+
+    def statement(self, session: bytes, view: bytes) -> bytes:
+        return auth.statement(
+            b"survivors", session, self.round_id, view, _ids(self.survivors), _ids(self.absent)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round_id": self.round_id,
+            "survivors": sorted(self.survivors),
+            "absent": sorted(self.absent),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConsistencyRequest:
+        return cls(
+            _get(data, "round_id", int), _list(data, "survivors", int), _list(data, "absent", int)
+        )
+
+
+@dataclass(frozen=True)
+class SurvivorSignature:
+    """Stage 3a, site -> server: the site's identity signature over the lists it was shown."""
+
+    site_id: int
+    signature: bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site_id": self.site_id, "signature": self.signature}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SurvivorSignature:
+        return cls(_get(data, "site_id", int), _get(data, "signature", bytes))
+
+
 @dataclass(frozen=True)
 class MaskedUpload:
     """Stage 2, site -> server: masked vector, encrypted shares for neighbours, commitments."""
@@ -148,21 +210,24 @@ class MaskedUpload:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Stage 3, server -> one surviving site: who uploaded, who did not, and its routed shares."""
+    """Stage 3b, server -> one site that signed: the lists, its routed shares, the signatures."""
 
     round_id: int
     survivors: list[int]  # sites whose masked vector is in the sum
     absent: list[int]  # advertised keys but never uploaded
     shares: dict[int, bytes]  # sender -> ciphertext addressed to this site
+    signatures: dict[int, bytes] = field(default_factory=dict)  # signer -> its survivor signature
 
     def to_dict(self) -> dict[str, Any]:
-        senders = sorted(self.shares)
+        senders, signers = sorted(self.shares), sorted(self.signatures)
         return {
             "round_id": self.round_id,
             "survivors": sorted(self.survivors),
             "absent": sorted(self.absent),
             "share_senders": senders,
             "shares": [self.shares[s] for s in senders],
+            "signers": signers,
+            "signatures": [self.signatures[s] for s in signers],
         }
 
     @classmethod
@@ -172,6 +237,7 @@ class UnmaskRequest:
             survivors=_list(data, "survivors", int),
             absent=_list(data, "absent", int),
             shares=_zip(data, "share_senders", "shares"),
+            signatures=_zip(data, "signers", "signatures"),
         )
 
 

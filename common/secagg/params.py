@@ -77,6 +77,14 @@ class SecAggParams:
                 "unmask a site (Bonawitz et al. 2017, §6); refusing the round"
             )
 
+    def signatures_needed(self, advertised: int) -> int:
+        """Survivor-list signatures a site must see before it reveals anything: t, and a strict
+        majority of the ``advertised`` sites. Two different lists can then never both collect
+        enough signatures unless some site signed both (Bonawitz et al. 2017, §6; an honest
+        site signs one list per round); under SecAgg+ t alone is a majority of a neighbourhood
+        only, hence the second term."""
+        return max(self.threshold, advertised // 2 + 1)
+
     def digest(self) -> bytes:
         """SHA-256 of the canonical parameters: every site signs it into its advert, so sites
         given different parameters (a smaller t, say) never form one round."""

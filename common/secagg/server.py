@@ -2,7 +2,8 @@
 
 Call order: :meth:`SecAggServer.mask_request` (with the adverts that arrived), then
 :meth:`SecAggServer.add_upload` per masked upload that arrived, then
-:meth:`SecAggServer.unmask_requests` (one request per surviving site), then
+:meth:`SecAggServer.consistency_request` (the same for every survivor, which signs it), then
+:meth:`SecAggServer.unmask_requests` with the signatures (one request per signer), then
 :meth:`SecAggServer.finish` with the replies that arrived. Any step raises
 :class:`~common.core.errors.SecAggError` when the round must be aborted. The server only ever holds
 masked vectors, their running sum, and (after finish) the sum of the survivors' inputs.
@@ -22,7 +23,16 @@ from common.core.errors import SecAggError
 from common.secagg import auth, crypto, shamir
 from common.secagg.client import reduce_mod
 from common.secagg.graph import Graph, build_graph, component_size
-from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
+from common.secagg.messages import (
+    ConsistencyRequest,
+    KeyAdvert,
+    MaskedUpload,
+    MaskRequest,
+    SurvivorSignature,
+    UnmaskReply,
+    UnmaskRequest,
+    view_digest,
+)
 from common.secagg.params import SecAggParams
 from common.secagg.quantize import Quantizer
 
@@ -69,16 +79,15 @@ class SecAggServer:
         self._quantizer: Quantizer | None = None
         self._uploads: dict[int, _Upload] = {}
         self._sum: NDArray[np.unsignedinteger] | None = None
+        self._view = b""  # the digest of the mask request every site got
+        self._lists: ConsistencyRequest | None = None
 
     def check_advert(self, advert: KeyAdvert) -> auth.Peer:
         """The advert's signature verifies under its certificate (and the CA, if the coordinator
         has it). Sites verify for themselves; this only keeps one bad advert from making every
         honest site refuse the round: the caller drops that site instead."""
         who = f"the key advert of site {advert.site_id}"
-        if self._anchor is not None:
-            peer = self._anchor.peer(advert.cert, who)
-        else:
-            peer = auth.uncertified_peer(advert.cert, who)
+        peer = (self._anchor.peer if self._anchor else auth.uncertified_peer)(advert.cert, who)
         message = advert.statement(self.session, self.round_id, self.params.digest())
         peer.verify(message, advert.signature, who)
         return peer
@@ -101,7 +110,9 @@ class SecAggServer:
         self._quantizer = Quantizer(self.params, len(adverts))
         _ = self._quantizer.levels  # raises now if b is too small for this many sites
         logger.info("secagg round %s: %d sites advertised keys", self.round_id, len(adverts))
-        return MaskRequest(self.round_id, self._graph_seed, self._adverts)
+        request = MaskRequest(self.round_id, self._graph_seed, self._adverts)
+        self._view = view_digest(self.session, request, self.params.digest())
+        return request
 
     def add_upload(self, upload: MaskedUpload) -> None:
         """Stage 2: check one site's upload and add its masked vector to the running sum."""
@@ -121,8 +132,8 @@ class SecAggServer:
             np.add(self._sum, masked, out=self._sum)
         self._uploads[site] = _Upload(upload.shares, upload.self_commit, upload.pair_commits)
 
-    def unmask_requests(self) -> dict[int, UnmaskRequest]:
-        """Stage 2 -> 3: one request per surviving site, carrying the shares addressed to it."""
+    def consistency_request(self) -> ConsistencyRequest:
+        """Stage 2 -> 3a: the survivor and absent lists every survivor is asked to sign."""
         survivors, absent = sorted(self._uploads), sorted(set(self._adverts) - set(self._uploads))
         self._require(len(survivors), "sites uploaded masked vectors")
         for site in survivors:
@@ -130,16 +141,48 @@ class SecAggServer:
                 component_size(self._graph, survivors, site), f"survivors masked with {site}"
             )
             self._require(len((self._graph[site] | {site}) & set(survivors)), f"holders of {site}")
-        requests = {}
-        for site in survivors:
-            routed = {
-                w: self._uploads[w].shares[site] for w in self._graph[site] if w in self._uploads
-            }
-            requests[site] = UnmaskRequest(self.round_id, survivors, absent, routed)
         logger.info(
             "secagg round %s: %d uploads, %d absent", self.round_id, len(survivors), len(absent)
         )
+        self._lists = ConsistencyRequest(self.round_id, survivors, absent)
+        return self._lists
+
+    def unmask_requests(
+        self, signatures: Mapping[int, SurvivorSignature]
+    ) -> dict[int, UnmaskRequest]:
+        """Stage 3a -> 3b: one request per survivor whose signature verifies, carrying the
+        shares addressed to it and every valid signature (sites check them all)."""
+        if self._lists is None:
+            raise SecAggError("`unmask_requests` called before `consistency_request`")
+        message = self._lists.statement(self.session, self._view)
+        valid: dict[int, bytes] = {}
+        for site, reply in sorted(signatures.items()):
+            if reply.site_id != site or site not in self._uploads:
+                raise SecAggError(f"survivor signature from site {site}, which was not asked")
+            try:
+                self._peer(site).verify(message, reply.signature, f"site {site}'s survivor lists")
+            except SecAggError as err:
+                logger.warning("secagg round %s: dropped: %s", self.round_id, err)
+                continue
+            valid[site] = reply.signature
+        needed = self.params.signatures_needed(len(self._adverts))
+        if len(valid) < needed:
+            raise SecAggError(
+                f"round {self.round_id} aborted: {len(valid)} survivors signed the survivor "
+                f"lists, {needed} needed; nothing is unmasked"
+            )
+        requests = {}
+        survivors, absent = self._lists.survivors, self._lists.absent
+        for site in valid:
+            routed = {
+                w: self._uploads[w].shares[site] for w in self._graph[site] if w in self._uploads
+            }
+            requests[site] = UnmaskRequest(self.round_id, survivors, absent, routed, valid)
         return requests
+
+    def _peer(self, site: int) -> auth.Peer:
+        check = self._anchor.peer if self._anchor else auth.uncertified_peer
+        return check(self._adverts[site].cert, f"site {site}")
 
     def finish(self, replies: Mapping[int, UnmaskReply]) -> AggregateResult:
         """Stage 3: rebuild self-mask seeds and absent pair keys, strip them, decode the sum."""

@@ -14,7 +14,15 @@ from numpy.typing import NDArray
 
 from common.secagg.auth import Credentials
 from common.secagg.client import SecAggClient
-from common.secagg.messages import KeyAdvert, MaskedUpload, MaskRequest, UnmaskReply, UnmaskRequest
+from common.secagg.messages import (
+    ConsistencyRequest,
+    KeyAdvert,
+    MaskedUpload,
+    MaskRequest,
+    SurvivorSignature,
+    UnmaskReply,
+    UnmaskRequest,
+)
 from common.secagg.params import SecAggParams
 from common.secagg.server import AggregateResult, SecAggServer
 
@@ -35,11 +43,11 @@ def simulate_round(
     ``credentials[site]``: that site's identity and trusted CA (tests and benchmarks make them with
     ``common.identity.certs.ephemeral_federation``). ``drop_after_stage[site] = s`` makes the site
     vanish after completing stage ``s``: 0 never advertises, 1 advertises but never uploads,
-    2 uploads but never answers the unmask request.
+    2 uploads but never signs the survivor lists (nor unmasks), 3 signs but never unmasks.
     Raises :class:`~common.core.errors.SecAggError` when the round aborts.
     """
     drops = dict(drop_after_stage or {})
-    alive = lambda site, stage: drops.get(site, 3) >= stage  # noqa: E731
+    alive = lambda site, stage: drops.get(site, 4) >= stage  # noqa: E731
     server = SecAggServer(params, round_id, updates, graph_seed, session=session)
     states: dict[int, bytes] = {}
     adverts: dict[int, KeyAdvert] = {}
@@ -53,9 +61,17 @@ def simulate_round(
         upload = client.mask(updates[site], MaskRequest.from_dict(request))
         server.add_upload(MaskedUpload.from_dict(upload.to_dict(), upload.masked))
         states[site] = client.to_bytes()
-    replies: dict[int, UnmaskReply] = {}
-    for site, unmask in server.unmask_requests().items():
+    lists = server.consistency_request().to_dict()
+    signatures: dict[int, SurvivorSignature] = {}
+    for site in lists["survivors"]:
         if alive(site, 3):
+            client = SecAggClient.from_bytes(states[site])
+            signed = client.sign_survivors(ConsistencyRequest.from_dict(lists))
+            signatures[site] = SurvivorSignature.from_dict(signed.to_dict())
+            states[site] = client.to_bytes()
+    replies: dict[int, UnmaskReply] = {}
+    for site, unmask in server.unmask_requests(signatures).items():
+        if alive(site, 4):
             client = SecAggClient.from_bytes(states[site])
             reply = client.unmask(UnmaskRequest.from_dict(unmask.to_dict()))
             replies[site] = UnmaskReply.from_dict(reply.to_dict())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -136,7 +137,7 @@ def test_mixed_dropouts_pair_masks_of_a_dropped_uploader_are_removed() -> None:
 def test_too_few_survivors_aborts(stage: int) -> None:
     updates = _updates(5, 4, 1.0, 0)
     drops = {site: stage for site in list(updates)[:3]}
-    with pytest.raises(SecAggError, match="threshold"):
+    with pytest.raises(SecAggError, match=r"`threshold`|signed the survivor lists, 3 needed"):
         _sim(updates, SecAggParams(threshold=3), drop_after_stage=drops)
 
 
@@ -144,7 +145,13 @@ class _Round:
     """A round driven by hand, up to the unmask requests, to tamper with messages."""
 
     def __init__(
-        self, n: int = 4, t: int = 3, round_id: int = 1, dim: int = 6, masked: bool = True
+        self,
+        n: int = 4,
+        t: int = 3,
+        round_id: int = 1,
+        dim: int = 6,
+        masked: bool = True,
+        signed: bool = True,
     ) -> None:
         self.params = SecAggParams(threshold=t)
         self.updates = _updates(n, dim, 1.0, round_id)
@@ -161,7 +168,11 @@ class _Round:
         for s, c in self.clients.items():
             self.uploads[s] = c.mask(self.updates[s], self.mask_request)
             self.server.add_upload(self.uploads[s])
-        self.requests = self.server.unmask_requests()
+        self.lists = self.server.consistency_request()
+        if not signed:
+            return
+        self.signatures = {s: c.sign_survivors(self.lists) for s, c in self.clients.items()}
+        self.requests = self.server.unmask_requests(self.signatures)
 
 
 def test_tampered_share_is_detected() -> None:
@@ -199,12 +210,65 @@ def test_corrupt_revealed_share_fails_the_commitment() -> None:
 
 
 def test_client_refuses_to_reveal_both_kinds_for_one_peer() -> None:
-    rnd = _Round()
-    site, request = next(iter(rnd.requests.items()))
-    peer = next(s for s in request.survivors if s != site)
-    both = dataclasses.replace(request, absent=[*request.absent, peer])
+    rnd = _Round(signed=False)
+    site = rnd.lists.survivors[0]
+    peer = rnd.lists.survivors[1]
+    both = dataclasses.replace(rnd.lists, absent=[*rnd.lists.absent, peer])
     with pytest.raises(SecAggError, match="survivor and absent"):
-        rnd.clients[site].unmask(both)
+        rnd.clients[site].sign_survivors(both)
+
+
+@pytest.mark.parametrize("change", ["unknown_site", "too_few", "missing_me"])
+def test_client_refuses_to_sign_lists_it_cannot_accept(change: str) -> None:
+    rnd = _Round(n=5, t=4, signed=False)
+    site, lists = rnd.lists.survivors[0], rnd.lists
+    if change == "unknown_site":
+        bad = dataclasses.replace(lists, survivors=[*lists.survivors, 999])
+    elif change == "too_few":  # three survivors < t = 4
+        bad = dataclasses.replace(lists, survivors=lists.survivors[:3], absent=lists.survivors[3:])
+    else:
+        bad = dataclasses.replace(lists, survivors=lists.survivors[1:], absent=[site])
+    with pytest.raises(SecAggError):
+        rnd.clients[site].sign_survivors(bad)
+    assert rnd.clients[site].stage == "masked"  # nothing signed
+
+
+def test_client_signs_one_pair_of_lists_per_round_and_unmasks_only_for_it() -> None:
+    rnd = _Round(n=5, t=3)
+    site, request = next(iter(rnd.requests.items()))
+    with pytest.raises(SecAggError, match="stage"):
+        rnd.clients[site].sign_survivors(rnd.lists)  # a second signature: never
+    other = sorted(rnd.lists.survivors)[-1]
+    moved = dataclasses.replace(
+        request,
+        survivors=[s for s in request.survivors if s != other],
+        absent=[*request.absent, other],
+    )
+    with pytest.raises(SecAggError, match="other survivor lists than the ones it signed"):
+        SecAggClient.from_bytes(rnd.clients[site].to_bytes()).unmask(moved)
+
+
+@pytest.mark.parametrize("change", ["too_few", "forged", "other_lists", "non_survivor"])
+def test_client_reveals_nothing_without_enough_signatures_of_its_own_lists(change: str) -> None:
+    rnd = _Round(n=5, t=3)
+    site, request = next(iter(rnd.requests.items()))
+    sigs = dict(request.signatures)
+    others = [s for s in sorted(sigs) if s != site]
+    if change == "too_few":  # 2 of 5: t = 3 and a majority of 5 are needed
+        sigs = {s: sigs[s] for s in others[:2]}
+    elif change == "forged":
+        sigs[others[0]] = sigs[others[1]]
+    elif change == "other_lists":  # a genuine signature, over lists the site was not shown
+        lists = dataclasses.replace(rnd.lists, survivors=rnd.lists.survivors[:4])
+        lists = dataclasses.replace(lists, absent=rnd.lists.survivors[4:])
+        view = bytes.fromhex(json.loads(rnd.clients[others[0]].to_bytes())["view"])
+        identity = rnd.creds[others[0]].identity
+        sigs[others[0]] = identity.sign(lists.statement(SESSION, view))
+    else:
+        sigs[999] = sigs[others[0]]
+    bad = dataclasses.replace(request, signatures=sigs)
+    with pytest.raises(SecAggError, match="signed|signature"):
+        SecAggClient.from_bytes(rnd.clients[site].to_bytes()).unmask(bad)
 
 
 @pytest.mark.parametrize("change", ["drop_survivor", "unknown_site", "extra_share", "too_few"])
@@ -254,7 +318,7 @@ def test_state_round_trips_through_bytes() -> None:
     rnd = _Round()
     site = next(iter(rnd.requests))
     restored = SecAggClient.from_bytes(rnd.clients[site].to_bytes())
-    assert restored.stage == "masked" and restored.to_bytes() == rnd.clients[site].to_bytes()
+    assert restored.stage == "signed" and restored.to_bytes() == rnd.clients[site].to_bytes()
     fresh = SecAggClient(5, rnd.params, 1, creds([5])[5])
     assert SecAggClient.from_bytes(fresh.to_bytes()).advertise().same_keys(fresh.advertise())
     with pytest.raises(SecAggError, match="corrupt"):
@@ -265,6 +329,7 @@ def test_messages_hold_only_flower_record_types() -> None:
     rnd = _Round()
     replies = {s: rnd.clients[s].unmask(r) for s, r in rnd.requests.items()}
     messages = [rnd.mask_request, *rnd.uploads.values(), *rnd.requests.values(), *replies.values()]
+    messages += [rnd.lists, *rnd.signatures.values()]
     messages.append(KeyAdvert(1, b"a" * 32, b"b" * 32))
     scalar = (int, float, str, bytes, bool)
     for message in messages:

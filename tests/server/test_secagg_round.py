@@ -159,7 +159,10 @@ def test_secure_round_equals_the_plain_round_within_the_bound(base, plain):
     assert row["train_loss"] is None  # site losses are not private: not reported under secagg
     assert row_plain["train_loss"] is not None
     types = [m.metadata.message_type for m in grid.sent[3:]]  # after preflight
-    assert types == ["query.secagg_keys"] * 3 + ["train"] * 3 + ["query.secagg_unmask"] * 3
+    # keys, train, then the unmask query twice: sign the survivor lists, then reveal.
+    assert types == ["query.secagg_keys"] * 3 + ["train"] * 3 + ["query.secagg_unmask"] * 6
+    survivors = [m for m in grid.sent if "secagg-survivors" in m.content.config_records]
+    assert len(survivors) == 3 and grid.sent[-6:-3] == survivors
     train_replies = [r for r in rec.replies if r.metadata.message_type == "train"]
     assert all("update" not in r.content for r in train_replies)  # no plaintext update left
     ratio = row["bytes_up"] / row_plain["bytes_up"]
@@ -179,7 +182,8 @@ def test_a_site_dropping_after_upload_still_counts(base, plain):
     rec_plain, _ = plain
     _, _, row, adapter = secure(base, "drop-unmask", drop("query.secagg_unmask"), min_sites=2)
     assert row["sites"] == ["site-0", "site-1", "site-2"]
-    assert row["secagg_dropped"] == {"site-1": "unmask"} and row["sites_failed"] == {}
+    # Its first unmask-query message (sign the lists) is lost: it is still in the sum.
+    assert row["secagg_dropped"] == {"site-1": "survivors"} and row["sites_failed"] == {}
     assert_close(adapter, expected_adapter(rec_plain, list(NODES)), row["secagg_error_bound"])
 
 
