@@ -1,0 +1,64 @@
+"""End to end: the two scenarios built from real records that ship in packages (CFPB complaints,
+ICD-10-CM chapters) run through `fedtune simulate` at a tiny size: their own corpus, partition,
+labels and prompt, a tiny random model in place of the packaged one, one round."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import SCENARIOS
+from tests.e2e.conftest import fedtune
+
+pytestmark = pytest.mark.slow
+TINY = [
+    "simulation.partition.max_train_records=400",
+    "simulation.partition.max_test_records=40",
+    "federation.rounds=1",
+    "train.local_steps=2",
+    "train.batch_size=8",
+]
+
+
+def _run(tmp_path, scenario: str, *overrides: str) -> dict:
+    out = tmp_path / scenario
+    args = [f"--set={o}" for o in [*TINY, *overrides]]
+    proc = fedtune(
+        "simulate", "--config", str(SCENARIOS / f"{scenario}.toml"), "--out", str(out), *args
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "rounds" / "1" / "adapter_model.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and 0.0 <= summary["final"]["accuracy"] <= 1.0
+    return summary
+
+
+def test_bank_complaints_five_banks_route_complaints_to_products(tmp_path):
+    summary = _run(tmp_path, "bank-complaints", "model.source=tiny:bert")
+    assert sorted(summary["sites"]) == [f"site-{i}" for i in range(5)]
+    assert sum(s["records"] for s in summary["sites"].values()) == 400
+    site = json.loads(
+        (tmp_path / "bank-complaints" / "sites" / "site-0" / "records.jsonl").open().readline()
+    )
+    assert site["label"] in {
+        "credit reporting",
+        "debt collection",
+        "mortgage",
+        "credit card",
+        "bank account",
+        "consumer loan",
+        "student loan",
+        "money transfer",
+    }
+
+
+def test_hospital_coding_names_the_chapter_under_record_level_dp(tmp_path):
+    summary = _run(
+        tmp_path, "hospital-coding", "model.source=tiny:llama", "privacy.record.enabled=true",
+        "privacy.record.target_epsilon=8",
+    )  # fmt: skip
+    assert sorted(summary["sites"]) == [f"site-{i}" for i in range(4)]
+    assert 0 < max(summary["privacy"]["record_epsilon"].values()) <= 8.0
+    config = (tmp_path / "hospital-coding" / "config.toml").read_text()
+    assert "injury" in config and "special purposes" not in config  # 21 chapters kept
