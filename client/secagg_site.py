@@ -3,7 +3,8 @@
 Three invocations per round, each possibly a new process (Flower's Deployment Engine):
 
 1. ``query.secagg_keys``: create a :class:`SecAggClient`, keep its state in ``context.state``,
-   reply with the public keys.
+   reply with the public keys, signed. Under SecAgg+ it comes a second time with the committed
+   adverts: the site reveals its share of the graph seed.
 2. ``train`` carrying a mask request: train locally (client/site.py, with institution-level DP
    if on), weight, clip to the quantizer's range, quantize and mask the update; the reply
    carries the masked vector and encrypted shares only.
@@ -43,6 +44,7 @@ from common.secagg import (
     MaskRequest,
     SecAggClient,
     SecAggParams,
+    SeedRequest,
     TrustAnchor,
     UnmaskRequest,
 )
@@ -65,7 +67,15 @@ def advertise(
     """Stage 1: fresh keys for this round, signed; the secret state stays in ``context.state``.
 
     ``node_config``: the site's (Flower's ``context.node_config``), where its identity is named.
+    Under SecAgg+ the same query comes again with the committed adverts (SEED_REQUEST): the site
+    checks them and reveals its graph-seed share.
     """
+    if keys.SEED_REQUEST in content.config_records:
+        request = SeedRequest.from_dict(content.config_records[keys.SEED_REQUEST])
+        client = _load(state, request.round_id)
+        reveal = client.reveal_seed(request)
+        _save(state, client, request.round_id)
+        return RecordDict({keys.SEED_REVEAL: ConfigRecord(reveal.to_dict())})
     setup = content.config_records[keys.SETUP]
     params = SecAggParams.from_dict({k: setup[k] for k in PARAM_KEYS})
     round_idx = int(_number(setup, keys.SETUP_ROUND))

@@ -1,8 +1,10 @@
 """One training round under secure aggregation: the coordinator's driver over the Message API.
 
-Three site invocations (docs/secure-aggregation.md): ``query.secagg_keys`` -> ``train`` with the
-mask request (the site trains, then uploads a masked vector and encrypted shares) ->
-``query.secagg_unmask``. The coordinator only ever holds masked vectors and the final sum.
+Site invocations (docs/secure-aggregation.md): ``query.secagg_keys`` (signed key adverts; under
+SecAgg+ a second time to reveal the graph-seed shares) -> ``train`` with the mask request (the site
+trains, then uploads a masked vector and encrypted shares) -> ``query.secagg_unmask`` twice (sign
+the survivor lists; then reveal shares). The coordinator only ever holds masked vectors and the
+final sum.
 
 Flower node ids (uint64) map to protocol site ids 0..n-1 by sorted node id. Sites pre-multiply
 their update by their public weight ``w_i`` (common/protocol/aggregate.py: site_weights); the
@@ -34,6 +36,8 @@ from common.secagg import (
     MaskedUpload,
     SecAggParams,
     SecAggServer,
+    SeedRequest,
+    SeedReveal,
     SurvivorSignature,
     TrustAnchor,
     UnmaskReply,
@@ -96,7 +100,10 @@ class SecAggRound:
                 session=self.session.encode(), anchor=anchor,
             )  # fmt: skip
             adverts = self._keys(server)
-            request = server.mask_request({self.site_of[n]: a for n, a in adverts.items()})
+            by_site = {self.site_of[n]: a for n, a in adverts.items()}
+            seed_request = server.seed_request(by_site)
+            reveals = self._seed(seed_request) if seed_request is not None else {}
+            request = server.mask_request(by_site, reveals)
             self._train(server, request.to_dict(), state, config, list(adverts))
             # Before anything is unmasked: a sum of too few sites is never revealed.
             problems = {**self.summed.failed, **self.summed.declined}
@@ -167,6 +174,19 @@ class SecAggRound:
         server.add_upload(self._own(node, upload))  # raises before adding anything
         self.clipped += int(metrics.get(keys.SECAGG_CLIPPED, 0))
         self.summed.reports.append(report)
+
+    def _seed(self, request: SeedRequest) -> dict[int, SeedReveal]:
+        """SecAgg+: every advertiser reveals its committed graph-seed share (one missing aborts
+        the round in mask_request: the coordinator must not pick who counts after seeing them)."""
+        record = ConfigRecord(request.to_dict())
+        contents = {self.nodes[s]: RecordDict({keys.SEED_REQUEST: record}) for s in request.adverts}
+        replies = self._exchange("seed", keys.KEYS, contents)
+        parsed = self._parse(
+            "seed",
+            replies,
+            lambda n, c: self._own(n, SeedReveal.from_dict(c.config_records[keys.SEED_REVEAL])),
+        )
+        return {self.site_of[n]: reveal for n, reveal in parsed.items()}
 
     def _survivors(self, lists: ConsistencyRequest) -> dict[int, SurvivorSignature]:
         """The consistency check: every survivor signs the survivor lists it is shown."""

@@ -10,6 +10,7 @@ site (client/) both import them from here; neither spells a key itself.
                   [+ MASK_REQUEST]               METRICS + MASKED + UPLOAD        (secure)
                                                  or METRICS + DECLINED            (over budget)
     query.secagg_keys   SETUP                    ADVERT
+    query.secagg_keys   SEED_REQUEST             SEED_REVEAL                      (SecAgg+)
     query.secagg_unmask SURVIVORS                SURVIVORS_SIGNED                 (consistency)
     query.secagg_unmask UNMASK_REQUEST           UNMASK_REPLY
 """
@@ -24,6 +25,7 @@ CONFIG = "config"  # ConfigRecord: the resolved config tree (CONFIG_TREE) and th
 ADAPTER = "adapter"  # ArrayRecord: the global adapter (PEFT state dict of the exchanged keys)
 SETUP, MASK_REQUEST, UNMASK_REQUEST = "secagg-setup", "secagg-request", "secagg-unmask-request"
 SURVIVORS = "secagg-survivors"  # the survivor lists to sign (query.secagg_unmask, first call)
+SEED_REQUEST = "secagg-seed-request"  # SecAgg+: the committed adverts (query.secagg_keys, again)
 
 # -- records, site -> coordinator -------------------------------------------------------------
 SITE = "site"  # ConfigRecord: preflight answer (counts only, never contents)
@@ -33,6 +35,7 @@ MASKED, UPLOAD = "secagg-masked", "secagg-upload"  # the secure path's update, m
 DECLINED = "declined"  # ConfigRecord: NAME and REASON of a site that declines the round
 ADVERT, UNMASK_REPLY = "secagg-advert", "secagg-unmask-reply"
 SURVIVORS_SIGNED = "secagg-survivors-signed"  # a survivor's signature over SURVIVORS
+SEED_REVEAL = "secagg-seed-reveal"  # SecAgg+: the site's graph-seed share, opening its commit
 MASKED_ARRAY = "masked"  # the one array inside MASKED
 
 # -- keys inside SETUP (besides the SecAggParams fields) -------------------------------------

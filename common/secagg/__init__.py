@@ -13,6 +13,7 @@ Site (each call may be a new process; persist ``to_bytes()``, rebuild with ``fro
 
     client = SecAggClient(site_id, params, round_id, credentials, session)
     advert: KeyAdvert = client.advertise()                               # stage 1
+    reveal: SeedReveal = client.reveal_seed(seed_request)                # stage 1b (SecAgg+)
     upload: MaskedUpload = client.mask(update_float32_1d, mask_request)  # stage 2
     signed: SurvivorSignature = client.sign_survivors(consistency)        # stage 3a
     reply: UnmaskReply = client.unmask(unmask_request)                   # stage 3b
@@ -20,7 +21,8 @@ Site (each call may be a new process; persist ``to_bytes()``, rebuild with ``fro
 Server::
 
     server = SecAggServer(params, round_id, sampled_site_ids, session=session)
-    mask_request: MaskRequest = server.mask_request({site: advert, ...})  # to every advertiser
+    seed_request = server.seed_request(adverts)      # SecAgg+: to every advertiser; else None
+    mask_request: MaskRequest = server.mask_request(adverts, reveals)     # to every advertiser
     server.add_upload(upload)                                             # per upload received
     consistency: ConsistencyRequest = server.consistency_request()        # to every survivor
     requests = server.unmask_requests({site: signed, ...})                # one per signer
@@ -36,6 +38,8 @@ from common.secagg.messages import (
     KeyAdvert,
     MaskedUpload,
     MaskRequest,
+    SeedRequest,
+    SeedReveal,
     SurvivorSignature,
     UnmaskReply,
     UnmaskRequest,
@@ -57,6 +61,8 @@ __all__ = [
     "SecAggClient",
     "SecAggParams",
     "SecAggServer",
+    "SeedRequest",
+    "SeedReveal",
     "SurvivorSignature",
     "TrustAnchor",
     "UnmaskReply",

@@ -29,15 +29,18 @@ from numpy.typing import NDArray
 from common.core.errors import SecAggError
 from common.secagg import auth, crypto, shamir
 from common.secagg.auth import Credentials
-from common.secagg.graph import Graph, build_graph, component_size
+from common.secagg.graph import Graph, build_graph, component_size, is_sparse
 from common.secagg.messages import (
     ConsistencyRequest,
     KeyAdvert,
     MaskedUpload,
     MaskRequest,
+    SeedRequest,
+    SeedReveal,
     SurvivorSignature,
     UnmaskReply,
     UnmaskRequest,
+    adverts_digest,
     view_digest,
 )
 from common.secagg.params import SecAggParams
@@ -45,7 +48,8 @@ from common.secagg.quantize import Quantizer
 
 logger = logging.getLogger(__name__)
 
-_ADVERTISED, _MASKED, _SIGNED, _DONE = "advertised", "masked", "signed", "done"
+_ADVERTISED, _REVEALED = "advertised", "revealed"
+_MASKED, _SIGNED, _DONE = "masked", "signed", "done"
 
 
 @dataclass
@@ -62,6 +66,8 @@ class _State:
     identity_key: str  # PEM: the site's identity key and certificate, and the CA it trusts
     identity_cert: str
     ca_cert: str
+    seed_share: str = ""  # this site's share of the graph seed, committed to in its advert
+    committed: str = ""  # digest of the advert set it revealed its share for (SecAgg+)
     site_ids: list[int] = field(default_factory=list)
     graph_seed: str = ""
     c_publics: dict[str, str] = field(default_factory=dict)  # neighbour -> c public key
@@ -97,6 +103,7 @@ class SecAggClient:
         self._s = _State(
             site_id, round_id, params.to_dict(), _ADVERTISED, c_secret.hex(), s_secret.hex(),
             session.hex(), key_pem.decode(), cert_pem.decode(), ca_pem.decode(),
+            seed_share=os.urandom(crypto.KEY_BYTES).hex(),
         )  # fmt: skip
 
     @property
@@ -105,7 +112,8 @@ class SecAggClient:
 
     @property
     def stage(self) -> str:
-        """``advertised`` (after construction), ``masked``, ``signed`` or ``done``."""
+        """``advertised`` (after construction), ``revealed`` (SecAgg+), ``masked``, ``signed``
+        or ``done``."""
         return self._s.stage
 
     def to_bytes(self) -> bytes:
@@ -137,7 +145,8 @@ class SecAggClient:
         c_pub = crypto.public_of(bytes.fromhex(self._s.c_secret))
         s_pub = crypto.public_of(bytes.fromhex(self._s.s_secret))
         identity = self._identity()
-        unsigned = KeyAdvert(self._s.site_id, c_pub, s_pub, identity.cert_der)
+        commit = crypto.commit(b"graph-seed", bytes.fromhex(self._s.seed_share))
+        unsigned = KeyAdvert(self._s.site_id, c_pub, s_pub, commit, identity.cert_der)
         message = unsigned.statement(self._session, self._s.round_id, self._params.digest())
         return dataclasses.replace(unsigned, signature=identity.sign(message))
 
@@ -167,6 +176,51 @@ class SecAggClient:
             raise self._refuse("two key adverts are signed by one identity; refusing the round")
         return peers
 
+    def _check_adverts(self, adverts: dict[int, KeyAdvert]) -> None:
+        """The set of adverts this site would mask with: its own unchanged, every one signed by a
+        distinct certified site, no public key twice, t a majority of each neighbourhood."""
+        me = self._s.site_id
+        if not self.advertise().same_keys(adverts.get(me)):
+            raise self._refuse("the server relayed a wrong advert for this site")
+        self._verify_adverts(adverts)
+        keys = [k for a in adverts.values() for k in (a.c_public, a.s_public)]
+        if len(set(keys)) != len(keys):
+            raise self._refuse("two adverts share a public key")
+        n, k = len(adverts), self._params.neighbours
+        holders = k + 1 if is_sparse(k, n) else n
+        if holders < self._params.threshold:
+            raise self._refuse(
+                f"{holders} sites in the neighbourhood, fewer than `threshold` "
+                f"{self._params.threshold}"
+            )
+        self._params.require_majority(holders, f"site {me}")
+
+    # Stage 1b (SecAgg+) -------------------------------------------------------------------------
+    def reveal_seed(self, request: SeedRequest) -> SeedReveal:
+        """Open this site's commitment to its graph-seed share, for exactly this set of adverts.
+
+        Bell et al. 2020 need the graph to be random; a seed the coordinator drew could be ground
+        until its own sites surround a victim. Each site committed to a fresh share in its signed
+        advert; it reveals only after the set of commitments is fixed, and masks only with that
+        set, so the seed (their hash) is unpredictable while one site is honest."""
+        self._expect_stage(_ADVERTISED, request.round_id)
+        self._check_adverts(request.adverts)
+        self._s.stage, self._s.committed = _REVEALED, adverts_digest(request.adverts).hex()
+        return SeedReveal(self._s.site_id, bytes.fromhex(self._s.seed_share))
+
+    def _check_reveals(self, request: MaskRequest) -> None:
+        if not is_sparse(self._params.neighbours, len(request.adverts)):
+            return  # the complete graph: no seed needed
+        if self._s.stage != _REVEALED:
+            raise self._refuse("a sparse graph, but this site never revealed its seed share")
+        if adverts_digest(request.adverts).hex() != self._s.committed:
+            raise self._refuse("the adverts differ from the set this site revealed its seed for")
+        if set(request.reveals) != set(request.adverts):
+            raise self._refuse("the graph seed lacks some advertisers' shares")
+        for site, share in request.reveals.items():
+            if crypto.commit(b"graph-seed", share) != request.adverts[site].seed_commit:
+                raise self._refuse(f"site {site}'s seed share does not open its commitment")
+
     # Stage 2 ------------------------------------------------------------------------------------
     def mask(self, update: NDArray[np.floating], request: MaskRequest) -> MaskedUpload:
         """Masked, quantized ``update`` (1-D, clipped and noised upstream) and encrypted shares."""
@@ -180,7 +234,8 @@ class SecAggClient:
         self._s.view = view_digest(self._session, request, self._params.digest()).hex()
         shares = self._share_secrets(seed, pair_keys, request)
         self._s.stage, self._s.s_secret = _MASKED, ""  # s is no longer needed: forget it
-        self._s.site_ids, self._s.graph_seed = sorted(request.adverts), request.graph_seed.hex()
+        self._s.site_ids = sorted(request.adverts)
+        self._s.graph_seed = request.graph_seed(self._session).hex()
         self._s.c_publics = {str(v): request.adverts[v].c_public.hex() for v in neighbours}
         self._s.certs = {str(v): a.cert.hex() for v, a in request.adverts.items()}
         return MaskedUpload(
@@ -192,28 +247,20 @@ class SecAggClient:
         )
 
     def _check_mask_request(self, update: NDArray[np.floating], request: MaskRequest) -> Graph:
-        self._expect_stage(_ADVERTISED, request.round_id)
+        if self._s.stage != _REVEALED:
+            self._expect_stage(_ADVERTISED, request.round_id)
+        self._expect_round(request.round_id)
         me = self._s.site_id
-        if not self.advertise().same_keys(request.adverts.get(me)):
-            raise self._refuse("the server relayed a wrong advert for this site")
-        self._verify_adverts(request.adverts)
-        keys = [k for a in request.adverts.values() for k in (a.c_public, a.s_public)]
-        if len(set(keys)) != len(keys):
-            raise SecAggError(f"site {me}: two adverts share a public key")
+        self._check_adverts(request.adverts)
+        self._check_reveals(request)
         if update.ndim != 1 or not np.issubdtype(update.dtype, np.floating):
             raise SecAggError(
                 f"`update` must be a 1-D float array, got {update.dtype}{update.shape}"
             )
         if not np.isfinite(update).all():
             raise SecAggError(f"site {me}: `update` contains NaN or infinity")
-        graph = build_graph(list(request.adverts), self._params.neighbours, request.graph_seed)
-        if len(graph[me]) + 1 < self._params.threshold:
-            raise SecAggError(
-                f"site {me}: {len(graph[me]) + 1} sites in the neighbourhood, fewer than "
-                f"`threshold` {self._params.threshold}"
-            )
-        self._params.require_majority(len(graph[me]) + 1, f"site {me}")
-        return graph
+        seed = request.graph_seed(self._session)
+        return build_graph(list(request.adverts), self._params.neighbours, seed)
 
     def _pair_key(self, peer: int, peer_public: bytes) -> bytes:
         secret = bytes.fromhex(self._s.s_secret)
@@ -354,12 +401,15 @@ class SecAggClient:
         chunks = [plain[i : i + size] for i in range(0, len(plain), size)]
         return chunks[0], dict(zip(sender_neighbours, chunks[1:], strict=True))
 
-    def _expect_stage(self, stage: str, round_id: int) -> None:
+    def _expect_round(self, round_id: int) -> None:
         if round_id != self._s.round_id:
             raise SecAggError(
                 f"site {self._s.site_id}: request for round {round_id}, "
                 f"state is round {self._s.round_id}"
             )
+
+    def _expect_stage(self, stage: str, round_id: int) -> None:
+        self._expect_round(round_id)
         if self._s.stage != stage:
             raise SecAggError(
                 f"site {self._s.site_id}: request for stage `{stage}` but this site is at "

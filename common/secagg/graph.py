@@ -3,7 +3,9 @@
 Bell et al. 2020, §3.2 replace the complete graph of Bonawitz et al. with a Harary graph
 H(k, n) whose vertices are randomly permuted: each site masks with, and shares its secrets with,
 only k neighbours, so cost per site is O(k) = O(log n) instead of O(n). Every party computes the
-same graph from the public list of sites that advertised keys and the round's public graph seed.
+same graph from the public list of sites that advertised keys and the round's public graph seed,
+which no party chooses alone: it hashes every advertiser's revealed share, each committed to in
+its signed advert before any was revealed (messages.graph_seed).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ logger = logging.getLogger(__name__)
 Graph = dict[int, frozenset[int]]
 
 
+def is_sparse(neighbours: int, sites: int) -> bool:
+    """Whether ``neighbours`` makes a SecAgg+ graph on ``sites`` (else: the complete graph)."""
+    return 0 < neighbours < sites - 1
+
+
 def build_graph(site_ids: Sequence[int], neighbours: int, seed: bytes) -> Graph:
     """Neighbour sets (never containing the site itself) for ``site_ids``.
 
@@ -26,7 +33,7 @@ def build_graph(site_ids: Sequence[int], neighbours: int, seed: bytes) -> Graph:
     """
     ids = sorted(set(site_ids))
     n = len(ids)
-    if neighbours == 0 or neighbours >= n - 1:
+    if not is_sparse(neighbours, n):
         return {i: frozenset(j for j in ids if j != i) for i in ids}
     ring = sorted(ids, key=lambda i: hashlib.sha256(seed + i.to_bytes(8, "big")).digest())
     half = neighbours // 2

@@ -46,7 +46,7 @@ def _zip(data: Mapping[str, Any], keys: str, values: str) -> dict[int, bytes]:
     return dict(zip(ids, blobs, strict=True))
 
 
-_ADVERT_FIELDS = ("c_public", "s_public", "cert", "signature")
+_ADVERT_FIELDS = ("c_public", "s_public", "seed_commit", "cert", "signature")
 
 
 @dataclass(frozen=True)
@@ -60,23 +60,24 @@ class KeyAdvert:
     site_id: int
     c_public: bytes  # encrypts shares
     s_public: bytes  # agrees pairwise mask keys
+    seed_commit: bytes = b""  # SHA-256 commitment to the site's share of the graph seed
     cert: bytes = b""  # the site's identity certificate, DER
     signature: bytes = b""  # ECDSA P-256 over statement(...)
 
     def statement(self, session: bytes, round_id: int, params_digest: bytes) -> bytes:
         """What the signature covers: a coordinator can neither forge nor re-purpose it."""
         return auth.statement(
-            b"advert", session, round_id, self.site_id, params_digest, self.c_public, self.s_public
-        )
+            b"advert", session, round_id, self.site_id, params_digest,
+            self.c_public, self.s_public, self.seed_commit,
+        )  # fmt: skip
+
+    def content(self) -> tuple[int, bytes, bytes, bytes, bytes]:
+        """Everything but the signature (ECDSA signatures differ between signings)."""
+        return self.site_id, self.c_public, self.s_public, self.seed_commit, self.cert
 
     def same_keys(self, other: KeyAdvert | None) -> bool:
-        """Same site, keys and certificate (ECDSA signatures differ between signings)."""
-        return other is not None and (self.site_id, self.c_public, self.s_public, self.cert) == (
-            other.site_id,
-            other.c_public,
-            other.s_public,
-            other.cert,
-        )
+        """Same site, keys, seed commitment and certificate."""
+        return other is not None and self.content() == other.content()
 
     def to_dict(self) -> dict[str, Any]:
         return {"site_id": self.site_id, **{k: getattr(self, k) for k in _ADVERT_FIELDS}}
@@ -89,37 +90,102 @@ class KeyAdvert:
         return advert
 
 
+def adverts_digest(adverts: Mapping[int, KeyAdvert]) -> bytes:
+    """SHA-256 of a set of adverts (their content, by site): which set a site committed to."""
+    fields: list[bytes | int] = []
+    for site in sorted(adverts):
+        _, c_pub, s_pub, commit, cert = adverts[site].content()
+        fields += [site, c_pub, s_pub, commit, hashlib.sha256(cert).digest()]
+    return hashlib.sha256(auth.statement(b"adverts", *fields)).digest()
+
+
+def graph_seed(session: bytes, round_id: int, reveals: Mapping[int, bytes]) -> bytes:
+    """The SecAgg+ graph seed: a hash of every advertiser's revealed share (commit-then-reveal,
+    Blum's coin flipping): unpredictable to anyone while one revealer is honest, and fixed for
+    the committed set before anyone reveals. Empty ``reveals``: the complete graph (unused)."""
+    fields: list[bytes | int] = [session, round_id]
+    for site in sorted(reveals):
+        fields += [site, reveals[site]]
+    return hashlib.sha256(auth.statement(b"graph-seed", *fields)).digest()
+
+
+def _adverts_to_dict(adverts: Mapping[int, KeyAdvert]) -> dict[str, Any]:
+    ids = sorted(adverts)
+    lists = {f"{k}s": [getattr(adverts[i], k) for i in ids] for k in _ADVERT_FIELDS}
+    return {"site_ids": ids, **lists}
+
+
+def _adverts_from_dict(data: Mapping[str, Any]) -> dict[int, KeyAdvert]:
+    columns = {k: _zip(data, "site_ids", f"{k}s") for k in _ADVERT_FIELDS}
+    return {
+        i: KeyAdvert.from_dict({"site_id": i, **{k: columns[k][i] for k in _ADVERT_FIELDS}})
+        for i in columns["c_public"]
+    }
+
+
 @dataclass(frozen=True)
-class MaskRequest:
-    """Stage 2, server -> every site (same content): all signed adverts and the graph seed."""
+class SeedRequest:
+    """Stage 1b (SecAgg+ only), server -> every advertiser: the committed set of adverts."""
 
     round_id: int
-    graph_seed: bytes
     adverts: dict[int, KeyAdvert]
 
     def to_dict(self) -> dict[str, Any]:
-        ids = sorted(self.adverts)
-        lists = {f"{k}s": [getattr(self.adverts[i], k) for i in ids] for k in _ADVERT_FIELDS}
-        return {"round_id": self.round_id, "graph_seed": self.graph_seed, "site_ids": ids, **lists}
+        return {"round_id": self.round_id, **_adverts_to_dict(self.adverts)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SeedRequest:
+        return cls(_get(data, "round_id", int), _adverts_from_dict(data))
+
+
+@dataclass(frozen=True)
+class SeedReveal:
+    """Stage 1b, site -> server: the site's share of the graph seed, opening its commitment."""
+
+    site_id: int
+    seed: bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site_id": self.site_id, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SeedReveal:
+        return cls(_get(data, "site_id", int), _get(data, "seed", bytes))
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """Stage 2, server -> every site (same content): all signed adverts and, under SecAgg+, every
+    advertiser's revealed graph-seed share (the graph seed is their hash: :func:`graph_seed`)."""
+
+    round_id: int
+    adverts: dict[int, KeyAdvert]
+    reveals: dict[int, bytes] = field(default_factory=dict)  # site -> its seed share
+
+    def graph_seed(self, session: bytes) -> bytes:
+        return graph_seed(session, self.round_id, self.reveals)
+
+    def to_dict(self) -> dict[str, Any]:
+        ids = sorted(self.reveals)
+        return {
+            "round_id": self.round_id,
+            **_adverts_to_dict(self.adverts),
+            "revealers": ids,
+            "reveals": [self.reveals[i] for i in ids],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MaskRequest:
-        columns = {k: _zip(data, "site_ids", f"{k}s") for k in _ADVERT_FIELDS}
-        adverts = {
-            i: KeyAdvert.from_dict({"site_id": i, **{k: columns[k][i] for k in _ADVERT_FIELDS}})
-            for i in columns["c_public"]
-        }
-        return cls(_get(data, "round_id", int), _get(data, "graph_seed", bytes), adverts)
+        reveals = _zip(data, "revealers", "reveals")
+        return cls(_get(data, "round_id", int), _adverts_from_dict(data), reveals)
 
 
 def view_digest(session: bytes, request: MaskRequest, params_digest: bytes) -> bytes:
     """SHA-256 of everything a site masked under: run, round, parameters, every advert and the
     graph seed. Shares are sealed to it and survivor lists are signed with it, so sites that were
     shown different rounds can neither open each other's shares nor vouch for each other."""
-    fields: list[bytes | int] = [session, request.round_id, params_digest, request.graph_seed]
-    for site in sorted(request.adverts):
-        advert = request.adverts[site]
-        fields += [site, advert.c_public, advert.s_public, hashlib.sha256(advert.cert).digest()]
+    fields: list[bytes | int] = [session, request.round_id, params_digest]
+    fields += [adverts_digest(request.adverts), request.graph_seed(session)]
     return hashlib.sha256(auth.statement(b"view", *fields)).digest()
 
 

@@ -1,6 +1,8 @@
 """The coordinator's side of one secure-aggregation round.
 
-Call order: :meth:`SecAggServer.mask_request` (with the adverts that arrived), then
+Call order: :meth:`SecAggServer.seed_request` (with the adverts that arrived; under SecAgg+ its
+request goes to every advertiser, which reveals its graph-seed share), then
+:meth:`SecAggServer.mask_request` (the same adverts and the reveals), then
 :meth:`SecAggServer.add_upload` per masked upload that arrived, then
 :meth:`SecAggServer.consistency_request` (the same for every survivor, which signs it), then
 :meth:`SecAggServer.unmask_requests` with the signatures (one request per signer), then
@@ -12,7 +14,6 @@ masked vectors, their running sum, and (after finish) the sum of the survivors' 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -22,12 +23,14 @@ from numpy.typing import NDArray
 from common.core.errors import SecAggError
 from common.secagg import auth, crypto, shamir
 from common.secagg.client import reduce_mod
-from common.secagg.graph import Graph, build_graph, component_size
+from common.secagg.graph import Graph, build_graph, component_size, is_sparse
 from common.secagg.messages import (
     ConsistencyRequest,
     KeyAdvert,
     MaskedUpload,
     MaskRequest,
+    SeedRequest,
+    SeedReveal,
     SurvivorSignature,
     UnmaskReply,
     UnmaskRequest,
@@ -64,7 +67,6 @@ class SecAggServer:
         params: SecAggParams,
         round_id: int,
         site_ids: Iterable[int],
-        graph_seed: bytes | None = None,
         *,
         session: bytes = b"",
         anchor: auth.TrustAnchor | None = None,
@@ -72,8 +74,7 @@ class SecAggServer:
         self.params, self.round_id, self.session = params, round_id, session
         self._anchor = anchor  # the coordinator's copy of the CA, if it has one
         self._sampled = set(site_ids)
-        # Bell et al. §3.2: the graph must be random; a fresh seed per round.
-        self._graph_seed = graph_seed if graph_seed is not None else os.urandom(32)
+        self._committed: dict[int, KeyAdvert] | None = None  # the set sent in a seed request
         self._adverts: dict[int, KeyAdvert] = {}
         self._graph: Graph = {}
         self._quantizer: Quantizer | None = None
@@ -92,10 +93,7 @@ class SecAggServer:
         peer.verify(message, advert.signature, who)
         return peer
 
-    def mask_request(self, adverts: Mapping[int, KeyAdvert]) -> MaskRequest:
-        """Stage 1 -> 2: the request every advertising site gets (same for all)."""
-        if self._quantizer is not None:
-            raise SecAggError("`mask_request` called twice in one round")
+    def _check_adverts(self, adverts: Mapping[int, KeyAdvert]) -> None:
         for site, advert in adverts.items():
             if advert.site_id != site or site not in self._sampled:
                 raise SecAggError(f"advert for site {site} is not from a sampled site")
@@ -103,16 +101,60 @@ class SecAggServer:
         if len(set(identities)) != len(identities):
             raise SecAggError(f"round {self.round_id}: two adverts are signed by one identity")
         self._require(len(adverts), "sites advertised keys")
-        self._adverts = dict(adverts)
-        self._graph = build_graph(list(adverts), self.params.neighbours, self._graph_seed)
-        holders = min(len(peers) for peers in self._graph.values()) + 1
+        k = self.params.neighbours
+        holders = k + 1 if is_sparse(k, len(adverts)) else len(adverts)
         self.params.require_majority(holders, f"round {self.round_id}")
+
+    def seed_request(self, adverts: Mapping[int, KeyAdvert]) -> SeedRequest | None:
+        """Stage 1 -> 1b under SecAgg+: the set of committed adverts every advertiser reveals its
+        graph-seed share for; None for the complete graph (no seed needed: go to mask_request)."""
+        if self._committed is not None or self._quantizer is not None:
+            raise SecAggError("`seed_request` called twice, or after `mask_request`")
+        self._check_adverts(adverts)
+        if not is_sparse(self.params.neighbours, len(adverts)):
+            return None
+        self._committed = dict(adverts)
+        return SeedRequest(self.round_id, dict(adverts))
+
+    def mask_request(
+        self, adverts: Mapping[int, KeyAdvert], reveals: Mapping[int, SeedReveal] | None = None
+    ) -> MaskRequest:
+        """Stage 1 (or 1b) -> 2: the request every advertising site gets (same for all).
+
+        Under SecAgg+ ``adverts`` must be the set of the seed request and every one of them must
+        have revealed a share that opens its commitment: a missing one aborts the round, since
+        dropping it after seeing the others' shares would let the coordinator pick the graph."""
+        if self._quantizer is not None:
+            raise SecAggError("`mask_request` called twice in one round")
+        self._check_adverts(adverts)
+        shares = self._seed_shares(adverts, reveals or {})
+        self._adverts = dict(adverts)
+        request = MaskRequest(self.round_id, self._adverts, shares)
+        seed = request.graph_seed(self.session)
+        self._graph = build_graph(list(adverts), self.params.neighbours, seed)
         self._quantizer = Quantizer(self.params, len(adverts))
         _ = self._quantizer.levels  # raises now if b is too small for this many sites
         logger.info("secagg round %s: %d sites advertised keys", self.round_id, len(adverts))
-        request = MaskRequest(self.round_id, self._graph_seed, self._adverts)
         self._view = view_digest(self.session, request, self.params.digest())
         return request
+
+    def _seed_shares(
+        self, adverts: Mapping[int, KeyAdvert], reveals: Mapping[int, SeedReveal]
+    ) -> dict[int, bytes]:
+        if not is_sparse(self.params.neighbours, len(adverts)):
+            return {}
+        if self._committed is None or dict(adverts) != self._committed:
+            raise SecAggError(f"round {self.round_id}: SecAgg+ needs the seed request's adverts")
+        shares = {}
+        for site, advert in sorted(adverts.items()):
+            reveal = reveals.get(site)
+            if reveal is None or crypto.commit(b"graph-seed", reveal.seed) != advert.seed_commit:
+                raise SecAggError(
+                    f"round {self.round_id} aborted: site {site} did not open its graph-seed "
+                    "commitment; the graph cannot be drawn without it (nothing was masked yet)"
+                )
+            shares[site] = reveal.seed
+        return shares
 
     def add_upload(self, upload: MaskedUpload) -> None:
         """Stage 2: check one site's upload and add its masked vector to the running sum."""

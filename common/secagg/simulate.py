@@ -19,6 +19,8 @@ from common.secagg.messages import (
     KeyAdvert,
     MaskedUpload,
     MaskRequest,
+    SeedRequest,
+    SeedReveal,
     SurvivorSignature,
     UnmaskReply,
     UnmaskRequest,
@@ -35,7 +37,6 @@ def simulate_round(
     credentials: Mapping[int, Credentials],
     round_id: int = 0,
     drop_after_stage: Mapping[int, int] | None = None,
-    graph_seed: bytes | None = None,
     session: bytes = b"simulated run",
 ) -> AggregateResult:
     """Sum ``updates`` (site id -> 1-D float array) under secure aggregation.
@@ -48,14 +49,23 @@ def simulate_round(
     """
     drops = dict(drop_after_stage or {})
     alive = lambda site, stage: drops.get(site, 4) >= stage  # noqa: E731
-    server = SecAggServer(params, round_id, updates, graph_seed, session=session)
+    server = SecAggServer(params, round_id, updates, session=session)
     states: dict[int, bytes] = {}
     adverts: dict[int, KeyAdvert] = {}
     for site in (s for s in updates if alive(s, 1)):
         client = SecAggClient(site, params, round_id, credentials[site], session)
         adverts[site] = KeyAdvert.from_dict(client.advertise().to_dict())
         states[site] = client.to_bytes()
-    request = server.mask_request(adverts).to_dict()
+    seed_request = server.seed_request(adverts)
+    reveals: dict[int, SeedReveal] = {}
+    if seed_request is not None:  # SecAgg+: every advertiser opens its seed commitment
+        wire = seed_request.to_dict()
+        for site in adverts:
+            client = SecAggClient.from_bytes(states[site])
+            revealed = client.reveal_seed(SeedRequest.from_dict(wire))
+            reveals[site] = SeedReveal.from_dict(revealed.to_dict())
+            states[site] = client.to_bytes()
+    request = server.mask_request(adverts, reveals).to_dict()
     for site in (s for s in adverts if alive(s, 2)):
         client = SecAggClient.from_bytes(states[site])
         upload = client.mask(updates[site], MaskRequest.from_dict(request))

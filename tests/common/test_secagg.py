@@ -30,6 +30,7 @@ from common.secagg import (
     SecAggServer,
     TrustAnchor,
     UnmaskRequest,
+    crypto,
     shamir,
     simulate_round,
 )
@@ -118,7 +119,7 @@ def test_sparse_graph_tolerates_dropouts(stage: int) -> None:
     updates = _updates(12, 8, 1.0, stage)
     drops = {site: stage for site in list(updates)[:3]}
     params = SecAggParams(threshold=4, neighbours=6)
-    result = _sim(updates, params, drop_after_stage=drops, graph_seed=b"g")
+    result = _sim(updates, params, drop_after_stage=drops)
     assert len(result.contributors) == 12 - 3 * (stage < 2)
     _check_sum(updates, result)
 
@@ -382,7 +383,7 @@ def test_a_threshold_of_half_the_holders_is_refused_by_server_and_sites() -> Non
     adverts = {s: c.advertise() for s, c in clients.items()}
     with pytest.raises(SecAggError, match=r"`threshold` 2 is not more than half of the 4"):
         SecAggServer(params, 0, adverts).mask_request(adverts)
-    request = MaskRequest(0, b"s" * 32, adverts)  # a server that skips its own check
+    request = MaskRequest(0, adverts)  # a server that skips its own check
     with pytest.raises(SecAggError, match=r"site 1: `threshold` 2 is not more than half"):
         clients[1].mask(np.zeros(3, np.float32), request)
 
@@ -469,3 +470,61 @@ def test_sites_given_different_parameters_never_form_one_round() -> None:
     honest = sorted(rnd.clients)[1]
     with pytest.raises(SecAggError, match=f"key advert of site {odd} is not signed"):
         rnd.clients[honest].mask(rnd.updates[honest], request)
+
+
+class _SparseRound:
+    """SecAgg+ with 8 sites, k = 4, t = 3: up to the seed reveals."""
+
+    def __init__(self) -> None:
+        self.params = SecAggParams(threshold=3, neighbours=4)
+        self.updates = _updates(8, 4, 1.0, 5)
+        self.server = SecAggServer(self.params, 1, self.updates, session=SESSION)
+        self.creds = creds(self.updates)
+        self.clients = {
+            s: SecAggClient(s, self.params, 1, self.creds[s], SESSION) for s in self.updates
+        }
+        self.adverts = {s: c.advertise() for s, c in self.clients.items()}
+        seed_request = self.server.seed_request(self.adverts)
+        assert seed_request is not None
+        self.seed_request = seed_request
+        self.reveals = {s: c.reveal_seed(seed_request) for s, c in self.clients.items()}
+
+
+def test_sparse_graph_seed_hashes_every_sites_committed_share() -> None:
+    rnd = _SparseRound()
+    request = rnd.server.mask_request(rnd.adverts, rnd.reveals)
+    assert set(request.reveals) == set(rnd.adverts)
+    for site, share in request.reveals.items():  # each share opens its signed commitment
+        assert crypto.commit(b"graph-seed", share) == rnd.adverts[site].seed_commit
+    other = _SparseRound()  # fresh shares: another graph (the coordinator chose neither)
+    again = other.server.mask_request(other.adverts, other.reveals)
+    assert request.graph_seed(SESSION) != again.graph_seed(SESSION)
+    uploads = [c.mask(rnd.updates[s], request) for s, c in rnd.clients.items()]
+    assert all(len(u.shares) == 4 for u in uploads)  # k neighbours each
+
+
+def test_the_coordinator_cannot_drop_a_revealer_or_change_the_committed_set() -> None:
+    rnd = _SparseRound()
+    victim, honest = sorted(rnd.adverts)[:2]
+    with pytest.raises(SecAggError, match=f"site {victim} did not open its graph-seed"):
+        rnd.server.mask_request(rnd.adverts, {s: r for s, r in rnd.reveals.items() if s != victim})
+    shares = {s: r.seed for s, r in rnd.reveals.items()}
+    fewer = {s: a for s, a in rnd.adverts.items() if s != victim}
+    regrind = MaskRequest(1, fewer, {s: v for s, v in shares.items() if s != victim})
+    with pytest.raises(SecAggError, match="differ from the set this site revealed"):
+        rnd.clients[honest].mask(rnd.updates[honest], regrind)
+    forged = MaskRequest(1, rnd.adverts, {**shares, victim: b"\x00" * 32})
+    with pytest.raises(SecAggError, match=f"site {victim}'s seed share does not open"):
+        rnd.clients[honest].mask(rnd.updates[honest], forged)
+    coordinator_seed = MaskRequest(1, rnd.adverts, {})  # the coordinator's graph, no reveals
+    with pytest.raises(SecAggError, match="lacks some advertisers' shares"):
+        rnd.clients[honest].mask(rnd.updates[honest], coordinator_seed)
+
+
+def test_a_site_never_masks_on_a_sparse_graph_it_did_not_reveal_for() -> None:
+    rnd = _SparseRound()
+    fresh = SecAggClient(99, rnd.params, 1, creds([79])[79], SESSION)
+    adverts = {**rnd.adverts, 99: fresh.advertise()}
+    shares = {s: r.seed for s, r in rnd.reveals.items()}
+    with pytest.raises(SecAggError, match="never revealed its seed share"):
+        fresh.mask(np.zeros(4, np.float32), MaskRequest(1, adverts, shares))
