@@ -181,20 +181,51 @@ def verify(
 
 @app.command()
 def serve(
-    model_dir: Annotated[Path, typer.Argument(help="A published model folder.")],
-    public_key: Annotated[Path, typer.Option("--public-key", help="The coordinator's public key.")],
+    model_dir: Annotated[
+        Path | None, typer.Argument(help="A published model folder (or use --adapter).")
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option("--public-key", help="The coordinator's public key.")
+    ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="NAME=PATH: serve this adapter (published folder, run folder or round folder) "
+            "unmerged over --base as model NAME (repeat).",
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Base for --adapter: a model source or a run folder."),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="FEDTUNE_API_KEY", help="Require this bearer key."),
     ] = None,
+    model_id: Annotated[
+        str | None, typer.Option("--model-id", help="Model id (default: the folder's name).")
+    ] = None,
     threads: Annotated[int, typer.Option(help="torch threads; 0 = default.")] = 0,
+    max_batch: Annotated[int, typer.Option(help="Requests batched into one step.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Waiting requests before a 429.")] = 64,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Most tokens one request may ask for.")
+    ] = None,
 ) -> None:
-    """Verify, load and serve an OpenAI-compatible API (/v1/models, completions, chat)."""
-    from server.serving.serve import main_serve
+    """Verify, load and serve an OpenAI-compatible API (FastAPI: /v1/models, completions, chat,
+    /metrics, /openapi.json), batching concurrent requests."""
+    from server.serving.engine import EngineLimits
+    from server.serving.serve import ServeOptions, main_serve
 
-    run_user(lambda: main_serve(model_dir, public_key, host, port, api_key, None, threads))
+    def go() -> None:
+        limits = EngineLimits(max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens)
+        options = ServeOptions(host, port, api_key, threads, limits)
+        main_serve(model_dir, public_key, options, model_id, adapter, base)
+
+    run_user(go)
 
 
 @app.command("privacy-report")

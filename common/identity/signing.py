@@ -229,3 +229,8 @@ def _check_entry(root: Path, entry: dict[str, Any]) -> str:
     if sha != entry.get("sha256"):
         raise IntegrityError(f"`{rel}` does not match its sha256 in the manifest")
     return rel
+
+
+def verify_published(folder: str | Path, public_key_path: str | Path) -> dict[str, Any]:
+    """Verify a published folder against the public key file at ``public_key_path``."""
+    return verify_folder(folder, load_public_key(public_key_path))

@@ -1,28 +1,27 @@
-"""Request validation and text generation behind ``fedtune serve`` (no HTTP here).
+"""From a validated request to prompt token ids, and from generated ids back to text (no HTTP).
 
-Every problem with a request becomes an :class:`ApiError` carrying an OpenAI-style error body, so
-the HTTP layer never answers a bad request with a 500. Generation is serialized by one lock: one
-model instance must not run two generations at once, and on a CPU one request at a time is also
-the fastest schedule.
+The pydantic models in :mod:`server.serving.schemas` have already checked types and ranges; what
+needs the model is checked here: the model name, the chat template, the context window. Every
+refusal is an :class:`ApiError` carrying an OpenAI-style error body, so the HTTP layer never
+answers a bad request with a 500.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-from transformers.generation.streamers import BaseStreamer
+from server.serving.schemas import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 
 Kind = Literal["chat", "completion"]
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-DEFAULT_MAX_TOKENS = {"chat": 256, "completion": 16}
+DEFAULT_MAX_TOKENS: dict[Kind, int] = {"chat": 256, "completion": 16}
+# Below this, sampling is argmax anyway, and logits / temperature overflow float32 near 1e-38.
+GREEDY_BELOW = 1e-4
 
 
 class ApiError(Exception):
@@ -58,9 +57,10 @@ class ApiError(Exception):
 
 @dataclass
 class GenRequest:
-    """A validated request: prompt token ids and sampling settings."""
+    """A request ready to generate: which served model, prompt token ids, sampling settings."""
 
     kind: Kind
+    model: str
     prompt_ids: list[int]
     max_tokens: int
     temperature: float = 1.0
@@ -70,92 +70,159 @@ class GenRequest:
     include_usage: bool = False
     seed: int | None = None
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
 
 @dataclass
 class GenResult:
     text: str
-    finish_reason: str
+    finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
 
 
-# ------------------------------------------------------------------------------- field checks
+# ------------------------------------------------------------------------------------ prompting
 
 
-def _typed(body: dict[str, Any], name: str, types: tuple[type, ...], default: Any) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    # bool is an int subclass in Python; `"max_tokens": true` is a type error, not 1.
-    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        wanted = " or ".join(t.__name__ for t in types)
-        raise ApiError(400, f"`{name}` must be {wanted}, got {type(value).__name__}", name)
-    return value
+class Prompter:
+    """Turns validated chat and completion requests into :class:`GenRequest` for one tokenizer."""
 
+    def __init__(
+        self, tokenizer: Any, context_length: int, model_ids: list[str], max_tokens: int
+    ) -> None:
+        self.tokenizer, self.context_length, self.model_ids = tokenizer, context_length, model_ids
+        self.max_tokens = min(max_tokens, context_length)  # the most one request may ask for
 
-def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
-    value = float(_typed(body, name, (int, float), default))
-    if not lo <= value <= hi:
-        raise ApiError(400, f"`{name}` must be between {lo} and {hi}, got {value}", name)
-    return value
+    def chat(self, req: ChatCompletionRequest) -> GenRequest:
+        self.check_model(req.model)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
+        convo = [_message(m.role, m.content) for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                convo, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as err:  # jinja templates raise their own errors on unsupported input
+            raise ApiError(400, f"chat template rejected the messages: {err}", "messages") from None
+        ids = self._encode(str(text), "messages", add_special_tokens=False)
+        newer = req.max_completion_tokens is not None
+        name = "max_completion_tokens" if newer else "max_tokens"
+        asked = req.max_completion_tokens if newer else req.max_tokens
+        return self._build("chat", req, ids, name, asked)
 
+    def completion(self, req: CompletionRequest) -> GenRequest:
+        self.check_model(req.model)
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        ids = self._encode(prompt, "prompt", add_special_tokens=True)
+        return self._build("completion", req, ids, "max_tokens", req.max_tokens)
 
-def _stop(body: dict[str, Any]) -> list[str]:
-    stop = _typed(body, "stop", (str, list), [])
-    stops = [stop] if isinstance(stop, str) else stop
-    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(
-            400, "`stop` must be a non-empty string or a list of up to 4 of them", "stop"
+    def check_model(self, model: str) -> None:
+        if model not in self.model_ids:
+            served = ", ".join(f"`{m}`" for m in self.model_ids)
+            raise ApiError(404, f"The model `{model}` does not exist; this server serves "
+                           f"{served}", "model", "model_not_found")  # fmt: skip
+
+    def _encode(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (`"\ud800"`) is valid JSON, not text
+            raise ApiError(400, f"`{param}` is not valid Unicode text", param) from None
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _build(
+        self,
+        kind: Kind,
+        req: ChatCompletionRequest | CompletionRequest,
+        ids: list[int],
+        name: str,
+        asked: int | None,
+    ) -> GenRequest:
+        param = "messages" if kind == "chat" else "prompt"
+        room = self.context_length - len(ids)
+        if asked is not None and asked > self.max_tokens:
+            raise ApiError(400, f"`{name}` must be at most {self.max_tokens} on this server, "
+                           f"got {asked}", name)  # fmt: skip
+        if room < 1 or (asked is not None and asked > room):
+            raise ApiError(400, f"This model's maximum context length is {self.context_length} "
+                           f"tokens; the request has {len(ids)} prompt tokens and asks for "
+                           f"{asked or 1} more", param, "context_length_exceeded")  # fmt: skip
+        default = min(DEFAULT_MAX_TOKENS[kind], room, self.max_tokens)
+        max_tokens = asked if asked is not None else default
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        options = req.stream_options
+        return GenRequest(
+            kind,
+            req.model,
+            ids,
+            max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=stop,
+            stream=req.stream,
+            include_usage=bool(options and options.include_usage),
+            seed=req.seed,
         )
-    return list(stops)
 
 
-def _message_text(message: Any, i: int) -> dict[str, str]:
-    if not isinstance(message, dict):
-        raise ApiError(400, f"`messages[{i}]` must be an object", f"messages[{i}]")
-    role = message.get("role")
-    if role not in _ROLES:
-        raise ApiError(400, f"`messages[{i}].role` must be one of {sorted(_ROLES)}, got {role!r}",
-                       f"messages[{i}].role")  # fmt: skip
-    content = message.get("content")
-    if isinstance(content, list):  # content parts: only text is supported by a text model
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise ApiError(400, "only `text` content parts are supported", f"messages[{i}].content")
-        content = "".join(str(p.get("text", "")) for p in content)
-    if not isinstance(content, str):
-        raise ApiError(400, f"`messages[{i}].content` must be a string", f"messages[{i}].content")
-    return {"role": _ROLES[role], "content": content}
+def _message(role: str, content: str | list[Any]) -> dict[str, str]:
+    text = content if isinstance(content, str) else "".join(part.text for part in content)
+    return {"role": _ROLES[role], "content": text}
 
 
-# ------------------------------------------------------------------------------------ streamer
+# -------------------------------------------------------------------------------------- decoding
 
 
-class _TextSink(BaseStreamer):
-    """Receives token ids from ``generate``; emits text deltas, cut at stop strings."""
+class TextSink:
+    """One request's generated ids, turned into text deltas and cut at its stop strings.
 
-    def __init__(self, tokenizer: Any, stops: list[str], emit: Callable[[str], None]) -> None:
-        self.tokenizer, self.stops, self.emit = tokenizer, stops, emit
+    ``put`` gets one token at a time; ``done`` turns true at the end-of-sequence token, at a stop
+    string, or when the request has its ``max_tokens``; later tokens (padding of a batch) are
+    dropped. Deltas are held back while they could still be the start of a stop string or half of
+    a multi-byte character.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        req: GenRequest,
+        eos_ids: set[int],
+        emit: Callable[[str], None],
+    ) -> None:
+        self.tokenizer, self.req, self.eos_ids, self.emit = tokenizer, req, eos_ids, emit
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already emitted
-        self.seen_prompt = False
-        self.hit_stop = False
+        self.hit_stop = self.hit_eos = self.cancelled = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.seen_prompt:  # generate() first hands over the prompt
-            self.seen_prompt = True
-            return
-        if self.hit_stop:
-            return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-        self._flush(final=False)
+    @property
+    def done(self) -> bool:
+        full = len(self.ids) >= self.req.max_tokens
+        return self.hit_stop or self.hit_eos or self.cancelled or full
 
-    def end(self) -> None:
-        if not self.hit_stop:
+    def put(self, token: int) -> None:
+        if self.done:
+            return
+        self.ids.append(token)
+        self.hit_eos = token in self.eos_ids
+        self._flush(final=self.done)
+
+    def result(self) -> GenResult:
+        if not (self.hit_stop or self.cancelled):
             self._flush(final=True)
+        length = len(self.ids) >= self.req.max_tokens and not (self.hit_eos or self.hit_stop)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return GenResult(
+            text[: self.sent],
+            "length" if length else "stop",
+            len(self.req.prompt_ids),
+            len(self.ids),
+        )
 
     def _flush(self, final: bool) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        stops = self.req.stop
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
             self.hit_stop = True
             end = cut
@@ -164,7 +231,7 @@ class _TextSink(BaseStreamer):
         elif text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             return
         else:  # hold back a tail that could still become a stop string
-            end = len(text) - max((_overlap(text, s) for s in self.stops), default=0)
+            end = len(text) - max((_overlap(text, s) for s in stops), default=0)
         if end > self.sent:
             delta, self.sent = text[self.sent : end], end
             self.emit(delta)
@@ -178,129 +245,7 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-# -------------------------------------------------------------------------------------- engine
-
-
-class Engine:
-    """One model and tokenizer; validates requests and runs one generation at a time."""
-
-    def __init__(self, model: Any, tokenizer: Any, model_id: str, queue_timeout_s: float = 600.0):
-        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
-        self.queue_timeout_s = queue_timeout_s
-        self.context_length = _context_length(model, tokenizer)
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self._lock = threading.Lock()
-
-    def parse(self, kind: Kind, body: dict[str, Any]) -> GenRequest:
-        model = _typed(body, "model", (str,), None)
-        if model is None:
-            raise ApiError(400, "`model` is required", "model")
-        if model != self.model_id:
-            raise ApiError(404, f"The model `{model}` does not exist; this server serves "
-                           f"`{self.model_id}`", "model", "model_not_found")  # fmt: skip
-        if _typed(body, "n", (int,), 1) != 1:
-            raise ApiError(400, "`n` must be 1", "n")
-        prompt_ids = self._chat_ids(body) if kind == "chat" else self._completion_ids(body)
-        return self._sampling(kind, body, prompt_ids)
-
-    def _sampling(self, kind: Kind, body: dict[str, Any], prompt_ids: list[int]) -> GenRequest:
-        name = (
-            "max_completion_tokens"
-            if body.get("max_completion_tokens") is not None
-            else "max_tokens"
-        )
-        max_tokens = _typed(body, name, (int,), DEFAULT_MAX_TOKENS[kind])
-        if not 1 <= max_tokens <= self.context_length:
-            raise ApiError(400, f"`{name}` must be between 1 and {self.context_length}, "
-                           f"got {max_tokens}", name)  # fmt: skip
-        if name not in body:  # the default shrinks to fit; an explicit value must fit
-            max_tokens = max(1, min(max_tokens, self.context_length - len(prompt_ids)))
-        if len(prompt_ids) + max_tokens > self.context_length:
-            raise ApiError(400, f"This model's maximum context length is {self.context_length} "
-                           f"tokens; the request has {len(prompt_ids)} prompt tokens and asks for "
-                           f"{max_tokens} more", "messages" if kind == "chat" else "prompt",
-                           "context_length_exceeded")  # fmt: skip
-        options = _typed(body, "stream_options", (dict,), {})
-        return GenRequest(
-            kind,
-            prompt_ids,
-            max_tokens,
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 1e-6, 1.0),
-            stop=_stop(body),
-            stream=_typed(body, "stream", (bool,), False),
-            include_usage=bool(options.get("include_usage", False)),
-            seed=_typed(body, "seed", (int,), None),
-        )
-
-    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
-        messages = _typed(body, "messages", (list,), None)
-        if not messages:
-            raise ApiError(400, "`messages` must be a non-empty list", "messages")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ApiError(400, "this model has no chat template; use /v1/completions", "messages")
-        convo = [_message_text(m, i) for i, m in enumerate(messages)]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                convo, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as err:  # jinja templates raise their own errors on unsupported input
-            raise ApiError(400, f"chat template rejected the messages: {err}", "messages") from None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _completion_ids(self, body: dict[str, Any]) -> list[int]:
-        prompt = _typed(body, "prompt", (str, list), None)
-        if isinstance(prompt, list):
-            if len(prompt) != 1 or not isinstance(prompt[0], str):
-                raise ApiError(400, "`prompt` must be a string or a list of one string", "prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise ApiError(400, "`prompt` must be a non-empty string", "prompt")
-        return list(self.tokenizer(prompt)["input_ids"])
-
-    def generate(self, req: GenRequest, emit: Callable[[str], None]) -> GenResult:
-        """Generate, calling ``emit`` with each text delta; exceptions from ``emit`` abort."""
-        if not self._lock.acquire(timeout=self.queue_timeout_s):
-            raise ApiError(503, "server busy; try again", None, "server_busy", "server_error")
-        try:
-            return self._generate_locked(req, emit)
-        finally:
-            self._lock.release()
-
-    def _generate_locked(self, req: GenRequest, emit: Callable[[str], None]) -> GenResult:
-        sink = _TextSink(self.tokenizer, req.stop, emit)
-        config = self._generation_config(req)
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
-        with torch.inference_mode():
-            self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                generation_config=config,
-                streamer=sink,
-                stopping_criteria=[lambda *_a, **_k: sink.hit_stop],
-            )
-        n = len(sink.ids)
-        eos = n > 0 and sink.ids[-1] in self.eos_ids
-        reason = "length" if n >= req.max_tokens and not (eos or sink.hit_stop) else "stop"
-        text = self.tokenizer.decode(sink.ids, skip_special_tokens=True)
-        return GenResult(text[: sink.sent], reason, len(req.prompt_ids), n)
-
-    def _generation_config(self, req: GenRequest) -> Any:
-        config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens, config.max_length = req.max_tokens, None
-        config.eos_token_id = sorted(self.eos_ids) or None
-        pad = self.tokenizer.pad_token_id
-        config.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
-        config.do_sample = req.temperature > 0
-        config.temperature = req.temperature if config.do_sample else None
-        config.top_p = req.top_p if config.do_sample else None
-        config.top_k = None
-        return config
-
-
-def _context_length(model: Any, tokenizer: Any) -> int:
+def context_length(model: Any, tokenizer: Any) -> int:
     cfg = model.config
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
     tok_max = getattr(tokenizer, "model_max_length", None)
@@ -309,7 +254,7 @@ def _context_length(model: Any, tokenizer: Any) -> int:
     return int(n)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     found: set[int] = set()
     for value in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
         if isinstance(value, int):

@@ -1,4 +1,4 @@
-"""`serve`: the real openai client against a server process; bad requests; concurrency; refusal."""
+"""`serve`: the real openai client against a server process; bad requests; batching; refusal."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +19,17 @@ from typing import Any
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from common.core.errors import IntegrityError
-from server.serving.serve import FedtuneHTTPServer, make_server
+from common.core.errors import IntegrityError, ModelError
+from server.serving.engine import EngineLimits
+from server.serving.serve import ServeOptions, Server, make_server
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-not-a-secret"
-HI = [{"role": "user", "content": "hello there"}]
+HI: Any = [{"role": "user", "content": "hello there"}]
+CHAT = "/v1/chat/completions"
+DONE = "/v1/completions"
 
 
 def _free_port() -> int:
@@ -33,7 +38,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_healthy(proc: subprocess.Popen[str], url: str, timeout_s: float = 60.0) -> None:
+def _wait_healthy(proc: subprocess.Popen[str], url: str, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -59,7 +64,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 def _serve_cmd(folder: Path, pub: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "server.serving.serve", str(folder), "--public-key", str(pub),
-            "--port", str(port)]  # fmt: skip
+            "--port", str(port), "--threads", "1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -85,30 +90,37 @@ def client(server_process: str) -> openai.OpenAI:
     )
 
 
-@pytest.fixture(scope="module")
-def local(published: Path, keys: tuple[Path, Path]) -> Iterator[FedtuneHTTPServer]:
-    """An in-process server on a free port, for the many small request checks."""
-    server = make_server(published, keys[1], port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def _started(server: Server) -> Iterator[Server]:
+    server.start()
     try:
         yield server
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        server.stop()
 
 
-def _request(server: FedtuneHTTPServer, method: str, path: str, body: Any = None,
+@pytest.fixture(scope="module")
+def local(published: Path, keys: tuple[Path, Path]) -> Iterator[Server]:
+    """An in-process server on a free port, for the many small request checks."""
+    yield from _started(make_server(published, keys[1], ServeOptions(port=0)))
+
+
+def _request(server: Server, method: str, path: str, body: Any = None,
              headers: dict[str, str] | None = None) -> tuple[int, str]:  # fmt: skip
-    host, port = server.server_address[0], server.server_address[1]
-    conn = http.client.HTTPConnection(str(host), int(port), timeout=30)
+    host, port = server.socket.getsockname()[:2]
+    conn = http.client.HTTPConnection(str(host), int(port), timeout=60)
     data = body if isinstance(body, str | bytes) or body is None else json.dumps(body)
     conn.request(method, path, body=data, headers=headers or {})
     resp = conn.getresponse()
-    text = resp.read().decode()
+    text = resp.read().decode(errors="replace")
     conn.close()
     return resp.status, text
+
+
+def _complete(server: Server, prompt: str, **extra: Any) -> dict[str, Any]:
+    body = {"model": "tiny-model", "prompt": prompt, "max_tokens": 16, "temperature": 0, **extra}
+    status, text = _request(server, "POST", DONE, body)
+    assert status == 200, text
+    return dict(json.loads(text))
 
 
 # ------------------------------------------------------------------------------ openai client
@@ -116,6 +128,7 @@ def _request(server: FedtuneHTTPServer, method: str, path: str, body: Any = None
 
 def test_openai_client_lists_models_and_chats(client: openai.OpenAI, published: Path) -> None:
     assert [m.id for m in client.models.list().data] == [published.name]
+    assert client.models.retrieve(published.name).id == published.name
     reply = client.chat.completions.create(
         model=published.name, messages=HI, max_tokens=8, temperature=0
     )
@@ -130,11 +143,25 @@ def test_openai_client_streams_the_same_text(client: openai.OpenAI, published: P
     kwargs: dict[str, Any] = {"model": published.name, "messages": HI, "max_tokens": 12,
                               "temperature": 0}  # fmt: skip
     full = client.chat.completions.create(**kwargs).choices[0].message.content
-    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens <= 12
+
+
+def test_openai_client_completions_stream(client: openai.OpenAI, published: Path) -> None:
+    kwargs: dict[str, Any] = {"model": published.name, "prompt": "abc", "max_tokens": 10,
+                              "temperature": 0}  # fmt: skip
+    full = client.completions.create(**kwargs).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True))
+    assert streamed == full
 
 
 def test_openai_client_gets_errors(client: openai.OpenAI, published: Path) -> None:
@@ -151,22 +178,44 @@ def test_wrong_or_missing_api_key_is_401(server_process: str, published: Path) -
     bad = openai.OpenAI(base_url=f"{server_process}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(f"{server_process}/v1/models", timeout=10)
-    assert err.value.code == 401
-    assert json.loads(err.value.read())["error"]["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/metrics"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{server_process}{path}", timeout=10)
+        assert err.value.code == 401 and err.value.headers["WWW-Authenticate"] == "Bearer"
+        assert json.loads(err.value.read())["error"]["code"] == "invalid_api_key"
+    with urllib.request.urlopen(f"{server_process}/health", timeout=10) as resp:  # no key needed
+        assert json.loads(resp.read())["status"] == "ok"
+
+
+def test_openapi_describes_what_is_served(server_process: str) -> None:
+    with urllib.request.urlopen(f"{server_process}/openapi.json", timeout=10) as resp:
+        doc = json.loads(resp.read())
+    assert set(doc["paths"]) == {"/health", "/metrics", "/v1/models", "/v1/models/{model}",
+                                 DONE, CHAT}  # fmt: skip
+    chat = doc["paths"][CHAT]["post"]
+    assert "422" not in chat["responses"] and {"200", "400", "401", "404", "429"} <= set(
+        chat["responses"]
+    )
+    assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert chat["security"] == [{"HTTPBearer": []}]
+    request = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert request["additionalProperties"] is False
+    assert request["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 1024  # the tiny context
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
 
 
 # ------------------------------------------------------------------------------- bad requests
 
-CHAT = "/v1/chat/completions"
 BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
     ("POST", CHAT, "{not json", 400, None),
     ("POST", CHAT, "[1, 2]", 400, None),
+    ("POST", CHAT, b'{"model": "tiny-model", "messages": "\xff\xfe"}', 400, None),
+    ("POST", CHAT, "", 400, None),
     ("POST", CHAT, {"messages": HI}, 400, "model"),
     ("POST", CHAT, {"model": "nope", "messages": HI}, 404, "model"),
     ("POST", CHAT, {"model": "tiny-model", "messages": []}, 400, "messages"),
     ("POST", CHAT, {"model": "tiny-model", "messages": "hi"}, 400, "messages"),
+    ("POST", CHAT, {"model": "tiny-model", "messages": HI, "logprobs": True}, 400, "logprobs"),
     (
         "POST",
         CHAT,
@@ -181,11 +230,25 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
         400,
         "messages[0].content",
     ),
+    (
+        "POST",
+        CHAT,
+        {"model": "tiny-model", "messages": [{"role": "user", "content": "\ud800"}]},
+        400,
+        "messages",
+    ),
     ("POST", CHAT, {"model": "tiny-model", "messages": HI, "max_tokens": -1}, 400, "max_tokens"),
     ("POST", CHAT, {"model": "tiny-model", "messages": HI, "max_tokens": 10**6}, 400, "max_tokens"),
     ("POST", CHAT, {"model": "tiny-model", "messages": HI, "max_tokens": "5"}, 400, "max_tokens"),
     ("POST", CHAT, {"model": "tiny-model", "messages": HI, "max_tokens": True}, 400, "max_tokens"),
     ("POST", CHAT, {"model": "tiny-model", "messages": HI, "temperature": 9}, 400, "temperature"),
+    (
+        "POST",
+        CHAT,
+        '{"model": "tiny-model", "messages": [], "temperature": NaN}',
+        400,
+        "temperature",
+    ),
     ("POST", CHAT, {"model": "tiny-model", "messages": HI, "stream": "yes"}, 400, "stream"),
     ("POST", CHAT, {"model": "tiny-model", "messages": HI, "n": 2}, 400, "n"),
     ("POST", CHAT, {"model": "tiny-model", "messages": HI, "stop": [""]}, 400, "stop"),
@@ -196,23 +259,18 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
         400,
         "messages",
     ),
-    ("POST", "/v1/completions", {"model": "tiny-model", "prompt": ""}, 400, "prompt"),
-    ("POST", "/v1/completions", {"model": "tiny-model", "prompt": [1, 2]}, 400, "prompt"),
-    (
-        "POST",
-        "/v1/completions",
-        {"model": "tiny-model", "prompt": "hi", "max_tokens": 1023},
-        400,
-        "prompt",
-    ),
+    ("POST", DONE, {"model": "tiny-model", "prompt": ""}, 400, "prompt"),
+    ("POST", DONE, {"model": "tiny-model", "prompt": [1, 2]}, 400, "prompt"),
+    ("POST", DONE, {"model": "tiny-model", "prompt": "hi", "max_tokens": 1023}, 400, "prompt"),
     ("GET", CHAT, None, 405, None),
     ("GET", "/v1/nothing", None, 404, None),
+    ("GET", "/v1/models/gpt-4", None, 404, "model"),
 ]
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "param"), BAD_REQUESTS)
 def test_bad_requests_get_openai_errors(
-    local: FedtuneHTTPServer, method: str, path: str, body: Any, status: int, param: str | None
+    local: Server, method: str, path: str, body: Any, status: int, param: str | None
 ) -> None:
     got, text = _request(local, method, path, body)
     assert got == status, text
@@ -221,61 +279,155 @@ def test_bad_requests_get_openai_errors(
     assert error["param"] == param
 
 
-def test_missing_content_length_is_411(local: FedtuneHTTPServer) -> None:
-    host, port = local.server_address[0], local.server_address[1]
-    with socket.create_connection((str(host), int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert sock.recv(4096).startswith(b"HTTP/1.1 411")
-
-
-def test_completions_stop_and_metrics(local: FedtuneHTTPServer) -> None:
-    body = {"model": "tiny-model", "prompt": "abc", "max_tokens": 20, "temperature": 0}
-    status, text = _request(local, "POST", "/v1/completions", body)
-    full = json.loads(text)["choices"][0]["text"]
-    assert status == 200 and len(full) >= 2
-    stopped = json.loads(_request(local, "POST", "/v1/completions", {**body, "stop": full[1]})[1])
-    assert stopped["choices"][0]["text"] == full[: full.index(full[1])]
-    assert stopped["choices"][0]["finish_reason"] == "stop"
-    status, metrics = _request(local, "GET", "/metrics")
-    assert 'fedtune_requests_total{endpoint="/v1/completions",code="200"}' in metrics
-    assert (
-        'fedtune_request_duration_seconds_bucket{endpoint="/v1/completions",le="+Inf"}' in metrics
-    )
-    assert "fedtune_generated_tokens_total" in metrics and status == 200
-
-
-def test_concurrent_requests_do_not_interleave(local: FedtuneHTTPServer) -> None:
-    prompts = [f"prompt number {i}: " for i in range(4)]
-
-    def ask(prompt: str) -> str:
-        body = {"model": "tiny-model", "prompt": prompt, "max_tokens": 16, "temperature": 0}
-        return str(
-            json.loads(_request(local, "POST", "/v1/completions", body)[1])["choices"][0]["text"]
+def test_oversized_bodies_are_413_declared_or_not(local: Server) -> None:
+    host, port = local.socket.getsockname()[:2]
+    with socket.create_connection((host, port), timeout=30) as sock:  # refused before it is sent
+        sock.sendall(
+            f"POST {DONE} HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 21}\r\n\r\n".encode()
         )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+    with socket.create_connection((host, port), timeout=30) as sock:  # chunked: no length given
+        sock.sendall(
+            f"POST {DONE} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = b"x" * 65536
+        try:
+            for _ in range(20):
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        except OSError:  # the server answered and closed while we were still sending
+            pass
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
 
-    sequential = [ask(p) for p in prompts]
+
+def test_completions_stop_and_metrics_parse(local: Server) -> None:
+    full = _complete(local, "abc", max_tokens=20)["choices"][0]["text"]
+    assert len(full) >= 2
+    stopped = _complete(local, "abc", max_tokens=20, stop=full[1])["choices"][0]
+    assert stopped["text"] == full[: full.index(full[1])]
+    assert stopped["finish_reason"] == "stop"
+    status, text = _request(local, "GET", "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {(s.labels["route"], s.labels["status"]): s.value
+                for s in families["fedtune_requests"].samples
+                if s.name.endswith("_total")}  # fmt: skip
+    assert requests[(DONE, "200")] >= 2
+    buckets = [s for s in families["fedtune_request_duration_seconds"].samples
+               if s.name.endswith("_bucket") and s.labels["route"] == DONE]  # fmt: skip
+    assert buckets and buckets[-1].labels["le"] == "+Inf" and buckets[-1].value >= 2
+    generated = families["fedtune_generated_tokens"].samples[0]
+    assert generated.labels["model"] == "tiny-model" and generated.value >= 2
+    assert families["fedtune_queue_depth"].samples[0].value == 0
+    info = families["fedtune_model_info"].samples[0]
+    assert info.labels["model"] == "tiny-model" and info.labels["source"].startswith("published:")
+    assert families["fedtune_batch_size"].type == "histogram"
+
+
+def test_concurrent_requests_are_batched_and_do_not_interleave(local: Server) -> None:
+    prompts = [f"prompt number {i}: " for i in range(4)]
+    sequential = [_complete(local, p)["choices"][0]["text"] for p in prompts]
+    engine = local.engine
+    before = engine.batches
     results: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(prompts[i])))
-               for i in range(4)]  # fmt: skip
+    barrier = threading.Barrier(4)
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        results[i] = _complete(local, prompts[i])["choices"][0]["text"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     assert [results[i] for i in range(4)] == sequential
+    assert engine.batches - before < 4  # at least two requests shared one generate call
 
 
-def test_client_hanging_up_mid_stream_frees_the_server(local: FedtuneHTTPServer) -> None:
-    host, port = local.server_address[0], local.server_address[1]
-    body = json.dumps({"model": "tiny-model", "messages": HI, "max_tokens": 500, "stream": True})
+def test_client_hanging_up_mid_stream_frees_the_server(local: Server) -> None:
+    host, port = local.socket.getsockname()[:2]
+    body = json.dumps({"model": "tiny-model", "messages": HI, "max_tokens": 900, "stream": True})
     request = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n{body}").encode()  # fmt: skip
-    with socket.create_connection((str(host), int(port)), timeout=10) as sock:
+    with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(request)
         assert b"text/event-stream" in sock.recv(4096)
-    status, _ = _request(
-        local, "POST", CHAT, {"model": "tiny-model", "messages": HI, "max_tokens": 2}
-    )
+    start = time.monotonic()
+    status, _ = _request(local, "POST", CHAT, {"model": "tiny-model", "messages": HI,
+                                                "max_tokens": 2})  # fmt: skip
     assert status == 200
+    assert time.monotonic() - start < 20  # did not wait for 900 tokens nobody reads
+
+
+def test_refused_body_does_not_poison_a_kept_alive_connection(local: Server) -> None:
+    host, port = local.socket.getsockname()[:2]
+    conn = http.client.HTTPConnection(str(host), int(port), timeout=30)
+    conn.request("POST", "/v1/nothing", body=json.dumps({"model": "tiny-model"}))
+    first = conn.getresponse()
+    first.read()
+    conn.request("GET", "/health")
+    second = conn.getresponse()
+    assert (first.status, second.status) == (404, 200)
+    assert json.loads(second.read())["status"] == "ok"
+    conn.close()
+
+
+# --------------------------------------------------------------------------- queue and floods
+
+
+def test_a_full_queue_is_429_never_5xx(published: Path, keys: tuple[Path, Path]) -> None:
+    limits = EngineLimits(max_batch=1, max_queue=1, gather_s=0.0)
+    server = make_server(published, keys[1], ServeOptions(port=0, limits=limits))
+    statuses: list[int] = []
+    bodies: list[str] = []
+
+    def ask(i: int) -> None:
+        body = {"model": "tiny-model", "prompt": f"flood {i}", "max_tokens": 200, "seed": i}
+        status, text = _request(server, "POST", DONE, body)
+        statuses.append(status)
+        bodies.append(text)
+
+    for _ in _started(server):
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        after = _request(
+            server, "POST", DONE, {"model": "tiny-model", "prompt": "a", "max_tokens": 2}
+        )
+    assert len(statuses) == 12 and set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 1
+    assert after[0] == 200  # the flood passed; nothing is stuck
+    refused = json.loads(bodies[statuses.index(429)])["error"]
+    assert refused["code"] == "queue_full"
+
+
+# ------------------------------------------------------------------------------------ adapters
+
+
+def test_adapters_over_one_base_match_the_merged_folder(
+    published: Path, tiny_run: Path, keys: tuple[Path, Path], local: Server
+) -> None:
+    adapters = {"final": published, "round-1": tiny_run / "rounds" / "1", "run": tiny_run}
+    server = make_server(None, keys[1], ServeOptions(port=0), adapters=adapters,
+                         base=str(tiny_run))  # fmt: skip
+    for _ in _started(server):
+        _, text = _request(server, "GET", "/v1/models")
+        assert [m["id"] for m in json.loads(text)["data"]] == ["final", "round-1", "run"]
+        texts = {name: _complete(server, "abc", model=name)["choices"][0]["text"]
+                 for name in adapters}  # fmt: skip
+    merged = _complete(local, "abc")["choices"][0]["text"]
+    assert texts["final"] == merged == texts["run"]  # adapter kept apart == merged weights
+
+
+def test_adapters_need_a_base_and_a_key(published: Path, tiny_run: Path) -> None:
+    with pytest.raises(ModelError, match=r"--public-key"):
+        make_server(None, None, adapters={"a": published}, base=str(tiny_run))
+    with pytest.raises(ModelError, match=r"--base"):
+        make_server(None, None, adapters={"a": tiny_run / "rounds" / "1"})
+    with pytest.raises(ModelError, match=r"not both"):
+        make_server(published, None, adapters={"a": tiny_run})
 
 
 # ------------------------------------------------------------------------------- verification
@@ -290,22 +442,9 @@ def test_serve_refuses_a_tampered_folder(
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=r"`model\.safetensors` does not match"):
-        make_server(folder, keys[1], port=0)
+    with pytest.raises(IntegrityError, match=r"model\.safetensors"):
+        make_server(folder, keys[1], ServeOptions(port=0))
     proc = subprocess.run(_serve_cmd(folder, keys[1], _free_port()), cwd=REPO, timeout=60,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2
     assert "model.safetensors" in proc.stderr
-
-
-def test_refused_body_does_not_poison_a_kept_alive_connection(local: FedtuneHTTPServer) -> None:
-    host, port = local.server_address[0], local.server_address[1]
-    conn = http.client.HTTPConnection(str(host), int(port), timeout=30)
-    conn.request("POST", "/v1/nothing", body=json.dumps({"model": "tiny-model"}))
-    first = conn.getresponse()
-    first.read()
-    conn.request("GET", "/health")
-    second = conn.getresponse()
-    assert (first.status, second.status) == (404, 200)
-    assert json.loads(second.read())["status"] == "ok"
-    conn.close()
