@@ -19,9 +19,14 @@ On ``open`` it builds a :class:`DPTrainer` around the loop's model and optimizer
   (Opacus' BatchMemoryManager protocol: earlier ones only clip and accumulate), clips each
   record's gradient to ``privacy.record.max_grad_norm``, adds noise once per logical step, then
   the wrapped optimizer steps. An empty Poisson batch still releases a noise-only step.
-- Sampling and noise come from torch generators seeded with 63 bits of the OS CSPRNG
-  (``secrets``), never from ``train.seed``: whoever can replay them can tell which records were
-  drawn and remove the noise. (DPTrainer's ``seed`` argument is for tests only.)
+- Sampling and noise come from a CSPRNG (``common.privacy.discrete_gaussian.SecureRandom``:
+  AES-256-CTR keyed from ``os.urandom``), never from ``train.seed`` nor a Mersenne Twister:
+  whoever can replay or predict them can tell which records were drawn and remove the noise.
+  Noise follows Opacus' ``secure_mode`` (the sum of four Gaussian draws, halved, against
+  floating-point attacks: Holohan et al. arXiv:2107.10138 §5.1); Opacus' own secure mode needs
+  torchcsprng, which is not available for the pinned torch, so the draws are ours and the
+  optimizer's ``add_noise`` uses them (:func:`secure_optimizer_class`). bench/secagg.py measures
+  the cost (``secure_mode_dp_throughput_ratio``). (DPTrainer's ``seed`` is for tests only.)
 - The accountant is the site's own (``common.privacy.accounting.GaussianAccountant``), stepped
   once per logical step; a new PrivacyEngine per round would restart epsilon at 0.
 - The loss is per record (:func:`per_record_loss`: mean over its own tokens), so the privacy
@@ -35,16 +40,18 @@ On ``open`` it builds a :class:`DPTrainer` around the loop's model and optimizer
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.grad_sample.utils import get_gsm_class
 from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -54,6 +61,7 @@ from common.core.config import RecordDPConfig, TrainConfig
 from common.core.errors import ModelError, PrivacyError
 from common.core.tasks import Encoded, collate
 from common.privacy.accounting import GaussianAccountant, RecordPlan
+from common.privacy.discrete_gaussian import SecureRandom
 
 logger = logging.getLogger(__name__)
 
@@ -100,36 +108,73 @@ def check_wiring(model: nn.Module, optimizer: Optimizer) -> None:
         raise ModelError(f"trainable parameters must live on one real device (got {devices})")
 
 
+def secure_gaussian(std: float, reference: Tensor, rng: SecureRandom) -> Tensor:
+    """N(0, std^2) noise shaped like ``reference``: Opacus' ``secure_mode`` recipe (four draws
+    summed and halved, so the std is unchanged while no single float draw can be read back from
+    the output), every draw from the CSPRNG."""
+    if std == 0:
+        return torch.zeros_like(reference)
+    n = reference.numel()
+    draws = rng.normal(4 * n).reshape(4, n)  # (4, n) float64
+    noise = draws.sum(axis=0) * (std / 2)
+    return torch.from_numpy(noise).to(reference.device, reference.dtype).view_as(reference)
+
+
+def secure_optimizer_class(optim_cls: type[DPOptimizer]) -> type[DPOptimizer]:
+    """Opacus' DP optimizer class whose ``add_noise`` draws from ``self.secure_rng``.
+
+    The same steps as Opacus' own ``add_noise`` (plain and ghost-clipping optimizers alike):
+    the effective noise multiplier, one noise tensor per parameter on its summed clipped
+    gradient, the processed flags; only the generator differs.
+    """
+
+    class SecureDPOptimizer(optim_cls):
+        secure_rng: SecureRandom
+
+        def add_noise(self) -> None:
+            multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+            std = multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = secure_gaussian(std, p.summed_grad, self.secure_rng)
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    SecureDPOptimizer.__name__ = f"Secure{optim_cls.__name__}"
+    return SecureDPOptimizer
+
+
 def _wrap(
     model: nn.Module,
     optimizer: Optimizer,
     cfg: RecordDPConfig,
     noise_multiplier: float,
     expected_batch_size: int,
-    noise_generator: torch.Generator,
+    noise_rng: SecureRandom,
 ) -> tuple[AbstractGradSampleModule, DPOptimizer]:
     check_wiring(model, optimizer)
     mode = cfg.grad_sample_mode
     extra = {"max_grad_norm": cfg.max_grad_norm} if mode == "ghost" else {}
     gsm = get_gsm_class(mode)(model, batch_first=True, loss_reduction="mean", **extra)
     optim_cls = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
-    dp_opt = optim_cls(
+    dp_opt = secure_optimizer_class(optim_cls)(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
-        generator=noise_generator,
+        secure_mode=True,  # what it is; our add_noise does the drawing
     )
+    dp_opt.secure_rng = noise_rng
     return gsm, dp_opt
 
 
-def _noise_generator(device: torch.device, seed: int | None) -> torch.Generator:
+def _secure_rng(seed: int | None) -> SecureRandom:
     """DP noise and Poisson sampling must not be reproducible from a public seed: whoever knows it
-    can subtract the noise. ``seed`` is for tests only."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else secrets.randbits(63))
-    return gen
+    can subtract the noise. ``seed`` is for tests only (a fixed AES key)."""
+    if seed is None:
+        return SecureRandom()
+    return SecureRandom(hashlib.sha256(f"fedtune-test-seed {seed}".encode()).digest())
 
 
 def _attach_accountant(dp_opt: DPOptimizer, acc: GaussianAccountant, sample_rate: float) -> None:
@@ -172,10 +217,10 @@ class DPTrainer:
         self.model, self.plan, self.accountant = model, plan, accountant
         self.physical_batch_size, self.loss_fn = physical_batch_size, loss_fn
         self.device = trainable(model)[0].device
-        self.noise_gen = _noise_generator(self.device, seed)
-        self.sample_gen = _noise_generator(torch.device("cpu"), None if seed is None else seed + 1)
+        self.noise_rng = _secure_rng(seed)
+        self.sample_rng = _secure_rng(None if seed is None else seed + 1)
         self.private_model, self.optimizer = _wrap(
-            model, optimizer, cfg, plan.noise_multiplier, plan.expected_batch_size, self.noise_gen
+            model, optimizer, cfg, plan.noise_multiplier, plan.expected_batch_size, self.noise_rng
         )
         _attach_accountant(self.optimizer, accountant, plan.sample_rate)
         self._verified = False
@@ -192,8 +237,8 @@ class DPTrainer:
 
     def sample(self, num_records: int) -> list[int]:
         """Poisson sampling: each record independently with probability ``plan.sample_rate``."""
-        mask = torch.rand(num_records, generator=self.sample_gen) < self.plan.sample_rate
-        return mask.nonzero().flatten().tolist()
+        mask = self.sample_rng.uniform(num_records) < self.plan.sample_rate
+        return [int(i) for i in np.flatnonzero(mask)]
 
     def step(self, records: Sequence[Any], collate_fn: Callable[[list[Any]], Batch]) -> float:
         """One logical DP-SGD step on a Poisson sample of ``records``; returns the mean loss."""
@@ -239,8 +284,7 @@ class DPTrainer:
         opt = self.optimizer
         std = opt.noise_multiplier * opt.max_grad_norm
         for p in opt.params:
-            noise = torch.normal(0.0, std, p.shape, generator=self.noise_gen, device=p.device)
-            p.grad = noise / opt.expected_batch_size
+            p.grad = secure_gaussian(std, p.detach(), self.noise_rng) / opt.expected_batch_size
         self.accountant.step(
             noise_multiplier=opt.noise_multiplier, sample_rate=self.plan.sample_rate
         )

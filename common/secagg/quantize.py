@@ -13,15 +13,26 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from common.core.errors import SecAggError
+from common.secagg import crypto
 from common.secagg.params import SecAggParams
 
 logger = logging.getLogger(__name__)
+
+
+def secure_uniform(size: int) -> NDArray[np.float64]:
+    """(size,) uniforms in [0, 1) from a CSPRNG: the AES-CTR keystream (crypto.prg) under a fresh
+    key from ``os.urandom``, 53 bits per value. The rounding is part of what hides a site's
+    value (under distributed DP it is the randomized rounding of Kairouz et al. 2021), so it
+    must be unpredictable: numpy's default generator is not a cryptographic one."""
+    words = crypto.prg(os.urandom(crypto.KEY_BYTES), size, np.uint64)
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class Quantizer:
         scaled *= self.levels / (2 * c)
         if self.params.stochastic_rounding:
             # floor(z + u), u ~ U[0, 1): unbiased; stays <= L since z <= L and u < 1.
-            scaled += np.random.default_rng().random(scaled.shape)
+            scaled += secure_uniform(scaled.shape[0])
             np.floor(scaled, out=scaled)
         else:
             np.rint(scaled, out=scaled)

@@ -528,3 +528,17 @@ def test_a_site_never_masks_on_a_sparse_graph_it_did_not_reveal_for() -> None:
     shares = {s: r.seed for s, r in rnd.reveals.items()}
     with pytest.raises(SecAggError, match="never revealed its seed share"):
         fresh.mask(np.zeros(4, np.float32), MaskRequest(1, adverts, shares))
+
+
+def test_stochastic_rounding_is_unbiased_and_draws_from_the_csprng(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("stochastic rounding used numpy's (non-cryptographic) generator")
+
+    monkeypatch.setattr(np.random, "default_rng", refuse)
+    quantizer = Quantizer(SecAggParams(threshold=2, modulus_bits=16, clip_range=1.0), 2)
+    value = 0.3 * quantizer.step - 1.0  # 0.3 of a level above the bottom
+    codes = quantizer.encode(np.full(200_000, value))
+    assert set(np.unique(codes)) == {0, 1}
+    assert abs(codes.mean() - 0.3) < 0.005  # unbiased: E[code] = 0.3 levels
