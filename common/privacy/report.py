@@ -182,12 +182,20 @@ def _institution_words(s: PrivacySummary) -> list[str]:
     ]
 
 
+# Above this, a step's noise per coordinate (in units of the clip bound C) drowns what LoRA can
+# learn: with the 10^4-10^6 parameters an adapter trains, the noise's norm is then 5-50 times the
+# largest possible signal (C) at every step. The DP fine-tuning recipes that keep accuracy run
+# near 0.001-0.005 (Li et al. 2022, batches of 1,000+; Yu et al. 2022; Sun et al. 2024).
+NOISE_TOO_LOUD = 0.05
+
+
 def noise_outlook(cfg: Config, num_records_per_site: Mapping[str, int]) -> str:
     """Per site, how loud the record-level noise of each optimizer step is (for the ML engineer).
 
     DP-SGD adds Gaussian noise of std ``sigma * C`` to the sum of a step's clipped per-record
     gradients (each of norm <= C), then divides by the expected batch ``B``: per coordinate the
     average gets noise of std ``sigma / B`` times C, while the signal it hides is at most C in norm.
+    Sites above :data:`NOISE_TOO_LOUD` get a warning with the batch that would bring them under.
     """
     if not cfg.privacy.record.enabled:
         return ""
@@ -195,12 +203,16 @@ def noise_outlook(cfg: Config, num_records_per_site: Mapping[str, int]) -> str:
         "Record-level noise per optimizer step (std per coordinate of the averaged clipped "
         "gradient, in units of the clip bound C = `privacy.record.max_grad_norm`):"
     ]
+    warnings = []
     for site, n in sorted(num_records_per_site.items()):
         p = record_plan(cfg, n)
+        noise = p.noise_multiplier / p.expected_batch_size
         lines.append(
             f"    site {site}: {n} records, sample rate {p.sample_rate:.3f}, noise multiplier "
-            f"{p.noise_multiplier:.2f}, noise {p.noise_multiplier / p.expected_batch_size:.3f} C"
+            f"{p.noise_multiplier:.2f}, noise {noise:.3f} C"
         )
+        if noise > NOISE_TOO_LOUD:
+            warnings.append(_too_loud(cfg, site, n, noise))
     lines.append(
         "The averaged gradient is at most C in norm; the noise's norm is that std times the "
         "square root of the number of trained parameters. Sites with few records need the most "
@@ -208,4 +220,30 @@ def noise_outlook(cfg: Config, num_records_per_site: Mapping[str, int]) -> str:
         "records per site, a larger `train.batch_size`, fewer `train.local_steps` x "
         "`federation.rounds`, or fewer trained parameters (`lora.r`, `lora.target_modules`)."
     )
-    return "\n".join(lines)
+    return "\n".join(lines + warnings)
+
+
+def quieter_batch(cfg: Config, num_records: int, limit: float = NOISE_TOO_LOUD) -> int | None:
+    """The smallest `train.batch_size` (doubling from the configured one, below the site's
+    records) whose noise per step is under ``limit`` at the same plan; None if none is."""
+    batch = cfg.train.batch_size
+    while (batch := batch * 2) < num_records:
+        trial = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": batch})})
+        p = record_plan(trial, num_records)
+        if p.noise_multiplier / p.expected_batch_size <= limit:
+            return batch
+    return None
+
+
+def _too_loud(cfg: Config, site: str, n: int, noise: float) -> str:
+    head = (
+        f"WARNING: site {site}'s noise per step ({noise:.3f} C) is too loud to learn from "
+        f"(above {NOISE_TOO_LOUD} C): "
+    )
+    batch = quieter_batch(cfg, n)
+    if batch is None:
+        return head + (
+            f"no `train.batch_size` below its {n} records gets it under at this epsilon and "
+            "number of steps; it needs more records, fewer steps, or a larger epsilon"
+        )
+    return head + f"`train.batch_size` = {batch} (same steps and epsilon) would bring it under"
