@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from common.core.config import ModelConfig  # noqa: E402
 from common.core.models import load_base  # noqa: E402
-from common.identity.signing import generate_keys, load_private_key, sign_folder  # noqa: E402
+from common.identity.signing import generate_keys, sign_folder  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -56,7 +56,7 @@ def prepare_folder(source: str, root: Path) -> tuple[Path, Path]:
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     priv, pub = generate_keys(root / "keys")
-    sign_folder(folder, load_private_key(priv), {"run_id": "bench", "round": 0})
+    sign_folder(folder, priv, {"run_id": "bench", "round": 0})
     return folder, pub
 
 

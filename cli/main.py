@@ -134,7 +134,7 @@ def keys_generate(
         typer.Option("--passphrase", help=f"Encrypt the private key (or set {PASSPHRASE_ENV})."),
     ] = False,
 ) -> None:
-    """Create an Ed25519 signing key pair (private key file mode 0600)."""
+    """Create an EC P-256 signing key pair (OpenSSF model signing; private key mode 0600)."""
     from common.identity.signing import generate_keys
 
     private, public = run_user(lambda: generate_keys(out, _passphrase(passphrase, confirm=True)))
@@ -147,7 +147,7 @@ def publish(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Model folder to write (must not exist).")
     ],
-    signing_key: Annotated[Path, typer.Option("--signing-key", help="Ed25519 private key (PEM).")],
+    signing_key: Annotated[Path, typer.Option("--signing-key", help="EC P-256 private key (PEM).")],
     round_: Annotated[
         int | None, typer.Option("--round", help="Round to publish; default the last.")
     ] = None,
@@ -163,8 +163,7 @@ def publish(
 
     key_pass = _passphrase(passphrase)
     manifest = run_user(lambda: do_publish(run_dir, out, signing_key, round_, force, key_pass))
-    files = len(manifest.get("files", []))
-    out_console.print(f"published round {manifest.get('round')} to {out} ({files} files, signed)")
+    out_console.print(f"published round {manifest.get('round')} to {out} (signed: {out}/model.sig)")
 
 
 @app.command()
@@ -172,11 +171,15 @@ def verify(
     model_dir: Annotated[Path, typer.Argument(help="A published model folder.")],
     public_key: Annotated[Path, typer.Option("--public-key", help="The coordinator's public key.")],
 ) -> None:
-    """Check the signature and every file's hash; name the first file that does not match."""
-    from common.identity.signing import load_public_key, verify_folder
+    """Check model.sig (OpenSSF model signing) and every file's digest; name what differs."""
+    from common.identity.signing import verify_folder
 
-    manifest = run_user(lambda: verify_folder(model_dir, load_public_key(public_key)))
-    out_console.print(f"OK: signature and {len(manifest.get('files', {}))} file hashes match")
+    verified = run_user(lambda: verify_folder(model_dir, public_key))
+    m = verified.manifest
+    out_console.print(
+        f"OK: signature and {len(verified.files)} file digests match (run {m.get('run_id')}, "
+        f"round {m.get('round')}, config {m.get('config_hash')})"
+    )
 
 
 @app.command()

@@ -1,24 +1,30 @@
-"""Artifact signing: Ed25519 keys, a manifest of file hashes, and its signature.
+"""Model signing in the OpenSSF Model Signing format, with EC P-256 keys.
 
-A published folder carries ``manifest.json`` (sha256 and size of every other file, plus provenance)
-and ``manifest.sig`` (a raw 64-byte Ed25519 signature over the exact bytes of ``manifest.json``).
-The manifest is written as canonical JSON (sorted keys, no whitespace, UTF-8) so that the bytes that
-are signed do not depend on who wrote them. Verification checks the signature *before* trusting
-anything the manifest says, then every hash and size, then that no unlisted file was added.
+A published folder carries ``model.sig``: a Sigstore bundle around an in-toto statement that lists
+the sha256 of every other file in the folder, signed with the coordinator's key pair through the
+``model_signing`` package (OpenSSF, 1.1.x). ``manifest.json`` (run id, config hash, round,
+evaluation, privacy statement) is one of those files, so the signature covers it. Anyone can check
+a folder with the upstream tool as well as with fedtune::
+
+    model_signing verify key MODEL --signature MODEL/model.sig --public_key signing_key.pub.pem
+
+Verification checks the signature, then every file's digest, and refuses missing, changed or
+added files; only then is the manifest read.
 """
 
 from __future__ import annotations
 
-import hashlib
+import base64
 import json
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from common import __version__
 from common.core.errors import FedtuneError, IntegrityError
@@ -26,22 +32,32 @@ from common.core.errors import FedtuneError, IntegrityError
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-SIGNATURE_NAME = "manifest.sig"
+SIGNATURE_NAME = "model.sig"
 PRIVATE_KEY_NAME = "signing_key.pem"
 PUBLIC_KEY_NAME = "signing_key.pub.pem"
-MANIFEST_FORMAT = "fedtune-manifest/1"
-_CHUNK = 1 << 20
+MANIFEST_FORMAT = "fedtune-manifest/2"
+SIGNATURE_FORMAT = "OpenSSF Model Signing v1 (Sigstore bundle, in-toto statement), sha256 per file"
+# model_signing's key-pair signer takes these curves (Sigstore's list); P-256 is the default.
+CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
 
 
 class KeyFileError(FedtuneError):
     """A key file is missing, unreadable, of the wrong type, or its passphrase is wrong."""
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What a verified folder attests: its manifest and every file the signature covers."""
+
+    manifest: dict[str, Any]
+    files: list[str]
+
+
 # --------------------------------------------------------------------------------------- keys
 
 
 def generate_keys(out_dir: str | Path, passphrase: str | None = None) -> tuple[Path, Path]:
-    """Write a new Ed25519 key pair into ``out_dir``; return (private key path, public key path).
+    """Write a new EC P-256 key pair into ``out_dir``; return (private key path, public key path).
 
     The private key is PKCS8 PEM, encrypted when a passphrase is given, created with mode 0600 from
     the start (no window where another user could read it). Existing key files are never replaced.
@@ -52,7 +68,7 @@ def generate_keys(out_dir: str | Path, passphrase: str | None = None) -> tuple[P
     for path in (priv_path, pub_path):
         if path.exists():
             raise KeyFileError(f"`{path}` already exists; refusing to overwrite a key")
-    key = Ed25519PrivateKey.generate()
+    key = ec.generate_private_key(ec.SECP256R1())
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase.encode())
         if passphrase
@@ -68,12 +84,12 @@ def generate_keys(out_dir: str | Path, passphrase: str | None = None) -> tuple[P
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     pub_path.write_bytes(pub)
-    logger.info("wrote Ed25519 key pair to %s", out)
+    logger.info("wrote EC P-256 key pair to %s", out)
     return priv_path, pub_path
 
 
-def load_private_key(path: str | Path, passphrase: str | None = None) -> Ed25519PrivateKey:
-    """Load a PEM Ed25519 private key; a wrong or missing passphrase is a :class:`KeyFileError`."""
+def load_private_key(path: str | Path, passphrase: str | None = None) -> ec.EllipticCurvePrivateKey:
+    """Load a PEM EC private key; a wrong or missing passphrase is a :class:`KeyFileError`."""
     data = _read_key_file(path)
     try:
         key = serialization.load_pem_private_key(data, passphrase.encode() if passphrase else None)
@@ -83,21 +99,28 @@ def load_private_key(path: str | Path, passphrase: str | None = None) -> Ed25519
         raise KeyFileError(
             f"private key `{path}` could not be decrypted or parsed (wrong passphrase?)"
         ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"private key `{path}` is not Ed25519 (got {type(key).__name__})")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in CURVES:
+        raise KeyFileError(f"private key `{path}` is not an EC P-256 or P-384 key (got "
+                           f"{_describe(key)}); make one with `fedtune keys generate`")  # fmt: skip
     return key
 
 
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    """Load a PEM Ed25519 public key."""
+def load_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
+    """Load a PEM EC P-256/P-384 public key."""
     data = _read_key_file(path)
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:
         raise KeyFileError(f"public key `{path}` is not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"public key `{path}` is not Ed25519 (got {type(key).__name__})")
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in CURVES:
+        raise KeyFileError(f"public key `{path}` is not an EC P-256 or P-384 key (got "
+                           f"{_describe(key)})")  # fmt: skip
     return key
+
+
+def _describe(key: Any) -> str:
+    curve = getattr(key, "curve", None)
+    return f"curve {curve.name}" if curve is not None else type(key).__name__
 
 
 def _read_key_file(path: str | Path) -> bytes:
@@ -111,126 +134,130 @@ def _read_key_file(path: str | Path) -> bytes:
 
 
 def canonical_json(obj: Any) -> bytes:
-    """The one byte form of a JSON value that gets signed: sorted keys, no spaces, UTF-8."""
+    """One byte form of a JSON value: sorted keys, no spaces, UTF-8."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def file_digest(path: Path) -> tuple[str, int]:
-    """(sha256 hex, size in bytes) of one file, read in chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
-def _content_files(folder: Path) -> list[str]:
-    """Relative POSIX paths of every file except the manifest and signature, sorted."""
-    found: list[str] = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder).as_posix()
-        if rel in (MANIFEST_NAME, SIGNATURE_NAME):
-            continue
-        if path.is_symlink():
-            # A link could point anywhere at verify time; published folders hold plain files only.
-            raise IntegrityError(f"`{rel}` is a symbolic link; published folders hold plain files")
-        if path.is_file():
-            found.append(rel)
-    return sorted(found)
-
-
-def build_manifest(folder: str | Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Manifest of ``folder``: sha256 and size of every file (sorted) plus provenance.
-
-    ``extra`` carries ``run_id``, ``config_hash`` and ``round`` (and anything else to attest);
-    it cannot override the file list, the format tag, or the fedtune version.
-    """
-    root = Path(folder)
-    files = []
-    for rel in _content_files(root):
-        sha, size = file_digest(root / rel)
-        files.append({"path": rel, "sha256": sha, "size": size})
-    reserved = {"files", "format", "fedtune_version"}
+def build_manifest(extra: dict[str, Any]) -> dict[str, Any]:
+    """Provenance to attest: ``extra`` (run id, config hash, round, privacy statement...) plus
+    the format tags and fedtune's version, which ``extra`` may not override."""
+    reserved = {"format", "fedtune_version", "signature"}
     clash = sorted(reserved & set(extra))
     if clash:
         raise IntegrityError(f"manifest extra may not set reserved key(s) {clash}")
-    return {**extra, "format": MANIFEST_FORMAT, "fedtune_version": __version__, "files": files}
+    signature = {"file": SIGNATURE_NAME, "format": SIGNATURE_FORMAT}
+    return {**extra, "format": MANIFEST_FORMAT, "fedtune_version": __version__,
+            "signature": signature}  # fmt: skip
+
+
+def _check_plain_files(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            # A link could point anywhere at verify time; published folders hold plain files only.
+            rel = path.relative_to(root).as_posix()
+            raise IntegrityError(f"`{rel}` is a symbolic link; published folders hold plain files")
+
+
+# -------------------------------------------------------------------------------- signing
+
+
+def _hashing() -> Any:
+    """sha256 per file, the signature file left out: the upstream CLI's defaults, so its
+    ``verify key`` checks a fedtune folder as it is."""
+    from model_signing import hashing
+
+    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME])
 
 
 def sign_folder(
-    folder: str | Path, private_key: Ed25519PrivateKey, extra: dict[str, Any] | None = None
+    folder: str | Path,
+    private_key: str | Path,
+    extra: dict[str, Any] | None = None,
+    passphrase: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``manifest.json`` and ``manifest.sig`` into ``folder``; return the manifest."""
+    """Write ``manifest.json``, then sign every file of ``folder`` into ``model.sig``."""
+    from model_signing import signing
+
     root = Path(folder)
-    manifest = build_manifest(root, extra or {})
-    blob = canonical_json(manifest)
-    (root / MANIFEST_NAME).write_bytes(blob)
-    (root / SIGNATURE_NAME).write_bytes(private_key.sign(blob))
-    logger.info("signed %s (%d files)", root, len(manifest["files"]))
+    load_private_key(private_key, passphrase)  # a wrong key or passphrase as a fedtune error
+    _check_plain_files(root)
+    manifest = build_manifest(extra or {})
+    (root / MANIFEST_NAME).write_bytes(canonical_json(manifest))
+    # model-signing 1.1.1 hands `password` straight to cryptography, which wants bytes.
+    password: Any = passphrase.encode() if passphrase else None
+    config = signing.Config().use_elliptic_key_signer(private_key=private_key, password=password)
+    config.set_hashing_config(_hashing()).sign(root, root / SIGNATURE_NAME)
+    logger.info("signed %s (OpenSSF model signing, %s)", root, SIGNATURE_NAME)
     return manifest
 
 
 # ---------------------------------------------------------------------------------- verifying
 
 
-def verify_folder(folder: str | Path, public_key: Ed25519PublicKey) -> dict[str, Any]:
-    """Check signature, then every listed file's size and hash, then for unlisted files.
+def verify_folder(folder: str | Path, public_key: str | Path) -> Verified:
+    """Check ``model.sig`` against the public key and every file; then read the manifest.
 
-    Returns the manifest. Raises :class:`IntegrityError` naming the first file that does not match.
+    Raises :class:`IntegrityError` naming what does not match (a file's digest, a missing or
+    added file, the key, the signature itself).
     """
+    from model_signing import verifying
+
     root = Path(folder)
-    manifest = _verified_manifest(root, public_key)
-    listed: set[str] = set()
-    for entry in manifest["files"]:
-        rel = _check_entry(root, entry)
-        listed.add(rel)
-    extra = [rel for rel in _content_files(root) if rel not in listed]
-    if extra:
-        raise IntegrityError(f"`{extra[0]}` is not listed in the manifest of `{root}`")
-    logger.info("verified %s (%d files)", root, len(listed))
+    load_public_key(public_key)  # a wrong key file as a fedtune error, not model_signing's
+    if not root.is_dir():
+        raise IntegrityError(f"`{root}` is not a folder")
+    signature = root / SIGNATURE_NAME
+    if not signature.is_file():
+        raise IntegrityError(f"`{SIGNATURE_NAME}` is missing in `{root}`: the folder is not signed")
+    _check_plain_files(root)
+    config = verifying.Config().use_elliptic_key_verifier(public_key=public_key)
+    try:
+        config.set_hashing_config(_hashing()).verify(root, signature)
+    except Exception as err:  # model_signing raises ValueError, InvalidSignature, JSON errors...
+        raise IntegrityError(f"`{root}` does not match its signature `{SIGNATURE_NAME}`: "
+                             f"{_explain(err)}") from None  # fmt: skip
+    manifest = _read_manifest(root)
+    files = _signed_files(signature)
+    logger.info("verified %s (%d files)", root, len(files))
+    return Verified(manifest, files)
+
+
+def _explain(err: Exception) -> str:
+    """model_signing's finding in a few words, naming the files (its own message prints raw
+    digest bytes)."""
+    text = str(err)
+    # The findings come as the repr of a list of strings: quotes may be escaped.
+    changed = re.findall(r"Hash mismatch for \\?'([^'\\]+)\\?'", text)
+    added = re.search(r"Extra files found in model \\?'[^']*': ([^'\\\]\"]+)", text)
+    missing = re.search(r"Missing files in model \\?'[^']*': ([^'\\\]\"]+)", text)
+    found = [f"`{name}` does not match its digest" for name in changed]
+    found += [f"`{name.strip()}` is not signed (added)" for name in (added[1] if added else "")
+              .split(",") if name.strip()]  # fmt: skip
+    found += [f"`{name.strip()}` is signed but missing" for name in (missing[1] if missing else "")
+              .split(",") if name.strip()]  # fmt: skip
+    if found:
+        return "; ".join(found)
+    if "Key mismatch" in text or type(err).__name__ == "InvalidSignature":
+        return "the signature was not made with this public key (or the statement was changed)"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest, read only after the signature has covered it."""
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_bytes())
+    except FileNotFoundError:
+        raise IntegrityError(f"`{MANIFEST_NAME}` is missing in `{root}`") from None
+    except json.JSONDecodeError as err:
+        raise IntegrityError(f"`{MANIFEST_NAME}` in `{root}` is not JSON ({err.msg})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise IntegrityError(f"`{MANIFEST_NAME}` in `{root}` is not a {MANIFEST_FORMAT} manifest")
     return manifest
 
 
-def _verified_manifest(root: Path, public_key: Ed25519PublicKey) -> dict[str, Any]:
-    """Read the manifest; trust nothing in it until the signature over its bytes checks out."""
-    if not root.is_dir():
-        raise IntegrityError(f"`{root}` is not a folder")
-    try:
-        blob = (root / MANIFEST_NAME).read_bytes()
-        sig = (root / SIGNATURE_NAME).read_bytes()
-    except FileNotFoundError as err:
-        raise IntegrityError(f"`{Path(str(err.filename)).name}` is missing in `{root}`") from None
-    try:
-        public_key.verify(sig, blob)
-    except InvalidSignature:
-        raise IntegrityError(
-            f"`{SIGNATURE_NAME}` does not match `{MANIFEST_NAME}` in `{root}` "
-            "(tampered manifest or wrong public key)"
-        ) from None
-    manifest = json.loads(blob)
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), list):
-        raise IntegrityError(f"`{MANIFEST_NAME}` in `{root}` is not a {MANIFEST_FORMAT} manifest")
-    return dict(manifest)
-
-
-def _check_entry(root: Path, entry: dict[str, Any]) -> str:
-    rel = str(entry.get("path", ""))
-    parts = Path(rel).parts
-    if not rel or Path(rel).is_absolute() or ".." in parts:
-        raise IntegrityError(f"manifest lists an unsafe path `{rel}`")
-    path = root / rel
-    if path.is_symlink() or not path.is_file():
-        raise IntegrityError(f"`{rel}` is listed in the manifest but missing (or not a file)")
-    sha, size = file_digest(path)
-    if size != entry.get("size"):
-        raise IntegrityError(f"`{rel}` has size {size}, manifest says {entry.get('size')}")
-    if sha != entry.get("sha256"):
-        raise IntegrityError(f"`{rel}` does not match its sha256 in the manifest")
-    return rel
-
-
-def verify_published(folder: str | Path, public_key_path: str | Path) -> dict[str, Any]:
-    """Verify a published folder against the public key file at ``public_key_path``."""
-    return verify_folder(folder, load_public_key(public_key_path))
+def _signed_files(signature: Path) -> list[str]:
+    """The file names in the (already verified) in-toto statement of ``model.sig``."""
+    bundle = json.loads(signature.read_text(encoding="utf-8"))
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    resources = statement.get("predicate", {}).get("resources", [])
+    return sorted(str(r["name"]) for r in resources)

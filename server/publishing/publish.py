@@ -72,7 +72,8 @@ def publish(
     """
     out = Path(out_dir)
     _check_out_dir(out)
-    key = load_private_key(signing_key, passphrase)  # fail on a wrong passphrase before heavy work
+    load_private_key(signing_key, passphrase)  # fail on a wrong key or passphrase before heavy work
+    key = Path(signing_key)
     info = read_run(run_dir, round)
     model, tokenizer = (load_base or _default_load_base)(info.cfg)
     evaluate = evaluate or _default_evaluate
@@ -83,9 +84,12 @@ def publish(
     extra = {"run_id": str(info.summary.get("run_id", "")), "round": info.round}
     extra["config_hash"] = info.cfg.digest()
     extra["evaluation"] = {"base": _jsonable(before), "published": _jsonable(after)}
+    extra["privacy"] = _privacy_statement(info.summary)
     card = render_model_card(info.cfg, info.summary, info.round, before, after)
     return _write_atomically(
-        out, lambda tmp: _fill_folder(tmp, merged, tokenizer, info, card), key, extra
+        out,
+        lambda tmp: _fill_folder(tmp, merged, tokenizer, info, card),
+        lambda tmp: sign_folder(tmp, key, extra, passphrase),
     )
 
 
@@ -221,13 +225,13 @@ def _fill_folder(tmp: Path, merged: Any, tokenizer: Any, info: RunInfo, card: st
 
 
 def _write_atomically(
-    out: Path, fill: Callable[[Path], None], key: Any, extra: dict[str, Any]
+    out: Path, fill: Callable[[Path], None], sign: Callable[[Path], dict[str, Any]]
 ) -> dict[str, Any]:
     """Fill and sign a hidden sibling folder, then rename it to ``out`` in one step."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(tmp)
-        manifest = sign_folder(tmp, key, extra)
+        manifest = sign(tmp)  # last: the signature covers every file, manifest.json included
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a published folder is meant to be read
         if out.exists():
             raise PublishError(f"`{out}` appeared while publishing; not replacing it")
@@ -235,8 +239,16 @@ def _write_atomically(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("published %s (%d files)", out, len(manifest["files"]))
+    logger.info("published %s (signed)", out)
     return manifest
+
+
+def _privacy_statement(summary: dict[str, Any]) -> str:
+    """The run's privacy guarantee in plain words, as the run summary states it."""
+    privacy = summary.get("privacy")
+    if isinstance(privacy, dict) and isinstance(privacy.get("statement"), str):
+        return str(privacy["statement"])
+    return "No differential privacy guarantee: the run trained without differential privacy."
 
 
 def _jsonable(metrics: Metrics) -> dict[str, Any]:

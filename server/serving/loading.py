@@ -16,7 +16,7 @@ from typing import Any
 
 from common.core.config import ModelConfig
 from common.core.errors import ModelError
-from common.identity.signing import verify_published
+from common.identity.signing import verify_folder
 from server.serving.engine import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class Loaded:
 def load_published(folder: str | Path, public_key: str | Path, model_id: str | None) -> Loaded:
     """Verify the folder (raises IntegrityError), then load the merged model from it."""
     root = Path(folder)
-    verify_published(root, public_key)
+    verify_folder(root, public_key)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
@@ -76,7 +76,7 @@ def adapter_dir(path: Path, public_key: str | Path | None) -> Path:
     if (path / "manifest.json").is_file():
         if public_key is None:
             raise ModelError(f"`{path}` is a published folder: give `--public-key` to verify it")
-        verify_published(path, public_key)
+        verify_folder(path, public_key)
         return path / "adapter"
     if (path / "config.toml").is_file() and (path / "rounds").is_dir():
         rounds = [p for p in (path / "rounds").iterdir() if p.name.isdigit()]

@@ -11,10 +11,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.identity.signing import KeyFileError, generate_keys, load_public_key, verify_folder
+from common.identity.signing import KeyFileError, generate_keys, verify_folder
 from server.publishing import publish as publish_mod
 from server.publishing.publish import EvaluationGateError, PublishError, check_gate, publish
-from tests.server.conftest import TEST_TEXTS, base_model, tiny_config
+from tests.server.conftest import PRIVACY, TEST_TEXTS, base_model, tiny_config
 
 
 def _logits(model: Any, tokenizer: Any) -> torch.Tensor:
@@ -23,7 +23,9 @@ def _logits(model: Any, tokenizer: Any) -> torch.Tensor:
         return model(**batch).logits
 
 
-def test_folder_has_the_standard_layout(published: Path, tiny_run: Path) -> None:
+def test_folder_has_the_standard_layout(
+    published: Path, tiny_run: Path, keys: tuple[Path, Path]
+) -> None:
     names = {p.relative_to(published).as_posix() for p in published.rglob("*") if p.is_file()}
     expected = {
         "model.safetensors",
@@ -35,7 +37,7 @@ def test_folder_has_the_standard_layout(published: Path, tiny_run: Path) -> None
         "adapter/adapter_model.safetensors",
         "MODEL_CARD.md",
         "manifest.json",
-        "manifest.sig",
+        "model.sig",
     }
     assert expected <= names
     tok = AutoTokenizer.from_pretrained(published)
@@ -44,8 +46,8 @@ def test_folder_has_the_standard_layout(published: Path, tiny_run: Path) -> None
     manifest = json.loads((published / "manifest.json").read_text())
     assert manifest["round"] == 2 and manifest["run_id"] == "run-good"
     assert manifest["config_hash"] == tiny_config().digest()
-    listed = {f["path"] for f in manifest["files"]}
-    assert listed == names - {"manifest.json", "manifest.sig"}
+    assert manifest["privacy"] == PRIVACY["statement"]  # the run's own words, signed
+    assert verify_folder(published, keys[1]).files == sorted(names - {"model.sig"})
     assert not [p for p in published.parent.iterdir() if p.name.startswith(".")]
 
 
@@ -70,7 +72,7 @@ def test_adapter_folder_loads_with_peft(published: Path) -> None:
 
 
 def test_verify_passes_and_card_tells_the_story(published: Path, keys: tuple[Path, Path]) -> None:
-    manifest = verify_folder(published, load_public_key(keys[1]))
+    manifest = verify_folder(published, keys[1]).manifest
     assert manifest["evaluation"]["published"]["loss"] > 0
     card = (published / "MODEL_CARD.md").read_text()
     needles = ["`tiny:llama`", "| site-0 | 120 |", "| site-2 | 5 |", "(3.50, 1.0e-05)-DP"]
