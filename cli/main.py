@@ -231,6 +231,30 @@ def serve(
     run_user(go)
 
 
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="A published model folder.")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="The coordinator's public key.")],
+    gguf: Annotated[
+        bool, typer.Option("--gguf", help="Write GGUF (llama.cpp) and an Ollama Modelfile.")
+    ] = False,
+    quant: Annotated[str, typer.Option("--quant", help="q8_0 or q4_k_m.")] = "q8_0",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder to write (default MODEL-gguf).")
+    ] = None,
+) -> None:
+    """Verify a published folder, then export it for llama.cpp and Ollama (`--gguf`)."""
+    from server.publishing.export import export_gguf
+
+    if not gguf:
+        console.print("[bold red]error:[/] choose an export format: `--gguf`")
+        raise typer.Exit(2)
+    target = out or model_dir.with_name(f"{model_dir.name}-gguf")
+    done = run_user(lambda: export_gguf(model_dir, target, public_key, quant))
+    out_console.print(f"wrote {done.gguf}\nwrote {done.modelfile}\n"
+                      f"ollama create {model_dir.name} -f {done.modelfile}")  # fmt: skip
+
+
 @app.command("privacy-report")
 def privacy_report(
     run_dir: Annotated[Path | None, typer.Argument(help="A run folder (after a run).")] = None,
