@@ -193,7 +193,10 @@ class SecAggClient:
                 f"{holders} sites in the neighbourhood, fewer than `threshold` "
                 f"{self._params.threshold}"
             )
-        self._params.require_majority(holders, f"site {me}")
+        try:
+            self._params.require_majority(holders, "")
+        except SecAggError as err:
+            raise self._refuse(str(err)) from err
 
     # Stage 1b (SecAgg+) -------------------------------------------------------------------------
     def reveal_seed(self, request: SeedRequest) -> SeedReveal:

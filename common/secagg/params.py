@@ -72,7 +72,8 @@ class SecAggParams:
         """
         if 2 * self.threshold <= holders:
             raise SecAggError(
-                f"{who}: `threshold` {self.threshold} is not more than half of the {holders} "
+                (f"{who}: " if who else "")
+                + f"`threshold` {self.threshold} is not more than half of the {holders} "
                 "holders of each site's shares: a server that lies about who survived could "
                 "unmask a site (Bonawitz et al. 2017, §6); refusing the round"
             )
