@@ -9,9 +9,10 @@
   (DP-FedAvg, the fixed public denominator) with the scenario's `[privacy.institution]`.
 
 Last line, one JSON object: the four accuracies, ``epsilon`` (record level, the largest site's),
-``institution_epsilon``, ``fed_over_central``, ``fed_dp_over_central``, ``rounds_to_95`` (per
-federated arm, the first round whose accuracy reaches 0.95 of central; null if none does) and
-``wall_s`` per arm. ``--scenario`` defaults to hospitals.toml; ``--set`` applies to every arm.
+``institution_epsilon``, ``base`` and ``majority`` (the base model's accuracy, and always
+answering the most frequent test label: a model at ``majority`` has learnt only the prior),
+``fed_over_central``, ``fed_dp_over_central``, ``rounds_to_95`` (per federated arm, the first
+round whose accuracy reaches 0.95 of central; null if none does) and ``wall_s`` per arm. ``--scenario`` defaults to hospitals.toml; ``--set`` applies to every arm.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import json
 import logging
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from cli.simulate import simulate
 from common.core.config import Config, load_config
+from common.core.records import read_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("central", "federated", "federated_dp", "federated_dp_both")
@@ -55,7 +58,14 @@ def run_arm(scenario: Path, overrides: list[str], out: Path) -> dict[str, Any]:
     summary = simulate(load_config(scenario, overrides), out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
-    return {"summary": summary, "curve": curve, "wall_s": round(time.perf_counter() - start, 1)}
+    wall = round(time.perf_counter() - start, 1)
+    return {"summary": summary, "curve": curve, "wall_s": wall, "majority": majority(out / "test")}
+
+
+def majority(test_dir: Path) -> float | None:
+    """The accuracy of always answering the test set's most frequent label (None: no labels)."""
+    labels = [r.label for r in read_folder(test_dir) if r.label is not None]
+    return max(Counter(labels).values()) / len(labels) if labels else None
 
 
 def first_round_at(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -70,6 +80,7 @@ def result(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         **acc,
         "base": arms["central"]["summary"]["base"]["accuracy"],
+        "majority": arms["central"]["majority"],
         "epsilon": round(max(privacy["record_epsilon"].values()), 3),
         "institution_epsilon": both.get("institution_epsilon"),
         "fed_over_central": round(acc["federated"] / central, 3),
