@@ -1,13 +1,17 @@
 """Benchmark `fedtune serve` against `model.generate` called in-process, in one run.
 
-The packaged SmolLM2-135M-Instruct is saved as a signed folder, served by a separate
-`python -m server.serving.serve` process on 127.0.0.1, and asked short chat questions with the real
-`openai` client (greedy, fixed max_tokens) at concurrency 1 and 4. The same prompts go through
-`model.generate` in this process, interleaved request by request (never both at once).
+The packaged SmolLM2-135M-Instruct (or `--source tiny:llama`) is saved as a signed folder, served
+by a separate `python -m server.serving.serve` process on 127.0.0.1, and asked short chat questions
+with the real `openai` client (greedy, fixed max_tokens) by 1 client, then by 8 concurrent clients
+(the server batches them). The same prompts go through `model.generate` in this process,
+interleaved request by request with the single client (never both at once). With `--gguf` the
+folder is also exported to GGUF (Q8_0) and its logits compared with the folder's.
 
-Last line: {"serve_overhead_ratio": served p50 / in-process p50 (concurrency 1), "p50_ms", ...}.
+Last line: {"serve_overhead_ratio": served p50 / in-process p50 (1 client), "p50_ms", "p95_ms",
+"throughput_ratio_c8": requests/s with 8 clients over requests/s with 1, same run,
+"gguf_logit_max_abs_diff" (with --gguf)}.
 
-    .venv/bin/python bench/serve.py [--requests 12] [--max-tokens 32] [--source packaged:smollm2]
+    .venv/bin/python bench/serve.py [--requests 16] [--max-tokens 32] [--source packaged:smollm2]
 """
 
 from __future__ import annotations
@@ -130,22 +134,53 @@ def interleaved(
         summarize([r[0] for r in rs], sum(r[1] for r in rs), sum(r[0] for r in rs))
         for rs in (runs["local"], runs["served"])
     )
+    served["requests_per_s"] = round(len(prompts) / sum(r[0] for r in runs["served"]), 3)
     # Paired ratios cancel slow drifts in machine load better than a ratio of medians.
     pairs = [b[0] / a[0] for a, b in zip(runs["local"], runs["served"], strict=True)]
     served["paired_ratio_median"] = round(statistics.median(pairs), 3)
     return in_proc, served
 
 
-def concurrent(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+def concurrent(
+    client: openai.OpenAI, prompts: list[str], max_tokens: int, clients: int
+) -> dict[str, Any]:
     start = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda p: ask(client, p, max_tokens), prompts))
     wall = time.perf_counter() - start
     return summarize([r[0] for r in results], sum(r[1] for r in results), wall)
 
 
+def mean_batch(url: str) -> float:
+    """Requests per generate call so far, from the server's own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "fedtune_batch_size")
+    values = {s.name: s.value for s in family.samples}
+    return round(values["fedtune_batch_size_sum"] / max(1.0, values["fedtune_batch_size_count"]), 2)
+
+
+def gguf_logit_diff(folder: Path, pub: Path, root: Path) -> float:
+    """Max |logit| difference between the folder and its Q8_0 GGUF export (read back by
+    transformers' GGUF loader), over one prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.publishing.export import export_gguf
+
+    done = export_gguf(folder, root / "gguf", pub, "q8_0")
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    got = AutoModelForCausalLM.from_pretrained(done.gguf.parent, gguf_file=done.gguf.name).eval()
+    with torch.inference_mode():
+        return float((ref(ids).logits - got(ids).logits).abs().max())
+
+
 def summarize(latencies: list[float], tokens: int, wall: float) -> dict[str, Any]:
     return {
+        "wall_s": wall,
         "p50_ms": round(1000 * statistics.median(latencies), 1),
         "p95_ms": round(1000 * percentile(latencies, 0.95), 1),
         "tokens_per_s": round(tokens / wall, 1),
@@ -156,10 +191,12 @@ def summarize(latencies: list[float], tokens: int, wall: float) -> dict[str, Any
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--source", default="packaged:smollm2")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--gguf", action="store_true", help="also measure the GGUF export")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
@@ -170,26 +207,37 @@ def main() -> None:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
         try:
             in_proc, served = interleaved(local, client, prompts, args.max_tokens)
-            served4 = concurrent(client, prompts, args.max_tokens)
+            # Three times the requests, so start-up (the first arrives alone) weighs little.
+            many = concurrent(client, prompts * 3, args.max_tokens, args.clients)
+            many["mean_batch"] = mean_batch(url)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    report(args, {"in-process generate": in_proc, "serve, concurrency 1": served,
-                  "serve, concurrency 4": served4})  # fmt: skip
+        diff = gguf_logit_diff(folder, pub, Path(tmp)) if args.gguf else None
+    many["requests_per_s"] = round(3 * len(prompts) / many.pop("wall_s"), 3)
+    report(args, {"in-process generate": in_proc, "serve, 1 client": served,
+                  f"serve, {args.clients} clients": many}, diff)  # fmt: skip
 
 
-def report(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> None:
+def report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], diff: float | None) -> None:
     print(f"threads={args.threads} cpus={os.cpu_count()} source={args.source} "
           f"max_tokens={args.max_tokens} requests={args.requests}")  # fmt: skip
-    print(f"{'mode':<22}{'p50 ms':>10}{'p95 ms':>10}{'tok/s':>10}{'tokens':>8}")
+    print(f"{'mode':<22}{'p50 ms':>10}{'p95 ms':>10}{'tok/s':>10}{'tokens':>8}{'req/s':>8}")
     for name, row in rows.items():
         print(f"{name:<22}{row['p50_ms']:>10}{row['p95_ms']:>10}{row['tokens_per_s']:>10}"
-              f"{row['tokens']:>8}")  # fmt: skip
-    local, served = rows["in-process generate"], rows["serve, concurrency 1"]
+              f"{row['tokens']:>8}{row.get('requests_per_s', ''):>8}")  # fmt: skip
+    local, served = rows["in-process generate"], rows["serve, 1 client"]
+    many = rows[f"serve, {args.clients} clients"]
     ratio = served["p50_ms"] / local["p50_ms"]
     print(f"median of per-prompt ratios served/in-process: {served['paired_ratio_median']}")
-    print(json.dumps({"serve_overhead_ratio": round(ratio, 3), "p50_ms": served["p50_ms"],
-                      "p95_ms": served["p95_ms"]}))  # fmt: skip
+    print(f"requests per generate call (all of the run): {many['mean_batch']}")
+    result = {"serve_overhead_ratio": round(ratio, 3), "p50_ms": served["p50_ms"],
+              "p95_ms": served["p95_ms"],
+              f"throughput_ratio_c{args.clients}": round(
+                  many["requests_per_s"] / served["requests_per_s"], 2)}  # fmt: skip
+    if diff is not None:
+        result["gguf_logit_max_abs_diff"] = round(diff, 4)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class ServedModel:
 class EngineLimits:
     max_batch: int = 8
     max_queue: int = 64
-    gather_s: float = 0.02
+    gather_s: float = 0.05
     max_tokens: int | None = None  # the most a request may ask for; None: the context length
 
     def __post_init__(self) -> None:
