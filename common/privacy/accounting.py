@@ -53,6 +53,17 @@ def default_delta(num_records: int) -> float:
     return min(DELTA_CAP, 1.0 / (10 * num_records))
 
 
+def check_record_delta(delta: float, num_records: int) -> None:
+    """Refuse a record-level delta at or above 1/records: (epsilon, 1/n)-DP allows publishing one
+    whole record outright (Dwork & Roth 2014, sec. 2.3). The message names no count (a site
+    sends it to the coordinator)."""
+    if delta * num_records >= 1:
+        raise PrivacyError(
+            f"`privacy.record.delta` ({delta:g}) is not below 1/records at this site: a delta "
+            "that large allows publishing a whole record outright"
+        )
+
+
 def _check_delta(delta: float) -> None:
     if not 0 < delta < 1:
         raise PrivacyError(f"`delta` must be in (0, 1) (got {delta})")
@@ -219,6 +230,7 @@ def record_plan(cfg: Config, num_records: int) -> RecordPlan:
         )
     q, steps = batch / num_records, cfg.federation.rounds * train.local_steps
     delta = rec.delta if rec.delta is not None else default_delta(num_records)
+    check_record_delta(delta, num_records)
     sigma = rec.noise_multiplier
     if sigma is None:
         target = rec.target_epsilon if rec.target_epsilon is not None else math.inf
