@@ -1,9 +1,14 @@
 """fedtune's ClientApp: the same code in simulation (Ray) and deployment (SuperNode).
 
 Message types and record names: common/protocol/keys.py. ``query.check`` (preflight: data and
-model usable, record counts); ``train`` (one local round; the reply carries the update, masked
-when secure aggregation is on, and metrics); ``query.secagg_keys`` and ``query.secagg_unmask``
-(the other two secure-aggregation stages). Records never leave the site.
+model usable, record counts without DP, and DECLINED when the site's own policy refuses the run);
+``train`` (one local round; the reply carries the update, masked when secure aggregation is on,
+and metrics, or a decline with its reason); ``query.secagg_keys`` and ``query.secagg_unmask``
+(the other two secure-aggregation stages). Records never leave the site; under either DP level
+nothing about them does either beyond the (clipped, noised, masked) update and the accounting.
+
+The site's protection is its own (client/policy.py): node config and its policy file, never the
+run config, which can only ask for more protection.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secagg_site
-from client.site import LocalUpdate, SiteInfo, check_site, run_local_round
+from client.site import LocalUpdate, SiteInfo, preflight, private, run_local_round
 from common.core.config import Config
 from common.protocol import keys
 from common.protocol.wire import config_from_record, declined, from_record, to_record
@@ -37,39 +42,42 @@ def _site(msg: Message, context: Context) -> SiteInfo:
     return SiteInfo.from_node_config(context.node_config, data_root, run_id)
 
 
-def _privacy_state(context: Context) -> dict[str, Any]:
-    """The site's privacy accountant as kept in Flower's node state between messages."""
-    if keys.STATE_PRIVACY not in context.state:
-        return {}
-    return dict(context.state.config_records[keys.STATE_PRIVACY])
-
-
-def _budget(context: Context) -> float | None:
-    """A site may cap its own record-level epsilon: node config `budget-epsilon`."""
-    value = context.node_config.get("budget-epsilon")
-    return None if value in (None, "") else float(str(value))
-
-
 def _metrics(update: LocalUpdate, cfg: Config, seconds: float) -> MetricRecord:
-    """What a site reports besides its update. Its training losses (and how long its round took,
-    which under Poisson sampling follows the batch sizes drawn) are computed on its private
-    records outside any DP accounting and (under secure aggregation) outside the masked sum, so
-    they are only reported when neither record-level DP nor secure aggregation is on."""
+    """What a site reports besides its update.
+
+    Under either DP level only what the accounting covers: the record-level epsilon and delta
+    this run has spent (none at institution level alone). Losses, timings (under Poisson
+    sampling they follow the batch sizes drawn) and record counts are computed on the private
+    records outside any accounting, so they stay here. Without DP the count is sent, and the
+    losses too unless secure aggregation is on (they would sit outside the masked sum).
+    """
+    if private(cfg):
+        return MetricRecord(dict(update.privacy))
     r = update.result
-    out: dict[str, Any] = {keys.NUM_EXAMPLES: update.records, **update.privacy}
-    if r is not None and not (cfg.privacy.record.enabled or cfg.secagg.enabled):
+    out: dict[str, Any] = {keys.NUM_EXAMPLES: update.records}
+    if r is not None and not cfg.secagg.enabled:
         out.update({keys.TRAIN_LOSS: r.loss, keys.FIRST_LOSS: r.first_loss})
         out[keys.LAST_LOSS] = r.last_loss
         out[keys.SITE_SECONDS] = round(seconds, 3)  # the train handler: load, train, pack
     return MetricRecord(out)
 
 
+def _declined(name: str, reason: str) -> RecordDict:
+    """A decline names the site and its reason only: no record count (the site may be declining
+    because the run would not protect its records)."""
+    content = declined(name, reason, 0)
+    content[keys.METRICS] = MetricRecord({})
+    return content
+
+
 @app.query(keys.CHECK_QUERY)
 def check(msg: Message, context: Context) -> Message:
     cfg = config_from_record(msg.content.config_records[keys.CONFIG])
     site = _site(msg, context)
-    info = check_site(site, cfg)
-    reply = RecordDict({keys.SITE: ConfigRecord({keys.NAME: site.name, **info})})
+    check = preflight(site, cfg)
+    reply = RecordDict({keys.SITE: ConfigRecord({keys.NAME: site.name, **check.info})})
+    if check.refusal:  # the site is still registered; each of its rounds will be declined
+        reply[keys.DECLINED] = _declined(site.name, check.refusal)[keys.DECLINED]
     return Message(reply, reply_to=msg)
 
 
@@ -81,21 +89,21 @@ def train(msg: Message, context: Context) -> Message:
     cfg = config_from_record(conf)
     site = _site(msg, context)
     global_state = from_record(msg.content.array_records[keys.ADAPTER])
-    privacy_state = _privacy_state(context)
     update = run_local_round(
         site, cfg, global_state, int(str(conf[keys.ROUND])) - 1,
-        str(conf.get(keys.FINGERPRINT, "")), privacy_state, _budget(context),
+        str(conf.get(keys.FINGERPRINT, "")),
     )  # fmt: skip
-    if privacy_state:
-        context.state[keys.STATE_PRIVACY] = ConfigRecord(privacy_state)
     if update.declined or update.result is None:
         reason = update.declined or "no training result"
-        return Message(declined(site.name, reason, update.records), reply_to=msg)
+        return Message(_declined(site.name, reason), reply_to=msg)
     metrics = _metrics(update, cfg, time.monotonic() - started)
     if cfg.secagg.enabled or keys.MASK_REQUEST in msg.content:
         # Secure aggregation: only the masked update leaves the site (refuses without a request).
         content, clipped = secagg_site.masked_update(update.delta, msg.content, context.state, cfg)
-        metrics[keys.SECAGG_CLIPPED] = clipped
+        if private(cfg):  # a count outside the sum and the accounting: kept in the local log
+            logger.info("site %s: %d coordinate(s) clipped to the range", site.name, clipped)
+        else:
+            metrics[keys.SECAGG_CLIPPED] = clipped
     else:
         content = RecordDict({keys.UPDATE: to_record(update.delta)})
     content[keys.METRICS] = metrics

@@ -6,8 +6,10 @@ serves many rounds; in deployment each message is a new process and loads it onc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,14 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from client.dp import DPStepper
+from client.policy import POLICY_FILE, SitePolicy, read_policy
 from client.privacy_site import (
-    SiteAccountant,
-    check_budget,
+    SiteLedger,
+    admit,
     noise_at_site,
+    open_ledger,
     privatize_update,
+    round_steps,
 )
 from client.train import TrainResult, train_round
 from common.core.adapters import (
@@ -35,11 +40,14 @@ from common.core.adapters import (
     unflatten,
 )
 from common.core.config import Config
-from common.core.errors import DataError, ModelError
+from common.core.config.simulation import VIRTUAL_SITE_POLICY
+from common.core.errors import DataError, ModelError, PrivacyError
 from common.core.models import load_base
 from common.core.records import Record
 from common.core.tasks import Encoded, encode
 from common.dataprep.onthefly import load_prepared
+from common.privacy.accounting import GaussianAccountant, RecordPlan
+from common.protocol import keys
 
 logger = logging.getLogger(__name__)
 
@@ -49,29 +57,41 @@ class SiteInfo:
     name: str
     data_dir: Path
     index: int  # stable per site; seeds its data order
-    state_dir: Path | None = None  # where the site keeps its privacy accountant between restarts
-    run_key: str = ""
+    state_dir: Path | None = None  # the site's ledger folder (None: the policy's default)
+    run_key: str = ""  # the coordinator's run id: names this run's entry in the ledger, only
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    legacy_dirs: tuple[Path, ...] = ()  # older fedtune's state folders, read into the ledger
 
-    def state_file(self) -> Path | None:
-        if self.state_dir is None:
-            return None
-        return self.state_dir / f"accountant-{self.run_key or 'default'}.json"
+    @property
+    def ledger_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.policy.ledger_dir(self.name)
+
+    def ledger(self) -> AbstractContextManager[SiteLedger]:
+        """This site's ledger for its dataset, locked while the block runs."""
+        return open_ledger(self.ledger_dir, self.policy.dataset_id, self.legacy_dirs)
 
     @classmethod
     def from_node_config(
         cls, node_config: Mapping[str, Any], data_root: str = "", run_key: str = ""
     ) -> SiteInfo:
-        """Deployment: `data-dir`, `site-name`, `state-dir` in node config. Simulation: the
-        partition id names the site and its folder under ``data_root``."""
+        """Deployment: `data-dir`, `site-name`, `policy-file` and the policy keys in node config
+        (client/policy.py). Simulation: the partition id names the site, its folder is under
+        ``data_root`` and its policy file beside it (written by the scenario's `prepare`)."""
         pid = int(node_config.get("partition-id", 0))
         name = str(node_config.get("site-name", f"site-{pid}"))
-        default_state = Path.home() / ".cache" / "fedtune" / "site-state" / name
-        state = Path(str(node_config.get("state-dir", default_state)))
+        file = node_config.get(POLICY_FILE)
         if "data-dir" in node_config:
-            return cls(name, Path(str(node_config["data-dir"])), pid, state, run_key)
+            policy = read_policy(node_config, Path(str(file)) if file else None)
+            data = Path(str(node_config["data-dir"]))
+            return cls(name, data, pid, policy.ledger_dir(name), run_key, policy)
         if data_root:
-            sim_state = Path(data_root).parent / "site-state" / name
-            return cls(name, Path(data_root) / name, pid, sim_state, run_key)
+            run_dir = Path(data_root).parent
+            virtual = run_dir / VIRTUAL_SITE_POLICY.format(site=name)
+            policy_file = Path(str(file)) if file else (virtual if virtual.is_file() else None)
+            policy = read_policy(node_config, policy_file)
+            legacy = (run_dir / "site-state" / name,)  # where older versions kept it
+            data = Path(data_root) / name
+            return cls(name, data, pid, policy.ledger_dir(name), run_key, policy, legacy)
         raise DataError(
             "this site has no data folder: start the SuperNode with "
             "--node-config \"data-dir='/path/to/records' site-name='my-hospital'\""
@@ -125,23 +145,48 @@ def split_eval(records: list[Record], cfg: Config, seed: int) -> tuple[list[Reco
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
 
 
-def check_site(site: SiteInfo, cfg: Config) -> dict[str, Any]:
-    """Preflight: data readable and valid (read as training reads it), model loadable.
+def private(cfg: Config) -> bool:
+    """Any DP level on: a site sends only what the accounting covers (no counts, no losses)."""
+    return cfg.privacy.record.enabled or cfg.privacy.institution.enabled
 
-    Returns counts only, with those of `data.prepare` when a rule is on (never contents).
+
+@dataclass(frozen=True)
+class Preflight:
+    info: dict[str, Any]  # the SITE record
+    refusal: str | None  # why this site will decline the run's rounds (its policy), else None
+
+
+def preflight(site: SiteInfo, cfg: Config) -> Preflight:
+    """Data readable and valid (read as training reads it), model loadable, and the run checked
+    against the site's policy and ledger as its first round would be.
+
+    The info holds counts only (with those of `data.prepare` when a rule is on), never contents;
+    under any DP level not even counts: the guarantee does not cover them (adding one record
+    changes them), so only the name (added by the handler) and the model fingerprint are sent.
     """
     records, prepare_counts = load_prepared(site.data_dir, cfg.data)
     sm = site_model(cfg)
     encoded = encode(records, sm.tokenizer, cfg)
     train, held = split_eval(records, cfg, cfg.train.seed + site.index)
+    with _ledger(site, cfg) as ledger:
+        _, refusal = admit(site.policy, ledger, cfg, len(train), site.run_key)
+    if refusal:
+        logger.warning("site %s: %s", site.name, refusal)
+    if private(cfg):
+        return Preflight({keys.FINGERPRINT: sm.fingerprint}, refusal)
     info: dict[str, Any] = {
-        "records": len(train),
-        "eval-records": len(held),
-        "max-tokens": max(len(e.input_ids) for e in encoded),
-        "fingerprint": sm.fingerprint,
+        keys.RECORDS: len(train),
+        keys.EVAL_RECORDS: len(held),
+        keys.MAX_TOKENS: max(len(e.input_ids) for e in encoded),
+        keys.FINGERPRINT: sm.fingerprint,
     }
-    info.update({f"prepare:{k}": v for k, v in prepare_counts.items()})
-    return info
+    info.update({f"{keys.PREPARE_PREFIX}{k}": v for k, v in prepare_counts.items()})
+    return Preflight(info, refusal)
+
+
+def check_site(site: SiteInfo, cfg: Config) -> dict[str, Any]:
+    """The preflight's SITE record (see :func:`preflight`)."""
+    return preflight(site, cfg).info
 
 
 @dataclass
@@ -159,14 +204,14 @@ def run_local_round(
     global_state: dict[str, np.ndarray],
     round_idx: int,
     fingerprint: str,
-    privacy_state: dict[str, Any] | None = None,
-    budget: float | None = None,
 ) -> LocalUpdate:
     """Set the global adapter, train locally (one loop; DP-SGD steps if configured), return new
     minus global.
 
-    With institution-level DP the whole update is clipped to C (and noised at the site when the
-    noise is distributed) before it leaves. A site over its record-level budget declines.
+    A round the site's policy refuses (the run asks for less protection, or it would pass a
+    budget) is declined with the reason. Under record-level DP the round's steps are charged to
+    the site's ledger before training. With institution-level DP the whole update is clipped to
+    C (and noised at the site when the noise is distributed) before it leaves.
     """
     sm = site_model(cfg)
     if fingerprint != sm.fingerprint:
@@ -179,24 +224,25 @@ def run_local_round(
     examples: list[Encoded] = encode(train, sm.tokenizer, cfg)
     pad = int(sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0)
     seed = cfg.train.seed + 1000 * round_idx + site.index
-    acc: SiteAccountant | None = None
-    stepper: DPStepper | None = None  # None: plain steps
-    if cfg.privacy.record.enabled:
-        acc = SiteAccountant(privacy_state if privacy_state is not None else {},
-                             site.state_file(), cfg.privacy.record.accountant)  # fmt: skip
-        plan, reason = check_budget(acc, cfg, len(examples), budget)
+    privacy: dict[str, float] = {}
+    with _ledger(site, cfg) as ledger:
+        plan, reason = admit(site.policy, ledger, cfg, len(examples), site.run_key)
         if reason:
             logger.warning("site %s: %s", site.name, reason)
             return LocalUpdate({}, None, len(train), declined=reason)
-        stepper = DPStepper(cfg.privacy.record, plan, acc.accountant)
+        if plan is not None and ledger is not None:
+            # Charged before training, under the ledger's lock: a crash cannot lose it.
+            ledger.charge(site.run_key, round_steps(plan), plan, site.policy)
+            run_eps = ledger.run_accountant(site.run_key).epsilon(plan.delta)
+            privacy = {keys.RECORD_EPSILON: run_eps, keys.RECORD_DELTA: plan.delta}
+    taken = GaussianAccountant(cfg.privacy.record.accountant)
+    stepper = DPStepper(cfg.privacy.record, plan, taken) if plan is not None else None
     result = train_round(
         sm.model, examples, cfg.train, pad_id=pad, round_idx=round_idx,
         total_rounds=cfg.federation.rounds, seed=seed, stepper=stepper,
     )  # fmt: skip
-    privacy: dict[str, float] = {}
-    if acc is not None:
-        acc.save()  # epsilon composes over rounds and process restarts
-        privacy = {"record-epsilon": acc.accountant.epsilon(plan.delta), "record-delta": plan.delta}
+    if plan is not None:
+        _check_charged(site, plan, taken)
     new_state = get_state(sm.model, sm.keys)
     delta = {k: new_state[k] - global_state[k] for k in sm.keys}
     if cfg.privacy.institution.enabled:
@@ -205,3 +251,23 @@ def run_local_round(
         logger.debug("site %s: update norm %.4g before clipping", site.name, norm)
         delta = unflatten(vec, delta)
     return LocalUpdate(delta, result, len(train), privacy=privacy)
+
+
+def _ledger(site: SiteInfo, cfg: Config) -> AbstractContextManager[SiteLedger | None]:
+    """The site's locked ledger under record-level DP (None without it: nothing to charge)."""
+    if not cfg.privacy.record.enabled:
+        return contextlib.nullcontext(None)
+    return site.ledger()
+
+
+def _check_charged(site: SiteInfo, plan: RecordPlan, taken: GaussianAccountant) -> None:
+    """DP-SGD took exactly the steps charged before it started; otherwise what it took is
+    charged as well and no update leaves."""
+    if taken.history == round_steps(plan):
+        return
+    with site.ledger() as ledger:
+        ledger.charge(site.run_key, list(taken.history), plan, site.policy)
+    raise PrivacyError(
+        f"DP-SGD took {taken.history} instead of the {round_steps(plan)} charged; the steps "
+        "taken are charged as well and this round's update is withheld"
+    )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.core.config import Config
+from common.core.config.simulation import DEFAULT_SITE_STATE, VIRTUAL_SITE_POLICY
 from common.core.errors import DataError
 from common.core.records import write_jsonl
 from common.dataprep import check_folder
@@ -48,7 +49,24 @@ def write_sites(cfg: Config, corpus: Corpus, out: Path) -> dict[str, int]:
         mix = Counter(r["label"] for r in rows if "label" in r).most_common(3)
         logger.info("site-%d: %d records, top labels %s", i, len(rows), mix)
     write_jsonl(out / "test" / "records.jsonl", test)
+    write_policies(cfg, out, list(counts))
     return counts
+
+
+def write_policies(cfg: Config, out: Path, sites: list[str]) -> None:
+    """Each virtual site's own policy file (`OUT/site-policies/<site>.toml`, read by the site as
+    a real site reads its `policy-file`). Its ledger folder defaults to one per scenario and
+    site under the user's cache, never under `out`: a fresh run folder is not a fresh budget."""
+    import tomli_w
+
+    for site in sites:
+        policy = cfg.simulation.policy_of(site)
+        fields = {k.replace("_", "-"): v for k, v in policy.model_dump(exclude_none=True).items()}
+        state = DEFAULT_SITE_STATE / cfg.name / site
+        fields.setdefault("state-dir", str(state.expanduser()))
+        path = out / VIRTUAL_SITE_POLICY.format(site=site)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {site}'s own policy (client/policy.py)\n" + tomli_w.dumps(fields))
 
 
 def load_corpus(cfg: Config) -> Corpus:

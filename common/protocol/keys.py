@@ -6,9 +6,13 @@ site (client/) both import them from here; neither spells a key itself.
 
     coordinator -> site                          site -> coordinator
     query.check   CONFIG                         SITE (name, records, fingerprint, prepare:*)
+                                                 [+ DECLINED]       (the site's policy refuses)
     train         CONFIG, ADAPTER                METRICS + UPDATE                 (plain)
                   [+ MASK_REQUEST]               METRICS + MASKED + UPLOAD        (secure)
-                                                 or METRICS + DECLINED            (over budget)
+                                                 or METRICS + DECLINED  (its policy or budget)
+
+Under either DP level a site sends no counts: SITE holds name and fingerprint only, METRICS only
+RECORD_EPSILON and RECORD_DELTA (record level) or nothing; a decline's METRICS is always empty.
     query.secagg_keys   SETUP                    ADVERT
     query.secagg_keys   SEED_REQUEST             SEED_REVEAL                      (SecAgg+)
     query.secagg_unmask SURVIVORS                SURVIVORS_SIGNED                 (consistency)

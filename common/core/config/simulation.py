@@ -119,8 +119,122 @@ class PartitionConfig(Section):
         return out
 
 
+VIRTUAL_SITE_POLICY = "site-policies/{site}.toml"
+"""A virtual site's policy file in the run folder, beside the data folders (`OUT/sites/site-0/`,
+`OUT/site-policies/site-0.toml`): the site reads its policy there, never from the config the
+coordinator sends."""
+
+DEFAULT_SITE_STATE = Path("~/.cache/fedtune/site-state")
+"""Where a site keeps its ledger unless its policy says (`<site>`, or `<scenario>/<site>` for a
+virtual site)."""
+
+DATASET_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class SitePolicyConfig(Section):
+    """A site's own privacy policy: what it accepts from any coordinator, which can only ask for
+    more protection. A real site writes it in node config or a policy file (client/policy.py);
+    a scenario sets it for its virtual sites (`[simulation.site_policy]`). Sites never take it
+    from the run's config."""
+
+    require_record_dp: bool | None = Field(
+        None,
+        description=(
+            "Refuse to train unless `privacy.record.enabled`; unset: required whenever "
+            "`max_epsilon` is set."
+        ),
+    )
+    max_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Most record-level epsilon these records may spend over ALL runs, composed in the "
+            "site's ledger (node-config alias `budget-epsilon`); unset: no cap."
+        ),
+    )
+    max_delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "Largest record-level delta accepted; unset: min(1e-5, 1/(10·records)). A delta at "
+            "or above 1/records is refused whatever this says."
+        ),
+    )
+    min_noise_multiplier: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Refuse a DP-SGD noise multiplier below this (`privacy.record.noise_multiplier`, or "
+            "the one calibrated from `target_epsilon`)."
+        ),
+    )
+    accept_server_noise: bool = Field(
+        True,
+        description=(
+            "Accept institution-level DP whose noise the coordinator adds (no secure "
+            "aggregation: the coordinator sees this site's clipped update before the noise)."
+        ),
+    )
+    require_secagg: bool = Field(
+        False,
+        description="Refuse to send an update unless `secagg.enabled` (the coordinator sees "
+        "only the masked sum).",
+    )
+    dataset_id: str = Field(
+        "default",
+        pattern=DATASET_ID,
+        description=(
+            "The ledger these records charge: a site serving several datasets from one state "
+            "folder gives each its own id (letters, digits, `.`, `_`, `-`)."
+        ),
+    )
+    state_dir: str | None = Field(
+        None,
+        description=(
+            "Folder of the site's ledger; unset: ~/.cache/fedtune/site-state/<site name> (for "
+            "a virtual site: ~/.cache/fedtune/site-state/<scenario name>/<site name>)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _cap_needs_dp(self) -> SitePolicyConfig:
+        if self.require_record_dp is False and self.max_epsilon is not None:
+            raise ValueError(
+                "`max_epsilon` caps record-level DP, which `require_record_dp` = false lets the "
+                "coordinator turn off (training without it spends an unbounded epsilon)"
+            )
+        return self
+
+
 class SimulationConfig(Section):
     partition: PartitionConfig = Field(
         default_factory=PartitionConfig, description="How the corpus is split into sites."
     )
     backend_cpus_per_site: float = Field(1.0, gt=0, description="Ray CPUs reserved per site.")
+    site_policy: SitePolicyConfig = Field(
+        default_factory=SitePolicyConfig,
+        description="Every virtual site's own privacy policy (written beside its data folder).",
+    )
+    site_policies: dict[str, SitePolicyConfig] = Field(
+        default_factory=dict,
+        description=(
+            "One virtual site's policy by name (`[simulation.site_policies.site-1]`), in place "
+            "of `site_policy` for that site."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _known_sites(self) -> SimulationConfig:
+        names = {f"site-{i}" for i in range(self.partition.num_sites)}
+        unknown = sorted(set(self.site_policies) - names)
+        if unknown:
+            raise ValueError(
+                f"`simulation.site_policies` names no virtual site: {', '.join(unknown)} "
+                f"(the sites are site-0 .. site-{self.partition.num_sites - 1})"
+            )
+        return self
+
+    def policy_of(self, site: str) -> SitePolicyConfig:
+        """The policy a virtual site is given: its own table, else `site_policy`."""
+        return self.site_policies.get(site, self.site_policy)
