@@ -270,21 +270,28 @@ def privacy_report(
         console.print("[bold red]error:[/] give a run folder or `--plan CONFIG` (one of them)")
         raise typer.Exit(2)
     if plan is not None:
-        cfg, counts, summary = run_user(lambda: _planned(plan, set_ or []))
+        cfg, counts, summary, checks = run_user(lambda: _planned(plan, set_ or []))
         out_console.print(report_text(summary))
         if outlook := noise_outlook(cfg, counts):
             out_console.print(outlook)
+        out_console.print("Each site's own policy (its ledger as it is now):", highlight=False)
+        for line in checks:
+            out_console.print(f"  {line}", highlight=False)
         return
     if run_dir is not None:
         folder = run_dir
         out_console.print(run_user(lambda: report_text(_run_privacy(folder))))
 
 
-def _planned(config: Path, overrides: list[str]) -> tuple[Any, dict[str, int], Any]:
-    """The plan for a scenario: site sizes from its partition (written to a scratch folder)."""
+def _planned(config: Path, overrides: list[str]) -> tuple[Any, dict[str, int], Any, list[str]]:
+    """The plan for a scenario: site sizes from its partition (written to a scratch folder), and
+    each virtual site's policy check against its ledger."""
     import tempfile
 
+    from client.policy import read_policy
+    from client.privacy_site import plan_check
     from common.core.config import load_config
+    from common.core.config.simulation import VIRTUAL_SITE_POLICY
     from common.privacy.report import plan
     from simulations.run import prepare
 
@@ -293,7 +300,12 @@ def _planned(config: Path, overrides: list[str]) -> tuple[Any, dict[str, int], A
         cfg = prepare(cfg, Path(tmp))
         sites = sorted((Path(tmp) / "sites").iterdir())
         counts = {p.name: sum(1 for _ in (p / "records.jsonl").open()) for p in sites}
-    return cfg, counts, plan(cfg, counts)
+        policies = {
+            site: read_policy({}, Path(tmp) / VIRTUAL_SITE_POLICY.format(site=site))
+            for site in counts
+        }
+    checks = [plan_check(policies[site], cfg, n, site) for site, n in counts.items()]
+    return cfg, counts, plan(cfg, counts), checks
 
 
 def _run_privacy(run_dir: Path) -> dict[str, Any]:
@@ -308,6 +320,58 @@ def _run_privacy(run_dir: Path) -> dict[str, Any]:
     if "privacy" not in summary:
         raise PrivacyError(f"run `{run_dir}` trained without differential privacy: no guarantee")
     return {k: v for k, v in summary["privacy"].items() if k != "statement"}
+
+
+ledger_app = typer.Typer(no_args_is_help=True, help="A site's privacy ledger (site operators).")
+app.add_typer(ledger_app, name="ledger")
+StateDir = Annotated[Path, typer.Argument(help="The site's state folder (`state-dir`).")]
+
+
+@ledger_app.command("show")
+def ledger_show(state_dir: StateDir) -> None:
+    """Per dataset: runs, rounds, record-level epsilon spent (all runs composed, at the site's
+    delta) and the budget left."""
+    from client.privacy_site import ledger_report
+
+    reports = run_user(lambda: ledger_report(state_dir))
+    if not reports:
+        out_console.print(f"no ledger in {state_dir}: nothing spent yet")
+    for r in reports:
+        left = "no cap" if r.remaining is None else f"{r.remaining:.3f} left of {r.max_epsilon:.3f}"
+        out_console.print(
+            f"dataset {r.dataset}: {len(r.runs)} run(s), {r.rounds} round(s), epsilon "
+            f"{r.epsilon:.3f} spent at delta {r.delta:.2e}; {left}",
+            highlight=False,
+        )
+        for run, (rounds, eps) in r.runs.items():
+            n = "rounds not recorded" if rounds is None else f"{rounds} round(s)"
+            at = "" if eps is None else f", epsilon {eps:.3f} at the run's delta"
+            out_console.print(f"  run {run}: {n}{at}", highlight=False)
+        for when in r.resets:
+            out_console.print(f"  reset by the operator at {when}", highlight=False)
+
+
+@ledger_app.command("reset")
+def ledger_reset(
+    state_dir: StateDir,
+    dataset: Annotated[str, typer.Option("--dataset", help="The dataset id to reset.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Yes: forget what it has spent.")] = False,
+) -> None:
+    """Forget what a dataset's records have spent (the operator's explicit decision)."""
+    from client.privacy_site import reset_ledger
+
+    if not yes:
+        console.print(
+            f"[bold red]error:[/] resetting `{dataset}` forgets the privacy its records have "
+            "already lost; add `--yes` if that is what you mean",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    before = run_user(lambda: reset_ledger(state_dir, dataset))
+    out_console.print(
+        f"reset dataset {dataset}: forgot {len(before.runs)} run(s), epsilon {before.epsilon:.3f}",
+        highlight=False,
+    )
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and prepare a site's records.")
