@@ -12,12 +12,21 @@ pytestmark = pytest.mark.slow
 
 
 def test_private_run_and_its_report(tmp_path):
-    out = tmp_path / "private"
+    out, state = tmp_path / "private", tmp_path / "state"
+    own_state = [  # each virtual site's ledger in this test's folder, not in ~/.cache
+        f"simulation.site_policies.site-{i}.state_dir={state / f'site-{i}'}" for i in range(3)
+    ]
     proc = fedtune(
         "simulate", "--config", str(SCENARIOS / "tiny.toml"), "--out", str(out),
-        "--set", "privacy.enabled=true",
+        "--set", "privacy.enabled=true", *(a for o in own_state for a in ("--set", o)),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The real ClientApp processes read the policy files the ServerApp wrote and charged the
+    # ledgers named there: two rounds each, nothing under the run folder.
+    for i in range(3):
+        shown = fedtune("ledger", "show", str(state / f"site-{i}"))
+        assert shown.returncode == 0 and "1 run(s), 2 round(s)" in shown.stdout, shown.stdout
+    assert not (out / "site-state").exists()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(set(r["record_epsilon"]) == {"site-0", "site-1", "site-2"} for r in rows)
     assert rows[0]["institution_epsilon"] < rows[1]["institution_epsilon"]
