@@ -53,3 +53,5 @@ def test_schemathesis_finds_no_server_errors(
     assert "passed" in proc.stdout, tail
     summary = json.loads(report.read_text()) if report.is_file() else {}
     assert not summary.get("failures"), tail
+    assert summary["test_cases"]["generated"] > 100, summary["test_cases"]  # it did fuzz
+    print(json.dumps({"test_cases": summary["test_cases"], "phases": summary["phases"]}))
