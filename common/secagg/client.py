@@ -1,14 +1,20 @@
-"""The site's side of one secure-aggregation round: three calls, state serialisable in between.
+"""The site's side of one secure-aggregation round: four or five calls, state kept in between.
 
 Stages (docs/secure-aggregation.md has the full spec):
 
-1. :meth:`SecAggClient.advertise` -> :class:`KeyAdvert` (fresh X25519 pairs ``c`` and ``s``).
-2. :meth:`SecAggClient.mask` (update, :class:`MaskRequest`) -> :class:`MaskedUpload`: quantize,
-   add a self mask from a fresh seed ``b`` and pairwise masks with neighbours, Shamir-share ``b``
-   and each pair key among the neighbourhood, encrypt each neighbour's shares to it.
-3. :meth:`SecAggClient.unmask` (:class:`UnmaskRequest`) -> :class:`UnmaskReply`: after checking
-   the server's view against its own, reveal for every surviving neighbour its self-mask share and
-   the shares of its pair keys with absent sites, never a pair key between two survivors.
+1. :meth:`SecAggClient.advertise` -> :class:`KeyAdvert` (fresh X25519 pairs ``c`` and ``s`` and
+   a commitment to a graph-seed share, signed with the site's identity key).
+1b. (SecAgg+) :meth:`SecAggClient.reveal_seed` (:class:`SeedRequest`) -> :class:`SeedReveal`.
+2. :meth:`SecAggClient.mask` (update, :class:`MaskRequest`) -> :class:`MaskedUpload`: after
+   checking every advert (common/secagg/checks.py), quantize, add a self mask from a fresh seed
+   ``b`` and pairwise masks with neighbours, Shamir-share ``b`` and each pair key among the
+   neighbourhood, encrypt each neighbour's shares to it.
+3a. :meth:`SecAggClient.sign_survivors` (:class:`ConsistencyRequest`) -> :class:`SurvivorSignature`.
+3b. :meth:`SecAggClient.unmask` (:class:`UnmaskRequest`) -> :class:`UnmaskReply`: shown enough
+   signatures of the very lists it signed, reveal for every surviving neighbour its self-mask
+   share and the shares of its pair keys with absent sites, never a pair key between survivors.
+
+Every refusal is logged (ERROR) with its reason before :class:`SecAggError` is raised.
 
 Each call may run in a new process: persist :meth:`SecAggClient.to_bytes` after each call and
 rebuild with :meth:`SecAggClient.from_bytes`. The state holds the secret keys: keep it on the site.
@@ -20,16 +26,17 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from common.core.errors import SecAggError
-from common.secagg import auth, crypto, shamir
+from common.secagg import auth, checks, crypto, shamir
 from common.secagg.auth import Credentials
-from common.secagg.graph import Graph, build_graph, component_size, is_sparse
+from common.secagg.graph import Graph, build_graph, component_size
 from common.secagg.messages import (
     ConsistencyRequest,
     KeyAdvert,
@@ -47,6 +54,7 @@ from common.secagg.params import SecAggParams
 from common.secagg.quantize import Quantizer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ADVERTISED, _REVEALED = "advertised", "revealed"
 _MASKED, _SIGNED, _DONE = "masked", "signed", "done"
@@ -154,49 +162,24 @@ class SecAggClient:
     def _session(self) -> bytes:
         return bytes.fromhex(self._s.session)
 
-    def _verify_adverts(self, adverts: dict[int, KeyAdvert]) -> dict[int, auth.Peer]:
-        """Every advert must be signed, for this session, round and these parameters, by a
-        distinct site the CA certified (Bonawitz et al. 2017, §6: signed AdvertiseKeys). One bad
-        advert and this site refuses the whole set: it would mask with keys nobody vouches for."""
-        anchor = auth.TrustAnchor.from_pem(self._s.ca_cert.encode())
-        digest, peers = self._params.digest(), {}
-        for site, advert in sorted(adverts.items()):
-            who = f"the key advert of site {site}"
-            try:
-                if advert.site_id != site:
-                    raise SecAggError(f"{who} speaks for site {advert.site_id}")
-                peer = anchor.peer(advert.cert, who)
-                message = advert.statement(self._session, self._s.round_id, digest)
-                peer.verify(message, advert.signature, who)
-            except SecAggError as err:
-                raise self._refuse(f"{err}; refusing a round that contains it") from err
-            peers[site] = peer
-        names = [p.fingerprint for p in peers.values()]
-        if len(set(names)) != len(names):
-            raise self._refuse("two key adverts are signed by one identity; refusing the round")
-        return peers
+    def _guard(self, check: Callable[[], T]) -> T:
+        """Run one of the checks (common/secagg/checks.py); a failure is this site's refusal."""
+        try:
+            return check()
+        except SecAggError as err:
+            raise self._refuse(str(err)) from err
 
     def _check_adverts(self, adverts: dict[int, KeyAdvert]) -> None:
         """The set of adverts this site would mask with: its own unchanged, every one signed by a
         distinct certified site, no public key twice, t a majority of each neighbourhood."""
-        me = self._s.site_id
-        if not self.advertise().same_keys(adverts.get(me)):
-            raise self._refuse("the server relayed a wrong advert for this site")
-        self._verify_adverts(adverts)
-        keys = [k for a in adverts.values() for k in (a.c_public, a.s_public)]
-        if len(set(keys)) != len(keys):
-            raise self._refuse("two adverts share a public key")
-        n, k = len(adverts), self._params.neighbours
-        holders = k + 1 if is_sparse(k, n) else n
-        if holders < self._params.threshold:
-            raise self._refuse(
-                f"{holders} sites in the neighbourhood, fewer than `threshold` "
-                f"{self._params.threshold}"
+        own, anchor = self.advertise(), auth.TrustAnchor.from_pem(self._s.ca_cert.encode())
+        self._guard(lambda: checks.check_own_advert(adverts, own))
+        self._guard(
+            lambda: checks.verify_adverts(
+                adverts, anchor, self._session, self._s.round_id, self._params
             )
-        try:
-            self._params.require_majority(holders, "")
-        except SecAggError as err:
-            raise self._refuse(str(err)) from err
+        )
+        self._guard(lambda: checks.check_advert_set(adverts, self._params))
 
     # Stage 1b (SecAgg+) -------------------------------------------------------------------------
     def reveal_seed(self, request: SeedRequest) -> SeedReveal:
@@ -212,17 +195,10 @@ class SecAggClient:
         return SeedReveal(self._s.site_id, bytes.fromhex(self._s.seed_share))
 
     def _check_reveals(self, request: MaskRequest) -> None:
-        if not is_sparse(self._params.neighbours, len(request.adverts)):
-            return  # the complete graph: no seed needed
-        if self._s.stage != _REVEALED:
-            raise self._refuse("a sparse graph, but this site never revealed its seed share")
-        if adverts_digest(request.adverts).hex() != self._s.committed:
-            raise self._refuse("the adverts differ from the set this site revealed its seed for")
-        if set(request.reveals) != set(request.adverts):
-            raise self._refuse("the graph seed lacks some advertisers' shares")
-        for site, share in request.reveals.items():
-            if crypto.commit(b"graph-seed", share) != request.adverts[site].seed_commit:
-                raise self._refuse(f"site {site}'s seed share does not open its commitment")
+        revealed = self._s.stage == _REVEALED
+        self._guard(
+            lambda: checks.check_reveals(request, self._params, revealed, self._s.committed)
+        )
 
     # Stage 2 ------------------------------------------------------------------------------------
     def mask(self, update: NDArray[np.floating], request: MaskRequest) -> MaskedUpload:
@@ -362,32 +338,16 @@ class SecAggClient:
         return graph
 
     def _check_signatures(self, request: UnmaskRequest) -> None:
-        """Enough survivors signed the very lists this site signed (Bonawitz et al. 2017, §6,
-        Unmasking: abort unless >= t valid signatures of U3 from U4 ⊆ U3). With a strict majority
-        of the advertisers required, two different lists cannot both gather enough signatures,
-        so every honest site that reveals anything was shown the same lists."""
         needed = self._params.signatures_needed(len(self._s.site_ids))
-        signers = set(request.signatures)
-        if not signers <= set(request.survivors):
-            raise self._refuse(f"survivor lists signed by non-survivors {sorted(signers)}")
-        if len(signers) < needed:
-            raise self._refuse(
-                f"only {len(signers)} survivors signed the survivor lists, {needed} needed: "
-                "no proof the other sites were shown the same lists"
-            )
         message = ConsistencyRequest(
             self._s.round_id, self._s.signed_survivors, self._s.signed_absent
         ).statement(self._session, self._view)
-        for signer, signature in sorted(request.signatures.items()):
-            who = f"the survivor lists of site {signer}"
-            peer = auth.uncertified_peer(bytes.fromhex(self._s.certs[str(signer)]), who)
-            try:  # certificates were checked against the CA when this site masked
-                peer.verify(message, signature, who)
-            except SecAggError as err:
-                raise self._refuse(
-                    f"{err}: the coordinator showed sites different survivor lists, or forged "
-                    "a signature; no share is revealed"
-                ) from err
+        certs = {int(v): bytes.fromhex(c) for v, c in self._s.certs.items()}
+        self._guard(
+            lambda: checks.check_signatures(
+                request.signatures, request.survivors, needed, message, certs
+            )
+        )
 
     def _open(
         self, sender: int, blob: bytes, sender_neighbours: list[int]
