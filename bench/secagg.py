@@ -2,13 +2,21 @@
 
 Side by side in one run, on the same inputs (n sites, one d-parameter float32 update each):
 
-* server_time_ratio: our server's work (sum masked uploads, rebuild secrets, strip masks, decode)
-  divided by a plaintext numpy FedAvg weighted sum of the same updates. Goal <= 3.
-* upload_bytes_ratio: every byte a site sends in the three stages / its float32 update. Goal 1.05.
-* client_mask_s: one site's stage-2 time (quantize, mask, share, encrypt), mean over sites.
+* server_time_ratio: our server's work (check signed adverts, sum masked uploads, check the
+  survivors' signatures, rebuild secrets, strip masks, decode) / a plaintext numpy FedAvg
+  weighted sum of the same updates. Goal <= 3.
+* upload_bytes_ratio: every byte a site sends in all stages (signed advert with its certificate,
+  masked vector and shares, survivor signature, revealed shares) / its float32 update. Goal 1.05.
+* client_mask_s: one site's stage-2 time (verify adverts, quantize, mask, share, encrypt), mean.
 * vs_flower_ratio: our clients' + server's time / the same work with Flower 1.41's SecAgg+
   primitives (quantize, pseudo_rand_gen, Shamir, ECDH + Fernet), as in its secaggplus_mod and
   SecAggPlusWorkflow. Goal < 1.
+* client_overhead_s: what issue 13 adds at one site per round: signing its advert and survivor
+  lists, verifying n adverts (certificate + signature) and n survivor signatures, and exact
+  discrete Gaussian noise for all d coordinates (sigma = 100 levels, CSPRNG).
+* secure_mode_dp_throughput_ratio: DP-SGD steps per second with the CSPRNG (Opacus secure_mode
+  recipe: four AES-CTR Gaussian draws per noise value) / with torch's generator (one draw), on a
+  small llama with LoRA r=8 on q and v. Goal >= 0.9 (secure mode costs under 10%).
 
 Run: ``.venv/bin/python bench/secagg.py [--sites 10] [--params 2000000]``. Last line is JSON.
 """
@@ -32,6 +40,7 @@ from numpy.typing import NDArray
 # Runnable as `python bench/secagg.py` from anywhere: the repository root holds `common`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.identity.certs import ephemeral_federation
+from common.privacy.discrete_gaussian import DiscreteGaussian
 from common.secagg import (
     Credentials,
     Identity,
@@ -40,12 +49,14 @@ from common.secagg import (
     SecAggServer,
     TrustAnchor,
 )
+from common.secagg.auth import statement, uncertified_peer
 
 logger = logging.getLogger(__name__)
 
 CLIP = 8.0  # Flower's default clipping_range; updates are drawn well inside it
 REPEATS = 3
 SESSION = b"bench"
+NOISE_SIGMA = 100  # integer levels: discrete noise std per coordinate
 
 
 def best_of(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -68,46 +79,145 @@ def credentials(sites: list[int]) -> dict[int, Credentials]:
     return {s: Credentials(Identity.from_pem(*fed.identities[f"site-{s}"]), anchor) for s in sites}
 
 
+def _bytes(message: dict[str, Any]) -> int:
+    """Bytes of a message's values on the wire (ints as 8)."""
+    total = 0
+    for value in message.values():
+        for item in value if isinstance(value, list) else [value]:
+            total += len(item) if isinstance(item, bytes | str) else 8
+    return total
+
+
 def ours(updates: list[NDArray[np.float32]], threshold: int) -> dict[str, float]:
-    """One full round of fedtune's protocol; times per party, bytes per site."""
+    """One full round of fedtune's protocol (signed adverts, consistency check); times per
+    party, bytes per site."""
     params = SecAggParams(threshold=threshold, clip_range=CLIP)
     sites = list(range(len(updates)))
-    server = SecAggServer(params, round_id=1, site_ids=sites, session=SESSION)
     creds = credentials(sites)
+    start = time.perf_counter()
+    server = SecAggServer(params, round_id=1, site_ids=sites, session=SESSION)
     clients = {s: SecAggClient(s, params, 1, creds[s], SESSION) for s in sites}
     adverts = {s: c.advertise() for s, c in clients.items()}
+    clients_s = time.perf_counter() - start
+    sent = float(sum(_bytes(a.to_dict()) for a in adverts.values()))
+    start = time.perf_counter()
     request = server.mask_request(adverts)
-    mask_s, server_s, sent = 0.0, 0.0, 64.0 * len(sites)  # stage 1: two public keys each
+    server_s, mask_s = time.perf_counter() - start, 0.0
     for s, client in clients.items():
         start = time.perf_counter()
         upload = client.mask(updates[s], request)
         mask_s += time.perf_counter() - start
-        sent += upload.masked.nbytes + sum(len(v) for v in upload.shares.values())
-        sent += 32 + 32 * len(upload.pair_commits)
+        sent += upload.masked.nbytes + _bytes(upload.to_dict())
         start = time.perf_counter()
         server.add_upload(upload)
         server_s += time.perf_counter() - start
     start = time.perf_counter()
-    requests = server.unmask_requests()
+    lists = server.consistency_request()
+    server_s += time.perf_counter() - start
+    start = time.perf_counter()
+    signed = {s: clients[s].sign_survivors(lists) for s in sites}
+    sign_s = time.perf_counter() - start
+    sent += sum(_bytes(v.to_dict()) for v in signed.values())
+    start = time.perf_counter()
+    requests = server.unmask_requests(signed)
     server_s += time.perf_counter() - start
     start = time.perf_counter()
     replies = {s: clients[s].unmask(r) for s, r in requests.items()}
     unmask_s = time.perf_counter() - start
-    sent += sum(66 * (len(r.self_shares) + len(r.pair_shares)) for r in replies.values()) / len(
-        sites
-    )
+    sent += sum(_bytes(r.to_dict()) for r in replies.values())
     start = time.perf_counter()
     result = server.finish(replies)
     server_s += time.perf_counter() - start
     error = float(np.abs(result.total - np.sum(updates, axis=0, dtype=np.float64)).max())
     return {
         "client_mask_s": mask_s / len(sites),
-        "clients_s": mask_s + unmask_s,
+        "clients_s": clients_s + mask_s + sign_s + unmask_s,
         "server_s": server_s,
         "upload_bytes": sent / len(sites),
         "max_error": error,
         "error_bound": result.error_bound,
     }
+
+
+def client_overhead(sites: int, size: int) -> dict[str, float]:
+    """One site's added work per round: 2 signatures, 2n verifications, d discrete noise draws."""
+    creds = credentials(list(range(sites)))
+    me, anchor = creds[0].identity, creds[0].anchor
+    message = statement(b"bench", 1, os.urandom(64))
+    signatures = {s: c.identity.sign(message) for s, c in creds.items()}
+    certs = {s: c.identity.cert_der for s, c in creds.items()}
+    start = time.perf_counter()
+    for _ in range(2):  # its advert, its survivor lists
+        me.sign(message)
+    sign_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for s in range(sites):  # each advert: certificate and signature; then each survivor's
+        anchor.peer(certs[s], f"site {s}").verify(message, signatures[s], "advert")
+        uncertified_peer(certs[s], f"site {s}").verify(message, signatures[s], "survivors")
+    verify_s = time.perf_counter() - start
+    start = time.perf_counter()
+    DiscreteGaussian(NOISE_SIGMA**2).sample(size)
+    noise_s = time.perf_counter() - start
+    return {
+        "sign_s": sign_s,
+        "verify_s": verify_s,
+        "noise_s": noise_s,
+        "client_overhead_s": sign_s + verify_s + noise_s,
+    }
+
+
+def dp_throughput(steps: int = 4, repeats: int = 3) -> dict[str, float]:
+    """Seconds per DP-SGD step on a small llama + LoRA, CSPRNG noise vs torch's generator
+    (interleaved runs, fastest of each: the machine's load hits both alike)."""
+    import torch
+    from opacus.optimizers.optimizer import _generate_noise
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import client.dp as dp
+    from common.core.config import RecordDPConfig
+    from common.privacy.accounting import GaussianAccountant, RecordPlan
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=576, num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, vocab_size=4096,
+    )  # fmt: skip  # SmolLM2-135M's width; fewer layers and a smaller vocabulary
+    lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(LlamaForCausalLM(config), lora)
+    batch, seq = 8, 32
+    ids = torch.randint(0, 4096, (batch, seq))
+    records = [{"input_ids": ids[i], "labels": ids[i]} for i in range(batch)]
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    cfg = RecordDPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0)
+    plan = RecordPlan(batch, 1.0, batch, steps, 1, 1.0, 1.0, 1e-5, 0.0)
+
+    def run() -> float:
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        with dp.DPTrainer(model, opt, cfg, plan, GaussianAccountant(),
+                          physical_batch_size=batch) as trainer:  # fmt: skip
+            trainer.step_on(records, collate)  # warm-up
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.step_on(records, collate)
+            return (time.perf_counter() - start) / steps
+
+    def torch_noise(std: float, reference: Any, rng: Any) -> Any:  # Opacus without secure_mode
+        return _generate_noise(std, reference, None, secure_mode=False)
+
+    secure_gaussian, secure, plain = dp.secure_gaussian, [], []
+    for _ in range(repeats):
+        secure.append(run())
+        dp.secure_gaussian = torch_noise
+        try:
+            plain.append(run())
+        finally:
+            dp.secure_gaussian = secure_gaussian
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"secure_step_s": min(secure), "plain_step_s": min(plain), "trainable": trainable}
 
 
 def flower(updates: list[NDArray[np.float32]], threshold: int) -> dict[str, float]:
@@ -175,6 +285,8 @@ def main() -> None:
     plain = best_of(lambda: fedavg(updates, weights))
     mine = best_of(lambda: ours(updates, threshold))
     theirs = best_of(lambda: flower(updates, threshold))
+    extra = best_of(lambda: client_overhead(args.sites, args.params))
+    dp_steps = dp_throughput()
     float_bytes = args.params * 4
     report: dict[str, Any] = {
         "server_time_ratio": mine["server_s"] / plain["server_s"],
@@ -182,6 +294,8 @@ def main() -> None:
         "client_mask_s": mine["client_mask_s"],
         "vs_flower_ratio": (mine["clients_s"] + mine["server_s"])
         / (theirs["clients_s"] + theirs["server_s"]),
+        "client_overhead_s": extra["client_overhead_s"],
+        "secure_mode_dp_throughput_ratio": dp_steps["plain_step_s"] / dp_steps["secure_step_s"],
     }
     print(f"sites={args.sites} params={args.params} threshold={threshold}")
     print(f"plaintext FedAvg server: {plain['server_s']:.4f} s")
@@ -194,6 +308,15 @@ def main() -> None:
         f"flower   server {theirs['server_s']:.4f} s, clients {theirs['clients_s']:.3f} s, "
         f"upload >= {theirs['upload_bytes'] / float_bytes:.2f}x float32, "
         f"max error {theirs['max_error']:.2e}"
+    )
+    print(
+        f"site overhead: sign {extra['sign_s']:.4f} s, verify {args.sites} adverts + "
+        f"{args.sites} survivor signatures {extra['verify_s']:.4f} s, discrete Gaussian noise "
+        f"for {args.params} coordinates {extra['noise_s']:.3f} s"
+    )
+    print(
+        f"DP-SGD step ({int(dp_steps['trainable'])} LoRA parameters): CSPRNG "
+        f"{dp_steps['secure_step_s']:.4f} s, torch generator {dp_steps['plain_step_s']:.4f} s"
     )
     print(json.dumps({k: round(v, 4) for k, v in report.items()}))
 
