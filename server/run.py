@@ -40,7 +40,7 @@ from common.protocol.aggregate import (
     require_min_sites,
     site_weights,
 )
-from common.protocol.wire import config_record
+from common.protocol.wire import config_record, declined_reason
 from server import checkpoint
 from server.exchange import send_and_receive
 from server.outputs import RunWriter, dropouts
@@ -66,6 +66,7 @@ class FederatedRun:
     # None: the site does not disclose its count (any DP level on: counts are not covered).
     site_records: dict[str, int | None] = field(default_factory=dict)
     site_prepare: dict[str, dict[str, int]] = field(default_factory=dict)  # counts per rule
+    preflight_declined: dict[str, str] = field(default_factory=dict)  # node -> the site's reason
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     resume: bool = False
     _offline: set[int] = field(default_factory=set)
@@ -85,7 +86,7 @@ class FederatedRun:
         base = ckpt.base if ckpt else self._evaluate(model, loaded.tokenizer, test)
         logger.info("base model: %s", _fmt(base))
         nodes = self._wait_for_nodes()
-        self._preflight(nodes, fingerprint)
+        nodes = self._preflight(nodes, fingerprint)
         privacy = ServerPrivacy(self.cfg, len(nodes))
         state: dict[str, np.ndarray] = get_state(model, keys)
         final, first, elapsed = base, 1, 0.0
@@ -192,8 +193,12 @@ class FederatedRun:
         self._offline = offline
         return [n for n in nodes if n in online]
 
-    def _preflight(self, nodes: list[int], fingerprint: str) -> None:
-        """Every site checks its data and model before any training; any failure stops the run."""
+    def _preflight(self, nodes: list[int], fingerprint: str) -> list[int]:
+        """Every site checks its data and model before any training; any failure stops the run.
+
+        A site whose own policy refuses this run's protection declines here: it is left out of
+        the run (logged with its reason); too few left stops the run before any training.
+        Returns the nodes that take part."""
         content = lambda: RecordDict({keys.CONFIG: self._config(0, fingerprint)})  # noqa: E731
         msgs = [Message(content(), dst_node_id=n, message_type=keys.CHECK) for n in nodes]
         replies = send_and_receive(self.grid, msgs, self.cfg.federation.round_timeout_s)
@@ -201,6 +206,11 @@ class FederatedRun:
         for node, reply in replies.items():
             if reply.has_error():
                 problems.append(f"site on node {node}: {reply.error.reason}")
+                continue
+            reason = declined_reason(reply.content)
+            if reason is not None:
+                self.preflight_declined[str(node)] = reason
+                logger.warning("site on node %s declines this run: %s", node, reason)
                 continue
             try:
                 self._register_site(node, reply.content.config_records[keys.SITE], fingerprint)
@@ -210,12 +220,21 @@ class FederatedRun:
         problems += [f"node {n}: no answer within the round timeout" for n in sorted(missing)]
         if problems:
             raise RoundError("preflight failed, nothing was trained:\n  " + "\n  ".join(problems))
+        taking_part = [n for n in nodes if n in self.site_names]
+        needed = max(self.cfg.federation.min_sites, self.cfg.federation.sites_per_round)
+        if len(taking_part) < needed:
+            why = "; ".join(f"node {n}: {r}" for n, r in self.preflight_declined.items())
+            raise RoundError(
+                f"only {len(taking_part)} site(s) accept this run's protection, need {needed} "
+                f"(`federation.min_sites` / `sites_per_round`); declined: {why}"
+            )
         logger.info(
             "preflight ok: %s",
             ", ".join(
                 k if v is None else f"{k} ({v} records)" for k, v in self.site_records.items()
             ),
         )
+        return taking_part
 
     def _register_site(self, node: int, info: Any, fingerprint: str) -> None:
         """Record a site's preflight answer: a unique name, its counts, the same frozen A."""
@@ -325,6 +344,7 @@ class FederatedRun:
             "bytes_up": [row["bytes_up"] for row in self.rows],
             "bytes_down": [row["bytes_down"] for row in self.rows],
             "dropouts": dropouts(self.rows),
+            "declined_at_preflight": self.preflight_declined,
             "wall_time_s": round(wall, 2),
             "run_id": self.run_id,
             "config_sha256": self.cfg.digest(),

@@ -116,3 +116,30 @@ def test_on_the_fly_preparation_counts_reach_the_summary(tiny_cfg, tmp_path: Pat
         and counts["prepare.records_out"] == counts["prepare.records_in"] - 1
     )
     assert all(isinstance(v, int) for v in counts.values())
+
+
+def test_a_site_declining_at_preflight_is_left_out_and_named(tiny_cfg, tmp_path: Path):
+    from common.protocol.wire import declined
+
+    cfg, nodes = setup_run(tiny_cfg, tmp_path, {"min_sites": 2, "rounds": 1})
+
+    def fault(node, msg):
+        if node == 101 and msg.metadata.message_type == "query.check":
+            return Message(
+                declined("site-1", "my policy requires `secagg.enabled`", 0), reply_to=msg
+            )
+        return None
+
+    grid = InProcessGrid(client_app, nodes, fault)
+    summary = FederatedRun(cfg, tmp_path / "run", grid).execute()
+    assert sorted(summary["sites"]) == ["site-0", "site-2"]
+    assert summary["declined_at_preflight"] == {"101": "my policy requires `secagg.enabled`"}
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert trained == {100, 102}
+    cfg3, _ = setup_run(tiny_cfg, tmp_path / "b", {"min_sites": 3, "rounds": 1})
+    with pytest.raises(
+        RoundError, match=r"only 2 site\(s\) accept .*declined: node 101: my policy"
+    ):
+        FederatedRun(
+            cfg3, tmp_path / "b" / "run", InProcessGrid(client_app, nodes, fault)
+        ).execute()
