@@ -341,6 +341,3 @@ def _document_stream(operation: dict[str, Any], chunk: Any, schemas: dict[str, A
     event = sse_event_schema(ref.format(model=chunk.__name__), ref.format(model="ErrorResponse"))
     content = operation["responses"]["200"]["content"]["text/event-stream"]
     content["schema"] = event
-
-
-__all__ = ["Handle", "create_app", "error_response", "validation_error"]
