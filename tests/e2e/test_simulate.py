@@ -1,14 +1,34 @@
-"""End to end: `fedtune simulate` on tiny.toml through Flower's real simulation engine (Ray)."""
+"""End to end: `fedtune simulate` on tiny.toml through Flower's real simulation runtime (a local
+SuperLink, `flwr run`, Ray): outputs, user errors, Ctrl-C, resume, and nothing left running."""
 
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from common.core.config import load_config
-from tests.conftest import SCENARIOS
-from tests.e2e.conftest import fedtune
+from tests.conftest import ROOT, SCENARIOS
+from tests.e2e.conftest import TINY_MARK, cli_env, fedtune, marked
 
 pytestmark = pytest.mark.slow
+
+
+def third_party_warnings(text: str) -> list[str]:
+    """Deprecations and warnings of Flower, Ray or Python (fedtune's read `WARNING  message`)."""
+    flower_format = re.compile(r"^(\(\w+ pid=\d+\) )?WARNING\s*:")
+    return [
+        line
+        for line in text.splitlines()
+        if "DEPRECATED" in line or "Warning:" in line or flower_format.match(line)
+    ]
 
 
 def test_every_output_file_is_written(tiny_run):
@@ -86,7 +106,7 @@ def test_publish_then_verify_through_the_cli(tiny_run, tmp_path):
     model_dir = tmp_path / "model"
     proc = fedtune("publish", str(out), "--out", str(model_dir), "--signing-key", str(key))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert {"manifest.json", "manifest.sig", "MODEL_CARD.md", "config.json"} <= {
+    assert {"manifest.json", "model.sig", "MODEL_CARD.md", "config.json"} <= {
         p.name for p in model_dir.iterdir()
     }
     proc = fedtune("verify", str(model_dir), "--public-key", str(pub))
@@ -112,8 +132,85 @@ def test_privacy_report_plans_a_config():
     assert proc.returncode == 0, proc.stderr[-2000:]
     import re
 
-    worst = float(re.search(r"Each patient record: \(([0-9.]+),", proc.stdout).group(1))
+    worst = float(re.search(r"Each record: \(([0-9.]+),", proc.stdout).group(1))
     assert 7.5 <= worst <= 8.0  # calibrated to the target epsilon of the shortcut
     assert "Each institution's entire dataset" in proc.stdout
     assert "Record-level noise per optimizer step" in proc.stdout
     assert len(re.findall(r"site site-\d: \d+ records, sample rate", proc.stdout)) == 3
+
+
+def test_the_run_goes_through_flwr_run_and_leaves_nothing_running(tiny_run):
+    out, proc = tiny_run
+    assert "Successfully started run" in proc.stderr  # submitted with `flwr run`
+    assert "round 2/2: 3 site(s)" in proc.stderr  # the ServerApp's progress reaches the user
+    assert marked(TINY_MARK) == []
+    assert third_party_warnings(proc.stderr + proc.stdout) == []
+    assert "preflight ok" in (out / "logs" / "run.log").read_text()
+    assert (out / "logs" / "superlink.log").is_file()
+
+
+def test_a_user_error_in_the_serverapp_is_one_paragraph_and_stops_everything(tmp_path):
+    mark = uuid.uuid4().hex
+    proc = fedtune(
+        "simulate", "--config", str(SCENARIOS / "tiny.toml"), "--out", str(tmp_path),
+        "--set", 'model.source="/nonexistent/model"', mark=mark,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "`model.source`: `/nonexistent/model` is neither" in errors[0]
+    assert "Traceback" not in proc.stderr and "Exit Code" not in proc.stderr
+    assert "ModelError" in (tmp_path / "logs" / "run.log").read_text()  # all of it kept
+    assert marked(mark) == []
+    assert third_party_warnings(proc.stderr + proc.stdout) == []
+
+
+def _as_in_a_terminal() -> None:
+    """A job started in the background ignores SIGINT, and so would the CLI: not in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_superlink_and_everything_it_started(tmp_path, sig):
+    mark = uuid.uuid4().hex
+    cmd = [sys.executable, "-m", "cli.main", "simulate", "--config", str(SCENARIOS / "tiny.toml")]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path)], cwd=ROOT, env=cli_env(mark), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_as_in_a_terminal,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "preflight ok" in line:  # Ray and its site actors are up: round 1 is running
+                break
+        running = "\n".join(marked(mark))
+        assert "flower-superlink" in running and "flwr-simulation" in running, running
+        assert "raylet" in running, running
+        os.killpg(proc.pid, sig)  # SIGINT: what a terminal's Ctrl-C sends to its foreground
+        rest = proc.communicate(timeout=90)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "interrupted: stopping the run" in rest
+    assert not (tmp_path / "summary.json").exists()
+    assert marked(mark) == []
+
+
+def test_resume_runs_the_rounds_after_the_checkpoint_again(tiny_run, tmp_path):
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("logs"))
+    ckpt = json.loads((run / "checkpoint.json").read_text())
+    ckpt["round"], ckpt["rows"] = 1, ckpt["rows"][:1]  # as if it crashed during round 2
+    (run / "checkpoint.json").write_text(json.dumps(ckpt))
+    shutil.rmtree(run / "rounds" / "2")
+    proc = fedtune("simulate", "--resume", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming after round 1 of 2" in proc.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    resumed = load_file(str(run / "rounds" / "2" / "adapter_model.safetensors"))
+    straight = load_file(str(out / "rounds" / "2" / "adapter_model.safetensors"))
+    assert set(resumed) == set(straight)
+    for key, value in straight.items():
+        np.testing.assert_allclose(resumed[key], value, rtol=0, atol=1e-6)
