@@ -71,11 +71,12 @@ def fedtune_error(qualified: str) -> type[FedtuneError] | None:
 class FlowerLog:
     """Feed it the log's lines (:meth:`feed`, then :meth:`finish`); it returns those to show.
 
-    ``user_error`` is the FedtuneError class of a withheld traceback; ``failure`` the last line
-    of a shown one (what a bug raised).
+    ``user_error`` is the FedtuneError class of a withheld traceback and ``user_message`` what
+    it says; ``failure`` the last line of a shown one (what a bug raised).
     """
 
     user_error: type[FedtuneError] | None = None
+    user_message: str = ""
     failure: str = ""
     _held: list[str] = field(default_factory=list)  # an ERROR record, then its traceback
     _traceback: bool = False
@@ -124,12 +125,15 @@ class FlowerLog:
 
     def _end_traceback(self) -> list[str]:
         block, self._held, self._traceback = self._held, [], False
-        raised = [m for m in map(EXCEPTION_LINE.match, map(plain, block)) if m]
-        last = raised[-1] if raised else None
-        cls = fedtune_error(last["cls"]) if last else None
-        if cls is not None:
-            self.user_error = cls
-            return []
-        if last:
-            self.failure = plain(last.group(0))
-        return block
+        lines = [plain(line) for line in block]
+        raised = [(i, m) for i, text in enumerate(lines) if (m := EXCEPTION_LINE.match(text))]
+        if not raised:
+            return block
+        at, last = raised[-1]  # the outermost of a chain is printed last
+        cls = fedtune_error(last["cls"])
+        if cls is None:
+            self.failure = last.group(0)
+            return block
+        self.user_error = cls
+        self.user_message = "\n".join([last["msg"], *lines[at + 1 :]]).rstrip()
+        return []

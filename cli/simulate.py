@@ -117,7 +117,7 @@ def stage_app(dest: Path) -> Path:
 
     `flwr run <folder>` lists every file under the folder before its .gitignore filter drops
     most (Flower 1.41, flwr/cli/utils.py `collect_files`); in a checkout that is the .venv and
-    run folders too (~58,000 files: 3 s idle, over 20 s on a loaded machine). A copy of what
+    run folders too (~58,000 files: seconds idle, over 20 s on a loaded machine). A copy of what
     the app is made of (about 100 files) takes milliseconds and builds the same ServerApp and
     ClientApp.
     """
@@ -173,8 +173,9 @@ def _summary(
     if path.is_file():
         return dict(json.loads(path.read_text(encoding="utf-8")))
     status, details = _status(link, run_id)
-    if shown.user_error is not None and details.startswith(FAILED_PREFIX):
-        raise _user_error(shown.user_error, details.removeprefix(FAILED_PREFIX))
+    if shown.user_error is not None:  # Flower's record of the message first, else the log's
+        message = details.removeprefix(FAILED_PREFIX) if details.startswith(FAILED_PREFIX) else ""
+        raise _user_error(shown.user_error, message or shown.user_message)
     cause = details or shown.failure or "no reason given"
     raise RoundError(
         f"the run ended without a summary (Flower: run {status}: {cause}); the log above has "

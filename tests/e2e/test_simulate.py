@@ -214,3 +214,89 @@ def test_resume_runs_the_rounds_after_the_checkpoint_again(tiny_run, tmp_path):
     assert set(resumed) == set(straight)
     for key, value in straight.items():
         np.testing.assert_allclose(resumed[key], value, rtol=0, atol=1e-6)
+
+
+# -- the pieces, without processes ----------------------------------------------------------------
+FLOWER_TRACEBACK = [
+    "\x1b[91mERROR \x1b[0m:     Simulation raised an exception\n",
+    "Traceback (most recent call last):\n",
+    '  File "/apps/fedtune/server/run.py", line 73, in execute\n',
+    "    loaded = load_base(self.cfg.model, self.cfg.data.labels)\n",
+    "{exception}\n",
+    "  - `b`: second line of the message\n",
+    "\x1b[91mERROR \x1b[0m:     Exit Code: 700\n",
+    "\n",
+    "An unhandled exception occurred when running the simulation.\n",
+    "\n",
+    "For more information, visit: <https://flower.ai/docs/framework/1.41/en/ref-exit-codes/700.html>\n",
+    "\x1b[92mINFO \x1b[0m:      after\n",
+]
+
+
+def shown_by(log, lines):
+    out = [line for raw in lines for line in log.feed(raw)]
+    return out + log.finish()
+
+
+def test_the_log_withholds_a_user_errors_traceback_and_shows_a_bugs():
+    from cli.flower_log import FlowerLog
+    from common.core.errors import ModelError
+
+    user = FlowerLog()
+    exc = "common.core.errors.ModelError: `model.source`: no such model"
+    shown = shown_by(user, [line.format(exception=exc) for line in FLOWER_TRACEBACK])
+    assert shown == [FLOWER_TRACEBACK[-1]]
+    assert user.user_error is ModelError
+    assert user.user_message == "`model.source`: no such model\n  - `b`: second line of the message"
+    bug = FlowerLog()
+    shown = shown_by(bug, [line.format(exception="KeyError: 'x'") for line in FLOWER_TRACEBACK])
+    assert "".join(shown).count("Traceback") == 1 and "Exit Code: 700" in "".join(shown)
+    assert bug.user_error is None and bug.failure == "KeyError: 'x'"
+
+
+def test_the_log_drops_only_the_exact_known_lines():
+    from cli.flower_log import FlowerLog
+
+    warning = "\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, "
+    known = warning + "default simulated SuperNodes changed from 10 to 2.\n"
+    other = warning + "something else changed.\n"
+    assert shown_by(FlowerLog(), [known, other]) == [other]
+
+
+def test_federation_config_scales_a_fraction_of_a_cpu(tiny_cfg):
+    from cli.simulate import federation_config
+    from common.core.errors import ConfigError
+
+    cpus = os.cpu_count() or 1
+    half = tiny_cfg.model_copy(
+        update={"simulation": tiny_cfg.simulation.model_copy(update={"backend_cpus_per_site": 0.5})}
+    )
+    assert federation_config(half) == (
+        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+        f"init-args-num-cpus={2 * cpus}"
+    )
+    too_many = half.model_copy(
+        update={
+            "simulation": half.simulation.model_copy(update={"backend_cpus_per_site": cpus + 1})
+        }
+    )
+    with pytest.raises(ConfigError, match="backend_cpus_per_site"):
+        federation_config(too_many)
+
+
+def test_the_staged_app_is_the_app_and_nothing_else(tmp_path):
+    from cli.simulate import stage_app
+
+    app = stage_app(tmp_path / "app")
+    files = {p.relative_to(app).as_posix() for p in app.rglob("*") if p.is_file()}
+    assert {"pyproject.toml", "server/app.py", "client/app.py", "simulations/run.py"} <= files
+    assert {f.split("/")[0] for f in files} <= {
+        "pyproject.toml",
+        ".gitignore",
+        "cli",
+        "common",
+        "client",
+        "server",
+        "simulations",
+    }
+    assert not any("__pycache__" in f for f in files)
