@@ -16,7 +16,7 @@ from common.core.adapters import (
 from common.core.config import Config, FederationConfig
 from common.core.errors import ModelError
 from common.core.models import build_tiny
-from common.protocol.aggregate import RoundSum, apply_sum, site_weights
+from common.protocol.aggregate import RoundSum, SiteReport, apply_sum, site_weights
 from common.protocol.wire import from_record, to_record
 
 
@@ -75,7 +75,8 @@ def _plain_sum(cfg, deltas, records):
     """The plain path's sum, as server/plain_round.py builds it from the public weights."""
     weights = site_weights(cfg, dict(enumerate(records)))
     total = sum(weights[i] * flatten(d).astype(np.float64) for i, d in enumerate(deltas))
-    return RoundSum(total, sum(weights.values()), [])
+    reports = [SiteReport(f"s{i}", n, {}) for i, n in enumerate(records)]
+    return RoundSum(total, sum(weights.values()), reports)
 
 
 def test_weighted_fedavg_matches_numpy_reference():
@@ -88,13 +89,13 @@ def test_weighted_fedavg_matches_numpy_reference():
         {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()} for _ in range(3)
     ]
     cfg = Config(federation=FederationConfig(server_lr=0.5))
-    new = apply_sum(cfg, glob, _plain_sum(cfg, deltas, [10, 30, 60]))
+    new = apply_sum(cfg, glob, _plain_sum(cfg, deltas, [10, 30, 60]), expected=3)
     w = np.array([10, 30, 60]) / 100
     for k in glob:
         ref = glob[k] + 0.5 * sum(wi * d[k] for wi, d in zip(w, deltas, strict=True))
         np.testing.assert_allclose(new[k], ref, rtol=1e-6, atol=1e-6)
     uniform = Config(federation=FederationConfig(weighting="uniform"))
-    new = apply_sum(uniform, glob, _plain_sum(uniform, deltas, [10, 30, 60]))
+    new = apply_sum(uniform, glob, _plain_sum(uniform, deltas, [10, 30, 60]), expected=3)
     np.testing.assert_allclose(
         new["b"] - glob["b"], np.mean([d["b"] for d in deltas], axis=0), rtol=1e-5, atol=1e-6
     )
@@ -109,7 +110,7 @@ def test_ffa_average_of_b_equals_average_of_b_times_a(tiny_cfg):
     deltas = [
         {k: rng.normal(size=v.shape).astype(np.float32) for k, v in glob.items()} for _ in range(3)
     ]
-    new = apply_sum(tiny_cfg, glob, _plain_sum(tiny_cfg, deltas, [5, 7, 11]))
+    new = apply_sum(tiny_cfg, glob, _plain_sum(tiny_cfg, deltas, [5, 7, 11]), expected=3)
     weights = np.array([5, 7, 11]) / 23
     module = model.base_model.model.model.layers[0].self_attn.q_proj
     a = module.lora_A["default"].weight.detach().numpy().astype(np.float64)
