@@ -151,8 +151,11 @@ def _vocab(writer: Any, root: Path, n_vocab: int) -> None:
     writer.add_token_scores([0.0] * len(tokens))  # BPE has no scores; readers expect the key
     writer.add_token_types(types)
     special_vocab = gguf.SpecialVocab(root, load_merges=True, n_vocab=n_vocab)
-    if not special_vocab.merges:  # a BPE with no merges (tiny models): llama.cpp wants the key
-        writer.add_token_merges([])
+    if not special_vocab.merges:
+        # A BPE with no merges (the tiny test models): llama.cpp requires the key and gguf
+        # cannot write an empty array, so one rule joins two control tokens, which byte-level
+        # pieces of text never are: it never applies.
+        special_vocab.merges = [f"{tokens[0]} {tokens[1]}"]
     special_vocab.add_to_gguf(writer, quiet=True)
 
 
