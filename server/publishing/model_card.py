@@ -117,8 +117,9 @@ def _files() -> str:
             "- `model.safetensors`, `config.json`, `generation_config.json`, tokenizer files: the "
             "merged model, a standard Hugging Face folder (loads with `transformers`, vLLM, TGI).",
             "- `adapter/`: the LoRA adapter alone (PEFT format).",
-            "- `manifest.json`: run id, config hash, evaluation and privacy statement; `model.sig`: "
-            "an OpenSSF Model Signing signature (ECDSA P-256) over every file, manifest included; "
+            "- `manifest.json`: run id, config hash, evaluation and privacy statement; "
+            "`model.sig`: an OpenSSF Model Signing signature (ECDSA P-256) over every file, "
+            "manifest included; "
             "check with `fedtune verify` or `model_signing verify key`.\n",
         ]
     )
