@@ -12,7 +12,8 @@ Last line, one JSON object: the four accuracies, ``epsilon`` (record level, the 
 ``institution_epsilon``, ``base`` and ``majority`` (the base model's accuracy, and always
 answering the most frequent test label: a model at ``majority`` has learnt only the prior),
 ``fed_over_central``, ``fed_dp_over_central``, ``rounds_to_95`` (per federated arm, the first
-round whose accuracy reaches 0.95 of central; null if none does) and ``wall_s`` per arm. ``--scenario`` defaults to hospitals.toml; ``--set`` applies to every arm.
+round whose accuracy reaches 0.95 of central; null if none does) and ``wall_s`` per arm.
+``--scenario`` defaults to hospitals.toml; ``--set`` applies to every arm.
 """
 
 from __future__ import annotations
