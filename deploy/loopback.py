@@ -195,6 +195,20 @@ class LoopbackFederation:
             if s.proc.wait(timeout=timeout) != 0:
                 raise RuntimeError(f"registering {s.name} failed:\n{s.text()[-2000:]}")
 
+    def identity(self, name: str) -> str:
+        """Node config naming site ``name``'s identity for secure aggregation (its key and
+        certificate, and the identity CA it trusts): a rehearsal plays the consortium's CA too."""
+        from common.identity.certs import init_identity_ca, site_keys
+
+        folder = self.workdir / "identities"
+        ca_key, ca_cert = folder / "identity-ca.key", folder / "identity-ca.crt"
+        if not ca_cert.is_file():
+            init_identity_ca(folder)
+        key, cert = folder / name / f"{name}.identity.key", folder / name / f"{name}.identity.crt"
+        if not cert.is_file():  # a site restarted in the same rehearsal keeps its identity
+            site_keys(folder / name, name, ca_key, ca_cert)
+        return f"identity-key='{key}' identity-cert='{cert}' ca-cert='{ca_cert}'"
+
     def start_supernode(
         self,
         name: str,
@@ -223,7 +237,8 @@ class LoopbackFederation:
         else:
             cmd += ["--insecure"]
         if data_dir is not None:
-            cmd += ["--node-config", f"data-dir='{data_dir}' site-name='{name}'"]
+            node_config = f"data-dir='{data_dir}' site-name='{name}' {self.identity(name)}"
+            cmd += ["--node-config", node_config]
         if not (self.warm if warm is None else warm):
             return self.spawn(f"supernode-{name}", cmd + list(extra or []))
         # The SuperNode and its SuperExec share a secret: no other local process can take tasks.
