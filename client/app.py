@@ -113,7 +113,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.query(keys.KEYS_QUERY)
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Secure aggregation stage 1: fresh keys for this round; secrets stay in context.state."""
-    return Message(secagg_site.advertise(msg.content, context.state), reply_to=msg)
+    return Message(
+        secagg_site.advertise(msg.content, context.state, context.node_config), reply_to=msg
+    )
 
 
 @app.query(keys.UNMASK_QUERY)

@@ -41,7 +41,10 @@ logger = logging.getLogger(__name__)
 POLICY_FILE = "policy-file"  # node config: the site's policy TOML file
 ALIASES = {"budget_epsilon": "max_epsilon"}  # the node-config key before policies existed
 # Node-config keys that are the site's settings but not policy fields (Flower's, then fedtune's).
-NODE_KEYS = {"partition_id", "num_partitions", "data_dir", "site_name", "policy_file"}
+NODE_KEYS = {
+    "partition_id", "num_partitions", "data_dir", "site_name", "policy_file",
+    "identity_key", "identity_cert", "ca_cert",  # secure aggregation: client/secagg_site.py
+}  # fmt: skip
 
 
 class SitePolicy(SitePolicyConfig):
