@@ -437,11 +437,41 @@ def certs_init(
 def certs_site(
     name: Annotated[str, typer.Argument(help="The site's name, e.g. st-marys.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the site's key pair.")],
+    ca_key: Annotated[
+        Path | None, typer.Option("--ca-key", help="Identity CA key: also issue the identity.")
+    ] = None,
+    ca_cert: Annotated[
+        Path | None, typer.Option("--ca-cert", help="Identity CA certificate (with --ca-key).")
+    ] = None,
 ) -> None:
-    """Create a site's node-authentication key pair (register the .pub with the SuperLink)."""
+    """Create a site's node key pair (register the .pub with the SuperLink) and its identity key
+    for secure aggregation: a CSR for the identity CA, or with --ca-key and --ca-cert the cert."""
     from common.identity.certs import certs_site as site
 
-    run_user(lambda: site(name, out))
+    run_user(lambda: site(name, out, ca_key, ca_cert))
+
+
+@certs_app.command("identity-ca")
+def certs_identity_ca(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the identity CA.")],
+) -> None:
+    """Create the federation's identity CA (held by the consortium, not the coordinator)."""
+    from common.identity.certs import certs_identity_ca as identity_ca
+
+    run_user(lambda: identity_ca(out))
+
+
+@certs_app.command("issue")
+def certs_issue(
+    csr: Annotated[Path, typer.Argument(help="A site's NAME.identity.csr.")],
+    ca_key: Annotated[Path, typer.Option("--ca-key", help="The identity CA's private key.")],
+    ca_cert: Annotated[Path, typer.Option("--ca-cert", help="The identity CA's certificate.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the certificate.")],
+) -> None:
+    """Issue a site's identity certificate from its CSR (check its fingerprint out of band)."""
+    from common.identity.certs import certs_issue as issue
+
+    run_user(lambda: issue(csr, ca_key, ca_cert, out))
 
 
 @app.command("site-exec")
