@@ -153,8 +153,9 @@ def test_supernode_killed_mid_round_run_completes_and_records_the_dropout(f: Fed
 
 @pytest.mark.federation(overrides=[*KILL_SETTINGS, "secagg.enabled=true"])
 def test_supernode_killed_under_secure_aggregation_takes_the_dropout_path(f: Federation) -> None:
-    # site-2's tasks: check; keys, train, unmask of round 1; keys and train of round 2 (killed).
-    kill_site_2_in_round_2(f, tasks_before_round_2=5)
+    # site-2's tasks: check; keys, train, survivor-list signature and unmask of round 1 (SecAgg:
+    # four site calls a round, docs/secure-aggregation.md); keys and train of round 2 (killed).
+    kill_site_2_in_round_2(f, tasks_before_round_2=6)
     rows = f.rows()
     # It sent its keys for round 2, then vanished: the others' shares remove its masks.
     assert rows[1]["secagg_dropped"] == {"site-2": "train"}, rows[1]
