@@ -151,8 +151,10 @@ def _run(
             full.write(line)
             if run_id is None and (m := STARTED.search(line)):
                 run_id = int(m.group(1))
+                logger.debug("run %d submitted", run_id)
             _show(shown.feed(line))
         _show(shown.finish())
+        logger.debug("run %s: its log ended", run_id)
         if proc.wait() != 0 and run_id is None:
             raise RoundError(f"`flwr run` failed (exit {proc.returncode}); its output: {log}")
     return run_id, shown

@@ -173,6 +173,7 @@ class LocalSuperLink:
             logger.warning("process %d is still alive after SIGKILL", pid)
         if self.home is not None:
             shutil.rmtree(self.home, ignore_errors=True)
+        logger.debug("SuperLink on port %d and what it started: stopped", self.port)
 
     def _signal(self, sig: signal.Signals) -> None:
         pids = {p.pid for p in self.started if p.poll() is None} | set(tagged_pids(self.tag))
