@@ -47,9 +47,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """Live processes (not zombies) whose environment carries ``TAG_ENV=tag`` (Linux /proc)."""
-    needle = f"{TAG_ENV}={tag}".encode()
+def tagged_pids(tag: str, env: str = TAG_ENV) -> list[int]:
+    """Live processes (not zombies) whose environment carries ``env=tag`` (Linux /proc)."""
+    needle = f"{env}={tag}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

@@ -29,6 +29,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cli import superlink
+from cli.superlink import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout
@@ -41,13 +44,6 @@ INSECURE_WARNING = (
     "!!  INSECURE MODE: no TLS, no node authentication. Anyone who can reach the SuperLink\n"
     "!!  can join the federation and read every update. Loopback benchmarks only.\n" + "!" * 78
 )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -65,19 +61,7 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> N
 
 def tagged_pids(tag: str) -> list[int]:
     """PIDs of live processes whose environment carries ``TAG_ENV=tag`` (Linux /proc)."""
-    needle = f"{TAG_ENV}={tag}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+    return superlink.tagged_pids(tag, TAG_ENV)
 
 
 @dataclass
