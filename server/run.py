@@ -40,7 +40,7 @@ from common.protocol.aggregate import (
     require_min_sites,
     site_weights,
 )
-from common.protocol.wire import config_record, declined_reason
+from common.protocol.wire import config_record, declined_name, declined_reason
 from server import checkpoint
 from server.exchange import send_and_receive
 from server.outputs import RunWriter, dropouts
@@ -66,7 +66,7 @@ class FederatedRun:
     # None: the site does not disclose its count (any DP level on: counts are not covered).
     site_records: dict[str, int | None] = field(default_factory=dict)
     site_prepare: dict[str, dict[str, int]] = field(default_factory=dict)  # counts per rule
-    preflight_declined: dict[str, str] = field(default_factory=dict)  # node -> the site's reason
+    preflight_declined: dict[str, str] = field(default_factory=dict)  # site -> its reason
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     resume: bool = False
     _offline: set[int] = field(default_factory=set)
@@ -106,7 +106,8 @@ class FederatedRun:
             if self._eval_due(r):
                 final = self._evaluate(model, loaded.tokenizer, test)
             row = self._row(r, summed, final if self._eval_due(r) else {}, len(sampled))
-            row.update(privacy.record_round(r, summed.reports, summed.declined))
+            declined = {**self.preflight_declined, **summed.declined}  # who is out, and why
+            row.update(privacy.record_round(r, summed.reports, declined))
             row["seconds"] = round(time.monotonic() - t0, 3)
             self._record(writer, row)
             wall = elapsed + time.monotonic() - start
@@ -209,8 +210,11 @@ class FederatedRun:
                 continue
             reason = declined_reason(reply.content)
             if reason is not None:
-                self.preflight_declined[str(node)] = reason
-                logger.warning("site on node %s declines this run: %s", node, reason)
+                name = declined_name(reply.content) or f"node {node}"
+                if name in self.preflight_declined:  # a name is the site's own claim
+                    name = f"{name} (node {node})"
+                self.preflight_declined[name] = reason
+                logger.warning("site %s declined this run: %s", name, reason)
                 continue
             try:
                 self._register_site(node, reply.content.config_records[keys.SITE], fingerprint)
@@ -223,7 +227,7 @@ class FederatedRun:
         taking_part = [n for n in nodes if n in self.site_names]
         needed = max(self.cfg.federation.min_sites, self.cfg.federation.sites_per_round)
         if len(taking_part) < needed:
-            why = "; ".join(f"node {n}: {r}" for n, r in self.preflight_declined.items())
+            why = "; ".join(f"{n}: {r}" for n, r in self.preflight_declined.items())
             raise RoundError(
                 f"only {len(taking_part)} site(s) accept this run's protection, need {needed} "
                 f"(`federation.min_sites` / `sites_per_round`); declined: {why}"

@@ -71,6 +71,12 @@ def declined_reason(content: RecordDict) -> str | None:
     return str(content.config_records[keys.DECLINED][keys.REASON])
 
 
+def declined_name(content: RecordDict) -> str | None:
+    """The name a declining site gave itself (None when it gave none)."""
+    name = str(content.config_records[keys.DECLINED].get(keys.NAME, "")).strip()
+    return name or None
+
+
 def metrics_of(content: RecordDict) -> dict[str, float]:
     """The reply's metrics as floats (KeyError/ValueError on a malformed record)."""
     raw = content.metric_records[keys.METRICS]

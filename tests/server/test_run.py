@@ -133,13 +133,11 @@ def test_a_site_declining_at_preflight_is_left_out_and_named(tiny_cfg, tmp_path:
     grid = InProcessGrid(client_app, nodes, fault)
     summary = FederatedRun(cfg, tmp_path / "run", grid).execute()
     assert sorted(summary["sites"]) == ["site-0", "site-2"]
-    assert summary["declined_at_preflight"] == {"101": "my policy requires `secagg.enabled`"}
+    assert summary["declined_at_preflight"] == {"site-1": "my policy requires `secagg.enabled`"}
     trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
     assert trained == {100, 102}
     cfg3, _ = setup_run(tiny_cfg, tmp_path / "b", {"min_sites": 3, "rounds": 1})
-    with pytest.raises(
-        RoundError, match=r"only 2 site\(s\) accept .*declined: node 101: my policy"
-    ):
+    with pytest.raises(RoundError, match=r"only 2 site\(s\) accept .*declined: site-1: my policy"):
         FederatedRun(
             cfg3, tmp_path / "b" / "run", InProcessGrid(client_app, nodes, fault)
         ).execute()
