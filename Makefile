@@ -32,8 +32,11 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# Two workers by default (this project's reference machine has two cores); each test file stays
+# on one worker so its shared fixtures are built once. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 pytest: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: lint typecheck pytest
 

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from common.core.config import Config, format_validation_error
-from common.core.config.simulation import DEFAULT_SITE_STATE, SitePolicyConfig
+from common.core.config.simulation import SitePolicyConfig, default_site_state
 from common.core.errors import ConfigError
 from common.privacy.accounting import RecordPlan, default_delta
 
@@ -64,7 +64,7 @@ class SitePolicy(SitePolicyConfig):
         """Where the site's ledger lives: ``state-dir``, else a per-user default by site name."""
         if self.state_dir:
             return Path(self.state_dir).expanduser()
-        return (DEFAULT_SITE_STATE / site).expanduser()
+        return default_site_state() / site
 
 
 def read_policy(node_config: Mapping[str, Any], policy_file: Path | None = None) -> SitePolicy:

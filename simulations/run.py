@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.core.config import Config
-from common.core.config.simulation import DEFAULT_SITE_STATE, VIRTUAL_SITE_POLICY
+from common.core.config.simulation import VIRTUAL_SITE_POLICY, default_site_state
 from common.core.errors import DataError
 from common.core.records import write_jsonl
 from common.dataprep import check_folder
@@ -56,14 +56,14 @@ def write_sites(cfg: Config, corpus: Corpus, out: Path) -> dict[str, int]:
 def write_policies(cfg: Config, out: Path, sites: list[str]) -> None:
     """Each virtual site's own policy file (`OUT/site-policies/<site>.toml`, read by the site as
     a real site reads its `policy-file`). Its ledger folder defaults to one per scenario and
-    site under the user's cache, never under `out`: a fresh run folder is not a fresh budget."""
+    site under the user's state folder, never under `out`: a fresh run folder is not a fresh budget."""
     import tomli_w
 
     for site in sites:
         policy = cfg.simulation.policy_of(site)
         fields = {k.replace("_", "-"): v for k, v in policy.model_dump(exclude_none=True).items()}
-        state = DEFAULT_SITE_STATE / cfg.name / site
-        fields.setdefault("state-dir", str(state.expanduser()))
+        state = default_site_state() / cfg.name / site
+        fields.setdefault("state-dir", str(state))
         path = out / VIRTUAL_SITE_POLICY.format(site=site)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"# {site}'s own policy (client/policy.py)\n" + tomli_w.dumps(fields))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Sites' privacy ledgers (client/policy.py) go to a folder of this test session, never to the
+# user's own ~/.local/state: tests must neither read nor spend a real site's budget.
+# Under pytest-xdist each worker gets its share of the cores (torch and the simulation's
+# subprocesses read OMP_NUM_THREADS), so workers do not fight over them.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="fedtune-test-state-")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "simulations" / "scenarios"

@@ -78,7 +78,7 @@ def test_virtual_site_reads_its_policy_file_and_keeps_its_ledger_out_of_the_run_
 ):
     from simulations.run import write_policies
 
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-home"))
     tree = tiny_cfg.model_dump(mode="json")
     tree["simulation"]["site_policy"] = {"max_epsilon": 9.0}
     tree["simulation"]["site_policies"] = {"site-1": {"require_secagg": True}}
@@ -93,7 +93,7 @@ def test_virtual_site_reads_its_policy_file_and_keeps_its_ledger_out_of_the_run_
         assert sites[1].policy.require_secagg and sites[1].policy.max_epsilon is None
         for site in sites:  # the same folder whatever the run folder: no fresh budget
             assert site.ledger_dir == (
-                tmp_path / "home" / ".cache" / "fedtune" / "site-state" / cfg.name / site.name
+                tmp_path / "state-home" / "fedtune" / "site-state" / cfg.name / site.name
             )
             assert site.legacy_dirs == (out / "site-state" / site.name,)
 
@@ -236,7 +236,7 @@ def test_ledger_show_and_reset_through_the_cli(tmp_path: Path):
 def test_privacy_report_plan_shows_each_sites_policy_check(tmp_path: Path, monkeypatch):
     from tests.conftest import SCENARIOS
 
-    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     result = CliRunner().invoke(
         cli,
         [

@@ -191,15 +191,15 @@ def test_resume_composes_into_the_same_ledger(spent_once, tmp_path: Path):
 
 
 def test_a_fresh_run_folder_is_not_a_fresh_budget(tiny_cfg, tmp_path: Path, monkeypatch):
-    """Simulation route: the virtual sites' ledgers live under HOME, not under --out."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    """Simulation route: the virtual sites' ledgers live in the user's state folder, not --out."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-home"))
     scenario = private_cfg(tiny_cfg, **FAST, **{"federation.rounds": 1})
     nodes = {100 + i: {"partition-id": i} for i in range(3)}  # what Flower's simulation sets
     first = prepare(scenario, tmp_path / "out1")
     FederatedRun(
         first, tmp_path / "out1", InProcessGrid(client_app, nodes), str(tmp_path / "out1/sites")
     ).execute()
-    state = tmp_path / "home" / ".cache" / "fedtune" / "site-state" / scenario.name / "site-1"
+    state = tmp_path / "state-home" / "fedtune" / "site-state" / scenario.name / "site-1"
     eps, rounds = spent(state)
     assert rounds == 1
     tree = scenario.model_dump(mode="json")
