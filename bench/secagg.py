@@ -3,17 +3,19 @@
 Side by side in one run, on the same inputs (n sites, one d-parameter float32 update each):
 
 * server_time_ratio: our server's work (check signed adverts, sum masked uploads, check the
-  survivors' signatures, rebuild secrets, strip masks, decode) / a plaintext numpy FedAvg
-  weighted sum of the same updates. Goal <= 3.
+  survivors' signatures, rebuild secrets, strip masks, decode the distributed discrete
+  Gaussian's sum) / a plaintext numpy FedAvg weighted sum of the same updates. Goal <= 3.
 * upload_bytes_ratio: every byte a site sends in all stages (signed advert with its certificate,
-  masked vector and shares, survivor signature, revealed shares) / its float32 update. Goal 1.05.
+  masked vector, padded to whole Hadamard blocks, and shares, survivor signature, revealed
+  shares) / its float32 update. Goal 1.05. (``*_no_noise``: the same, fixed-point encoding.)
 * client_mask_s: one site's stage-2 time (verify adverts, quantize, mask, share, encrypt), mean.
 * vs_flower_ratio: our clients' + server's time / the same work with Flower 1.41's SecAgg+
   primitives (quantize, pseudo_rand_gen, Shamir, ECDH + Fernet), as in its secaggplus_mod and
   SecAggPlusWorkflow. Goal < 1.
 * client_overhead_s: what issue 13 adds at one site per round: signing its advert and survivor
-  lists, verifying n adverts (certificate + signature) and n survivor signatures, and exact
-  discrete Gaussian noise for all d coordinates (sigma = 100 levels, CSPRNG).
+  lists, verifying n adverts (certificate + signature) and n survivor signatures, and the
+  distributed discrete Gaussian encoding of its d coordinates (rotation, conditional rounding,
+  exact discrete Gaussian noise from a CSPRNG).
 * secure_mode_dp_throughput_ratio: DP-SGD steps per second with the CSPRNG (Opacus secure_mode
   recipe: four AES-CTR Gaussian draws per noise value) / with torch's generator (one draw), on a
   small llama with LoRA r=8 on q and v. Goal >= 0.9 (secure mode costs under 10%).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -40,7 +43,7 @@ from numpy.typing import NDArray
 # Runnable as `python bench/secagg.py` from anywhere: the repository root holds `common`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.identity.certs import ephemeral_federation
-from common.privacy.discrete_gaussian import DiscreteGaussian
+from common.privacy.ddg import DdgEncoding, DdgPlan, plan_ddg, rotation_seed
 from common.secagg import (
     Credentials,
     Identity,
@@ -56,7 +59,6 @@ logger = logging.getLogger(__name__)
 CLIP = 8.0  # Flower's default clipping_range; updates are drawn well inside it
 REPEATS = 3
 SESSION = b"bench"
-NOISE_SIGMA = 100  # integer levels: discrete noise std per coordinate
 
 
 def best_of(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -88,10 +90,23 @@ def _bytes(message: dict[str, Any]) -> int:
     return total
 
 
-def ours(updates: list[NDArray[np.float32]], threshold: int) -> dict[str, float]:
+def ddg_plan(sites: int, size: int) -> DdgPlan:
+    """The distributed discrete Gaussian's plan for n sites of d coordinates (z = 1, C = CLIP,
+    any n // 2 + 1 shares carry the full noise)."""
+    return plan_ddg(noise_multiplier=1.0, clip_norm=CLIP, min_sites=sites // 2 + 1,
+                    max_sites=sites, dim=size, modulus_bits=32)  # fmt: skip
+
+
+def ours(
+    updates: list[NDArray[np.float32]], threshold: int, plan: DdgPlan | None = None
+) -> dict[str, float]:
     """One full round of fedtune's protocol (signed adverts, consistency check); times per
-    party, bytes per site."""
-    params = SecAggParams(threshold=threshold, clip_range=CLIP)
+    party, bytes per site. With ``plan``: under the distributed discrete Gaussian, each site
+    encoding its update (rotate, round, exact noise) in its mask time, the server decoding in
+    its own."""
+    encoding = DdgEncoding(plan, rotation_seed(SESSION.decode(), 1)) if plan else None
+    params = SecAggParams(threshold=threshold, clip_range=CLIP,
+                          encoding=plan.digest() if plan else "")  # fmt: skip
     sites = list(range(len(updates)))
     creds = credentials(sites)
     start = time.perf_counter()
@@ -105,7 +120,8 @@ def ours(updates: list[NDArray[np.float32]], threshold: int) -> dict[str, float]
     server_s, mask_s = time.perf_counter() - start, 0.0
     for s, client in clients.items():
         start = time.perf_counter()
-        upload = client.mask(updates[s], request)
+        vec = encoding.encode(updates[s].astype(np.float64)) if encoding else updates[s]
+        upload = client.mask(vec, request)
         mask_s += time.perf_counter() - start
         sent += upload.masked.nbytes + _bytes(upload.to_dict())
         start = time.perf_counter()
@@ -127,8 +143,9 @@ def ours(updates: list[NDArray[np.float32]], threshold: int) -> dict[str, float]
     sent += sum(_bytes(r.to_dict()) for r in replies.values())
     start = time.perf_counter()
     result = server.finish(replies)
+    total = encoding.decode_sum(result.total) if encoding else result.total
     server_s += time.perf_counter() - start
-    error = float(np.abs(result.total - np.sum(updates, axis=0, dtype=np.float64)).max())
+    error = float(np.abs(total - np.sum(updates, axis=0, dtype=np.float64)).max())
     return {
         "client_mask_s": mask_s / len(sites),
         "clients_s": clients_s + mask_s + sign_s + unmask_s,
@@ -155,8 +172,11 @@ def client_overhead(sites: int, size: int) -> dict[str, float]:
         anchor.peer(certs[s], f"site {s}").verify(message, signatures[s], "advert")
         uncertified_peer(certs[s], f"site {s}").verify(message, signatures[s], "survivors")
     verify_s = time.perf_counter() - start
+    update = np.random.default_rng(1).normal(size=size)
+    update *= CLIP / np.linalg.norm(update)
+    encoding = DdgEncoding(ddg_plan(sites, size), rotation_seed("bench", 1))
     start, cpu = time.perf_counter(), time.process_time()
-    DiscreteGaussian(NOISE_SIGMA**2).sample(size)
+    encoding.encode(update)
     noise_s, noise_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     return {
         "sign_s": sign_s,
@@ -300,13 +320,17 @@ def main() -> None:
     threshold = args.sites // 2 + 1
     plain = best_of(lambda: fedavg(updates, weights))
     mine = best_of(lambda: ours(updates, threshold))
+    plan = ddg_plan(args.sites, args.params)
+    noisy = best_of(lambda: ours(updates, threshold, plan))
     theirs = best_of(lambda: flower(updates, threshold))
     extra = best_of(lambda: client_overhead(args.sites, args.params))
     dp_steps = dp_throughput()
     float_bytes = args.params * 4
     report: dict[str, Any] = {
-        "server_time_ratio": mine["server_s"] / plain["server_s"],
-        "upload_bytes_ratio": mine["upload_bytes"] / float_bytes,
+        "server_time_ratio": noisy["server_s"] / plain["server_s"],
+        "upload_bytes_ratio": noisy["upload_bytes"] / float_bytes,
+        "server_time_ratio_no_noise": mine["server_s"] / plain["server_s"],
+        "upload_bytes_ratio_no_noise": mine["upload_bytes"] / float_bytes,
         "client_mask_s": mine["client_mask_s"],
         "vs_flower_ratio": (mine["clients_s"] + mine["server_s"])
         / (theirs["clients_s"] + theirs["server_s"]),
@@ -321,14 +345,21 @@ def main() -> None:
         f"max error {mine['max_error']:.2e} (bound {mine['error_bound']:.2e})"
     )
     print(
+        f"fedtune with distributed discrete Gaussian: server {noisy['server_s']:.4f} s, "
+        f"clients {noisy['clients_s']:.3f} s, upload {noisy['upload_bytes'] / float_bytes:.4f}x "
+        f"float32 (padded to {plan.padded}), noise std {math.sqrt(plan.variance) / plan.scale:.3g}"
+        f" per site per coordinate, {plan.bits_needed} of 32 bits needed"
+    )
+    print(
         f"flower   server {theirs['server_s']:.4f} s, clients {theirs['clients_s']:.3f} s, "
         f"upload >= {theirs['upload_bytes'] / float_bytes:.2f}x float32, "
         f"max error {theirs['max_error']:.2e}"
     )
     print(
         f"site overhead: sign {extra['sign_s']:.4f} s, verify {args.sites} adverts + "
-        f"{args.sites} survivor signatures {extra['verify_s']:.4f} s, discrete Gaussian noise "
-        f"for {args.params} coordinates {extra['noise_s']:.3f} s ({extra['noise_cpu_s']:.3f} s CPU)"
+        f"{args.sites} survivor signatures {extra['verify_s']:.4f} s, DDG encoding (rotation, "
+        f"rounding, exact noise) of {args.params} coordinates {extra['noise_s']:.3f} s "
+        f"({extra['noise_cpu_s']:.3f} s CPU)"
     )
     print(
         f"DP-SGD step ({int(dp_steps['trainable'])} LoRA parameters), CPU seconds: CSPRNG "

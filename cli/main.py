@@ -305,7 +305,20 @@ def _planned(config: Path, overrides: list[str]) -> tuple[Any, dict[str, int], A
             for site in counts
         }
     checks = [plan_check(policies[site], cfg, n, site) for site, n in counts.items()]
-    return cfg, counts, plan(cfg, counts), checks
+    return cfg, counts, plan(cfg, counts, _update_size(cfg)), checks
+
+
+def _update_size(cfg: Any) -> int | None:
+    """The exchanged update's length (the distributed discrete Gaussian's bound needs it):
+    the model is built for it, so only when the noise is at the sites."""
+    if cfg.institution_noise_at != "sites":
+        return None
+    from common.core.adapters import attach_lora, exchanged_keys, get_state
+    from common.core.models import load_base
+
+    loaded = load_base(cfg.model, cfg.data.labels)
+    model = attach_lora(loaded.model, cfg.lora, cfg.model)
+    return sum(v.size for v in get_state(model, exchanged_keys(model, cfg.lora)).values())
 
 
 def _run_privacy(run_dir: Path) -> dict[str, Any]:

@@ -89,6 +89,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg = config_from_record(conf)
     site = _site(msg, context)
     global_state = from_record(msg.content.array_records[keys.ADAPTER])
+    plan = None
+    if cfg.secagg.enabled:  # refuse a weakened noise plan before spending anything on it
+        dim = sum(v.size for v in global_state.values())
+        plan = secagg_site.noise_plan(msg.content, context.state, cfg, dim)
     update = run_local_round(
         site, cfg, global_state, int(str(conf[keys.ROUND])) - 1,
         str(conf.get(keys.FINGERPRINT, "")),
@@ -99,7 +103,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics = _metrics(update, cfg, time.monotonic() - started)
     if cfg.secagg.enabled or keys.MASK_REQUEST in msg.content:
         # Secure aggregation: only the masked update leaves the site (refuses without a request).
-        content, clipped = secagg_site.masked_update(update.delta, msg.content, context.state, cfg)
+        content, clipped = secagg_site.masked_update(
+            update.delta, msg.content, context.state, cfg, plan
+        )
         if private(cfg):  # a count outside the sum and the accounting: kept in the local log
             logger.info("site %s: %d coordinate(s) clipped to the range", site.name, clipped)
         else:

@@ -42,7 +42,6 @@ from common.privacy.accounting import (
     GaussianAccountant,
     Mechanism,
     RecordPlan,
-    add_noise_share,
     clip_update,
     decline_reason,
     record_plan,
@@ -376,21 +375,11 @@ def _mtime(path: Path) -> str:
 # ---------------------------------------------------------------- institution level
 
 
-def privatize_update(vec: np.ndarray, cfg: Config, noise_at_site: bool) -> tuple[np.ndarray, float]:
-    """Institution-level DP at the site: clip the whole update to C, add this site's noise share.
+def privatize_update(vec: np.ndarray, cfg: Config) -> tuple[np.ndarray, float]:
+    """Institution-level DP at the site: clip the whole update to L2 norm C.
 
-    The share's std is sigma*C/sqrt(min_sites), so the sum over at least ``min_sites`` survivors
-    carries the full sigma*C (distributed DP, as in Kairouz et al. 2021).
-    """
-    inst = cfg.privacy.institution
-    clipped, norm = clip_update(vec, inst.clip_norm)
-    if noise_at_site:
-        clipped = add_noise_share(
-            clipped, noise_multiplier=inst.noise_multiplier, clip_norm=inst.clip_norm,
-            min_sites=cfg.federation.min_sites,
-        )  # fmt: skip
+    The noise is added by the coordinator (server noise) or, under secure aggregation, by the
+    site itself as it encodes the clipped update for the secure sum: the distributed discrete
+    Gaussian (client/secagg_site.py, common/privacy/ddg.py)."""
+    clipped, norm = clip_update(vec, cfg.privacy.institution.clip_norm)
     return clipped.astype(np.float32), norm
-
-
-def noise_at_site(cfg: Config) -> bool:
-    return cfg.institution_noise_at == "sites"  # the rule lives in the config (one place)

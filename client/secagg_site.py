@@ -35,7 +35,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common.core.adapters import flatten
 from common.core.config import Config
-from common.core.errors import SecAggError
+from common.core.errors import PrivacyError, SecAggError
+from common.privacy.accounting import clip_update
+from common.privacy.ddg import DdgEncoding, DdgPlan, rotation_seed
 from common.protocol import keys
 from common.secagg import (
     ConsistencyRequest,
@@ -51,8 +53,10 @@ from common.secagg import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["advertise", "masked_update", "unmask"]
-PARAM_KEYS = ("threshold", "neighbours", "modulus_bits", "clip_range", "stochastic_rounding")
+__all__ = ["advertise", "masked_update", "noise_plan", "unmask"]
+PARAM_KEYS = (
+    "threshold", "neighbours", "modulus_bits", "clip_range", "stochastic_rounding", "encoding",
+)  # fmt: skip
 
 
 def clip_coordinates(vec: np.ndarray, bound: float) -> tuple[np.ndarray, int]:
@@ -142,14 +146,55 @@ def _from_pem(key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> Credentials:
     return Credentials(Identity.from_pem(key_pem, cert_pem), TrustAnchor.from_pem(ca_pem))
 
 
-def masked_update(
-    delta: dict[str, np.ndarray], content: RecordDict, state: RecordDict, cfg: Config
-) -> tuple[RecordDict, int]:
-    """Stage 2, after local training: weight, clip to the quantizer's range, quantize and mask.
+def noise_plan(content: RecordDict, state: RecordDict, cfg: Config, dim: int) -> DdgPlan | None:
+    """Before training: the plan this site will encode its update under, with distributed noise
+    (None without). The site checks it against its own values (:meth:`DdgPlan.refusal`) and
+    refuses the round, before spending anything on it, if the plan would weaken its protection
+    or is not the one the round's signed parameters name."""
+    if keys.MASK_REQUEST not in content:
+        raise SecAggError(
+            "`secagg.enabled` is true but the train message carries no mask request: "
+            "refusing to send a plaintext update"
+        )
+    round_idx = int(_number(content.config_records[keys.CONFIG], keys.ROUND))
+    digest = _load(state, round_idx).params.encoding
+    distributed = cfg.institution_noise_at == "sites"
+    if distributed != bool(digest):
+        raise SecAggError(
+            "the round's secure-aggregation parameters do not match the run's noise setting "
+            f"(`privacy.institution.noise_at` = {cfg.institution_noise_at}): refusing to mask"
+        )
+    if not distributed:
+        return None
+    if keys.DDG_PLAN not in content.config_records:
+        raise SecAggError("distributed noise is on but the train message carries no noise plan")
+    try:
+        plan = DdgPlan.from_dict(dict(content.config_records[keys.DDG_PLAN]))
+    except PrivacyError as err:
+        raise SecAggError(str(err)) from err
+    refusal = plan.refusal(cfg, dim, digest)
+    if refusal is not None:
+        logger.error("secagg round %d: refusing the coordinator's noise plan: %s", round_idx,
+                     refusal)  # fmt: skip
+        raise SecAggError(f"refusing the coordinator's noise plan: {refusal}")
+    return plan
 
-    Institution-level DP has already been applied by ``client.site.run_local_round`` (L2 clip
-    to C and this site's noise share). Returns the MASKED and UPLOAD records and how many
-    coordinates were clipped; no plaintext update leaves.
+
+def masked_update(
+    delta: dict[str, np.ndarray],
+    content: RecordDict,
+    state: RecordDict,
+    cfg: Config,
+    plan: DdgPlan | None = None,
+) -> tuple[RecordDict, int]:
+    """Stage 2, after local training: weight, encode and mask.
+
+    The encoding: with distributed noise (``plan``, from :func:`noise_plan`), the distributed
+    discrete Gaussian: clip the weighted update to C (again: a weight from the coordinator
+    never raises the sensitivity), rotate, scale, round, add exact discrete Gaussian noise from
+    a CSPRNG, reduce mod 2^b (common/privacy/ddg.py). Without it: clip to the quantizer's range
+    and quantize. Returns the MASKED and UPLOAD records and how many coordinates were clipped;
+    no plaintext update leaves.
     """
     if keys.MASK_REQUEST not in content:
         raise SecAggError(
@@ -161,10 +206,21 @@ def masked_update(
     if not (np.isfinite(weight) and weight > 0):
         raise SecAggError(f"`{keys.WEIGHT}` must be a finite number > 0, got {weight!r}")
     client = _load(state, round_idx)
+    if bool(plan) != bool(client.params.encoding):
+        raise SecAggError("the noise plan and the round's parameters disagree: refusing to mask")
     # float64: float32 rounding of the weighted values would exceed the quantization error bound.
     weighted = flatten(delta).astype(np.float64) * weight
-    vec, clipped = clip_coordinates(weighted, cfg.quantizer_range)
     request = MaskRequest.from_dict(content.config_records[keys.MASK_REQUEST])
+    if plan is not None:
+        clipped_vec, _ = clip_update(weighted, cfg.privacy.institution.clip_norm)
+        run_id = str(conf.get(keys.RUN_ID, ""))
+        try:
+            vec = DdgEncoding(plan, rotation_seed(run_id, round_idx)).encode(clipped_vec)
+        except PrivacyError as err:
+            raise SecAggError(str(err)) from err
+        clipped = 0
+    else:
+        vec, clipped = clip_coordinates(weighted, cfg.quantizer_range)
     upload = client.mask(vec, request)
     _save(state, client, round_idx)
     if clipped:

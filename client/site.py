@@ -24,7 +24,6 @@ from client.policy import POLICY_FILE, SitePolicy, read_policy
 from client.privacy_site import (
     SiteLedger,
     admit,
-    noise_at_site,
     open_ledger,
     privatize_update,
     round_steps,
@@ -246,7 +245,7 @@ def run_local_round(
     new_state = get_state(sm.model, sm.keys)
     delta = {k: new_state[k] - global_state[k] for k in sm.keys}
     if cfg.privacy.institution.enabled:
-        vec, norm = privatize_update(flatten(delta), cfg, noise_at_site(cfg))
+        vec, norm = privatize_update(flatten(delta), cfg)
         # The pre-clip norm is what institution-level DP hides: it stays here, in the local log.
         logger.debug("site %s: update norm %.4g before clipping", site.name, norm)
         delta = unflatten(vec, delta)

@@ -11,11 +11,8 @@ import logging
 from typing import Any
 
 from common.core.config import Config
-from common.privacy.accounting import (
-    InstitutionAccountant,
-    add_server_noise,
-    top_up_shares,
-)
+from common.privacy.accounting import InstitutionAccountant, add_server_noise
+from common.privacy.ddg import DdgAccountant, plan_for
 from common.privacy.report import PrivacyLedger, context, report_text
 from common.protocol import keys
 from common.protocol.aggregate import SiteReport, SumNoise, expected_sites
@@ -24,12 +21,18 @@ logger = logging.getLogger(__name__)
 
 
 class ServerPrivacy:
-    def __init__(self, cfg: Config, num_sites: int) -> None:
+    """``dim``: the length of the exchanged update (the distributed discrete Gaussian's plan
+    depends on it)."""
+
+    def __init__(self, cfg: Config, num_sites: int, dim: int) -> None:
         self.cfg, self.num_sites = cfg, num_sites
         inst = cfg.privacy.institution
         self.ledger = PrivacyLedger(institution_delta=inst.delta if inst.enabled else None)
-        self.accountant: InstitutionAccountant | None = None
-        if inst.enabled:
+        self.accountant: InstitutionAccountant | DdgAccountant | None = None
+        if cfg.institution_noise_at == "sites":
+            plan = plan_for(cfg, dim, expected_sites(cfg, num_sites))
+            self.accountant = DdgAccountant(plan, inst.delta)
+        elif inst.enabled:
             self.accountant = InstitutionAccountant(inst)
 
     @property
@@ -37,20 +40,14 @@ class ServerPrivacy:
         return self.cfg.privacy.record.enabled or self.cfg.privacy.institution.enabled
 
     def noise(self) -> SumNoise | None:
-        """What the coordinator adds to a round's sum: all the noise (server noise), the shares
-        of missing sites (distributed noise), or nothing (no institution-level DP)."""
-        inst, where = self.cfg.privacy.institution, self.cfg.institution_noise_at
-        expected = expected_sites(self.cfg, self.num_sites)
-        if where == "server":
+        """What the coordinator adds to a round's float sum: all the noise (server noise), or
+        nothing (no institution-level DP; or distributed noise, where the sites add theirs and
+        the secure round tops up missing shares in integers before decoding)."""
+        inst = self.cfg.privacy.institution
+        if self.cfg.institution_noise_at == "server":
             return lambda total, _: add_server_noise(
                 total, noise_multiplier=inst.noise_multiplier, clip_norm=inst.clip_norm
             )
-        if where == "sites":
-            return lambda total, contributors: top_up_shares(
-                total, noise_multiplier=inst.noise_multiplier, clip_norm=inst.clip_norm,
-                min_sites=self.cfg.federation.min_sites, contributors=contributors,
-                expected=expected,
-            )  # fmt: skip
         return None
 
     def record_round(
@@ -83,11 +80,15 @@ class ServerPrivacy:
     def summary(self) -> dict[str, Any]:
         if not self.active:
             return {}
-        prv = self.accountant.epsilon_with("prv") if self.accountant else None
+        acc = self.accountant
+        extra: dict[str, Any] = {}
+        if isinstance(acc, InstitutionAccountant):
+            extra["institution_epsilon_prv"] = acc.epsilon_with("prv")
+        elif isinstance(acc, DdgAccountant):
+            extra["institution_epsilon_vs_coordinator"] = acc.epsilon_vs_coordinator()
+            extra["ddg_plan"] = acc.plan.to_dict()
         totals = dataclasses.replace(
-            self.ledger.summary(),
-            **context(self.cfg, self.num_sites),
-            institution_epsilon_prv=prv,
+            self.ledger.summary(), **context(self.cfg, self.num_sites), **extra
         )
         return {**totals.to_dict(), "statement": report_text(totals)}
 

@@ -69,6 +69,7 @@ class FederatedRun:
     preflight_declined: dict[str, str] = field(default_factory=dict)  # site -> its reason
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     resume: bool = False
+    expected: int = 0  # sites expected per round (set once preflight is done)
     _offline: set[int] = field(default_factory=set)
 
     def execute(self) -> dict[str, Any]:
@@ -87,15 +88,15 @@ class FederatedRun:
         logger.info("base model: %s", _fmt(base))
         nodes = self._wait_for_nodes()
         nodes = self._preflight(nodes, fingerprint)
-        privacy = ServerPrivacy(self.cfg, len(nodes))
         state: dict[str, np.ndarray] = get_state(model, keys)
+        privacy = ServerPrivacy(self.cfg, len(nodes), sum(v.size for v in state.values()))
         final, first, elapsed = base, 1, 0.0
         if ckpt:
             state, final, first, elapsed = self._restore(ckpt, keys, privacy)
             set_state(model, state)
         sampler = SiteSampler(self.cfg.federation)
         noise = privacy.noise()
-        expected = expected_sites(self.cfg, len(nodes))
+        expected = self.expected = expected_sites(self.cfg, len(nodes))
         for r in range(first, self.cfg.federation.rounds + 1):
             t0 = time.monotonic()
             sampled = sampler.sample(self._available(r, nodes), r)
@@ -275,10 +276,13 @@ class FederatedRun:
         """The round's weighted sum, from the plain or the secure source; too few fails it."""
         counts = {n: self.site_records[self.site_names[n]] for n in sampled}
         weights = site_weights(self.cfg, counts)
-        source = SecAggRound if self.cfg.secagg.enabled else PlainRound
-        summed = source(self.grid, self.cfg, r, self.site_names, weights).run(
-            state, self._config(r, fingerprint)
-        )
+        if self.cfg.secagg.enabled:
+            source: PlainRound | SecAggRound = SecAggRound(
+                self.grid, self.cfg, r, self.site_names, weights, self.expected
+            )
+        else:
+            source = PlainRound(self.grid, self.cfg, r, self.site_names, weights)
+        summed = source.run(state, self._config(r, fingerprint))
         require_min_sites(self.cfg, r, len(summed.reports), {**summed.failed, **summed.declined})
         return summed
 

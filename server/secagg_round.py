@@ -14,6 +14,7 @@ min-sites rule, noise, the step) is shared with the plain path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -24,8 +25,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.core.config import Config
-from common.core.errors import RoundError, SecAggError
+from common.core.errors import PrivacyError, RoundError, SecAggError
 from common.identity.certs import EphemeralFederation, ephemeral_federation
+from common.privacy.ddg import DdgEncoding, DdgPlan, plan_for, rotation_seed
 from common.protocol import keys
 from common.protocol.aggregate import RoundSum, SiteReport, require_min_sites
 from common.protocol.wire import declined_reason, metrics_of, record_count, to_record
@@ -67,8 +69,11 @@ class SecAggRound:
         round_idx: int,
         names: Mapping[int, str],
         weights: Mapping[int, float],
+        expected: int = 0,
     ) -> None:
-        self.grid, self.cfg, self.r = grid, cfg, round_idx
+        """``expected``: the sites expected per round (the DP-FedAvg denominator); with
+        distributed noise the coordinator adds the noise shares of those missing from it."""
+        self.grid, self.cfg, self.r, self.expected = grid, cfg, round_idx, expected
         self.nodes = sorted(weights)
         self.site_of = {node: i for i, node in enumerate(self.nodes)}
         self.names = {node: names.get(node, str(node)) for node in self.nodes}
@@ -80,6 +85,7 @@ class SecAggRound:
             modulus_bits=cfg.secagg.modulus_bits,
             clip_range=cfg.quantizer_range,
         )
+        self.plan: DdgPlan | None = None  # distributed noise: set by `run` (needs d)
         self.session = ""  # the run id, set by `run`
         self.ephemeral: EphemeralFederation | None = None
         self.summed = RoundSum(np.zeros(0), 0.0, [])
@@ -89,6 +95,13 @@ class SecAggRound:
     def run(self, state: dict[str, np.ndarray], config: ConfigRecord) -> RoundSum:
         """All stages; SecAggError (too few sites at any stage) becomes RoundError."""
         self.session = str(config.get(keys.RUN_ID, ""))
+        if self.cfg.institution_noise_at == "sites":
+            dim = sum(v.size for v in state.values())
+            try:
+                self.plan = plan_for(self.cfg, dim, self.expected or len(self.nodes))
+            except PrivacyError as err:
+                raise RoundError(f"round {self.r}: {err}") from err
+            self.params = dataclasses.replace(self.params, encoding=self.plan.digest())
         # Virtual sites of a simulation (a data root is set) have no identities of their own: the
         # coordinator issues ephemeral ones (an in-memory CA per round). Real sites bring theirs.
         simulated = bool(config.get(keys.DATA_ROOT))
@@ -145,13 +158,15 @@ class SecAggRound:
         nodes: list[int],
     ) -> None:
         adapter, mask_request = to_record(state), ConfigRecord(request)
-        size = sum(v.size for v in state.values())
+        size = self.plan.padded if self.plan else sum(v.size for v in state.values())
+        plan = {keys.DDG_PLAN: ConfigRecord(dict(self.plan.to_dict()))} if self.plan else {}
         contents = {
             n: RecordDict(
                 {
                     keys.ADAPTER: adapter,
                     keys.CONFIG: ConfigRecord({**config, keys.WEIGHT: self.weights[n]}),
                     keys.MASK_REQUEST: mask_request,
+                    **plan,
                 }
             )
             for n in nodes
@@ -221,9 +236,15 @@ class SecAggRound:
         # A site that declined also dropped out of the protocol; it is reported as declined only.
         summed.failed = {k: v for k, v in summed.failed.items() if k not in summed.declined}
         summed.total = result.total
+        if self.plan is not None:  # integers in Z_{2^b}: top up the missing shares, decode
+            missing = max(0, self.expected - len(contributors))
+            encoding = DdgEncoding(self.plan, rotation_seed(self.session, self.r))
+            summed.total = encoding.decode_sum(result.total, top_up=missing)
+            summed.extra["ddg_top_up_shares"] = missing
         summed.weight = float(sum(self.weights[n] for n in contributors))
         bound = result.error_bound / summed.weight  # per coordinate, on the averaged update
         summed.extra = {
+            **summed.extra,
             "secagg_error_bound": bound,
             "secagg_dropped": self.dropped,
             "secagg_clipped": self.clipped,

@@ -56,7 +56,8 @@ def write_sites(cfg: Config, corpus: Corpus, out: Path) -> dict[str, int]:
 def write_policies(cfg: Config, out: Path, sites: list[str]) -> None:
     """Each virtual site's own policy file (`OUT/site-policies/<site>.toml`, read by the site as
     a real site reads its `policy-file`). Its ledger folder defaults to one per scenario and
-    site under the user's state folder, never under `out`: a fresh run folder is not a fresh budget."""
+    site under the user's state folder, never under `out`: a fresh run folder is not a fresh
+    budget."""
     import tomli_w
 
     for site in sites:

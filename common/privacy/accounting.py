@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,6 +36,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from common.core.config import Config, InstitutionDPConfig
 from common.core.errors import PrivacyError
+from common.privacy.discrete_gaussian import SecureRandom
 
 logger = logging.getLogger(__name__)
 
@@ -268,12 +268,6 @@ def decline_reason(
 # ---------------------------------------------------------------- institution level
 
 
-def secure_rng() -> np.random.Generator:
-    """A generator seeded from the OS. DP noise must never come from a public (config) seed:
-    whoever knows the seed can subtract the noise."""
-    return np.random.default_rng(secrets.randbits(128))
-
-
 def clip_update(vec: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:
     """Scale ``vec`` to L2 norm at most ``clip_norm``; returns (clipped, original norm)."""
     if clip_norm <= 0:
@@ -287,65 +281,21 @@ def clip_update(vec: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:
     return clipped, norm
 
 
-def noise_share_std(*, noise_multiplier: float, clip_norm: float, min_sites: int) -> float:
-    """Std of one site's share so that any ``k >= min_sites`` shares sum to std >= sigma*C."""
-    if min_sites <= 0:
-        raise PrivacyError(f"`federation.min_sites` must be positive (got {min_sites})")
-    _check_step(noise_multiplier, 1.0, 0)
-    return noise_multiplier * clip_norm / math.sqrt(min_sites)
-
-
-def add_noise_share(
-    vec: np.ndarray,
-    *,
-    noise_multiplier: float,
-    clip_norm: float,
-    min_sites: int,
-    rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """Distributed DP: a site adds its share of the institution-level noise to its update."""
-    std = noise_share_std(
-        noise_multiplier=noise_multiplier, clip_norm=clip_norm, min_sites=min_sites
-    )
-    gen = rng if rng is not None else secure_rng()
-    return (vec + gen.normal(0.0, std, size=np.shape(vec))).astype(np.asarray(vec).dtype)
-
-
-def top_up_shares(
-    total: np.ndarray,
-    *,
-    noise_multiplier: float,
-    clip_norm: float,
-    min_sites: int,
-    contributors: int,
-    expected: int,
-    rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """Distributed DP with dropouts: the coordinator adds the shares of the ``expected -
-    contributors`` sites that are missing, so the published noise does not depend on how many
-    took part (the noise's std would otherwise show it). The guarantee against the coordinator
-    rests on the sites' own shares alone (at least ``min_sites`` of them)."""
-    missing = max(0, expected - contributors)
-    if not missing:
-        return total
-    std = noise_share_std(
-        noise_multiplier=noise_multiplier, clip_norm=clip_norm, min_sites=min_sites
-    ) * math.sqrt(missing)
-    gen = rng if rng is not None else secure_rng()
-    return (total + gen.normal(0.0, std, size=np.shape(total))).astype(np.asarray(total).dtype)
-
-
 def add_server_noise(
     total: np.ndarray,
     *,
     noise_multiplier: float,
     clip_norm: float,
-    rng: np.random.Generator | None = None,
+    rng: SecureRandom | None = None,
 ) -> np.ndarray:
-    """Central DP (no secure aggregation): the server adds std ``sigma*C`` to the clipped sum."""
+    """Server noise: the coordinator adds std ``sigma*C`` to the clipped sum, from a CSPRNG
+    (a floating-point Gaussian: Box-Muller on 53-bit uniforms; the distributed path, noise at
+    the sites, is the exact discrete Gaussian instead)."""
     _check_step(noise_multiplier, 1.0, 0)
-    gen = rng if rng is not None else secure_rng()
-    noise = gen.normal(0.0, noise_multiplier * clip_norm, size=np.shape(total))
+    gen = rng if rng is not None else SecureRandom()
+    noise = gen.normal(int(np.size(total))).reshape(np.shape(total)) * (
+        noise_multiplier * clip_norm
+    )
     return (total + noise).astype(np.asarray(total).dtype)
 
 
@@ -388,8 +338,9 @@ class InstitutionAccountant:
         self.accountant.load_state_dict(state)
 
 
-def institution_epsilon_planned(cfg: Config, num_sites: int) -> float:
-    """Institution-level epsilon after ``federation.rounds`` rounds."""
+def institution_epsilon_planned(cfg: Config, num_sites: int, dim: int | None = None) -> float:
+    """Institution-level epsilon after ``federation.rounds`` rounds. With distributed noise
+    (the discrete Gaussian) the bound depends on ``dim``, the exchanged update's length."""
     inst = cfg.privacy.institution
     if cfg.site_weighting != "uniform":
         # A weight w_i scales a site's contribution to the sum, and so its sensitivity, to w_i*C.
@@ -398,6 +349,13 @@ def institution_epsilon_planned(cfg: Config, num_sites: int) -> float:
             f"`{cfg.site_weighting}`): weighted sums break the clip bound "
             "`privacy.institution.clip_norm`"
         )
+    if cfg.institution_noise_at == "sites":
+        from common.privacy.ddg import epsilon_from_rho, plan_for
+
+        if dim is None:
+            raise PrivacyError("planning the distributed discrete Gaussian needs the update size")
+        ddg = plan_for(cfg, dim, cfg.federation.sites_per_round or num_sites)
+        return epsilon_from_rho(cfg.federation.rounds * ddg.round_rho(), inst.delta)
     acc = GaussianAccountant(inst.accountant)
     return acc.projected_epsilon(
         steps=cfg.federation.rounds, sample_rate=INSTITUTION_SAMPLE_RATE,

@@ -30,6 +30,10 @@ class PrivacySummary:
     institution_epsilon_prv: float | None = None  # the same history under PRV, for comparison
     institution_noise_at: str | None = None  # "server" or "sites" (threat model)
     denominator: int | None = None  # the fixed DP-FedAvg denominator (sites per round)
+    # distributed discrete Gaussian (noise at the sites): replace-one epsilon against the
+    # coordinator, and the mechanism's parameters (common/privacy/ddg.py)
+    institution_epsilon_vs_coordinator: float | None = None
+    ddg_plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,8 +95,11 @@ class PrivacyLedger:
         return cls(data.get("record_delta", {}), data.get("institution_delta"), entries)
 
 
-def plan(cfg: Config, num_records_per_site: Mapping[str, int]) -> PrivacySummary:
-    """What ``cfg`` will spend if every site takes part in every round (an upper bound)."""
+def plan(
+    cfg: Config, num_records_per_site: Mapping[str, int], dim: int | None = None
+) -> PrivacySummary:
+    """What ``cfg`` will spend if every site takes part in every round (an upper bound).
+    ``dim``: the exchanged update's length (needed with distributed noise)."""
     if not num_records_per_site:
         raise PrivacyError("`num_records_per_site` is empty: a plan needs at least one site")
     rec_eps: dict[str, float] = {}
@@ -103,10 +110,20 @@ def plan(cfg: Config, num_records_per_site: Mapping[str, int]) -> PrivacySummary
             rec_eps[site], rec_delta[site] = p.epsilon, p.delta
     inst = cfg.privacy.institution
     sites = len(num_records_per_site)
-    inst_eps = institution_epsilon_planned(cfg, sites) if inst.enabled else None
+    inst_eps = institution_epsilon_planned(cfg, sites, dim) if inst.enabled else None
+    extra: dict[str, Any] = {}
+    if cfg.institution_noise_at == "sites" and dim is not None:
+        from common.privacy.ddg import epsilon_from_rho, plan_for
+
+        ddg = plan_for(cfg, dim, cfg.federation.sites_per_round or sites)
+        rho = cfg.federation.rounds * ddg.round_rho(replace_one=True)
+        extra = {
+            "ddg_plan": ddg.to_dict(),
+            "institution_epsilon_vs_coordinator": epsilon_from_rho(rho, inst.delta),
+        }
     return PrivacySummary(
         cfg.federation.rounds, True, rec_eps, rec_delta, inst_eps,
-        inst.delta if inst.enabled else None, **context(cfg, sites),
+        inst.delta if inst.enabled else None, **context(cfg, sites), **extra,
     )  # fmt: skip
 
 
@@ -159,26 +176,50 @@ def _record_words(s: PrivacySummary) -> list[str]:
 def _institution_words(s: PrivacySummary) -> list[str]:
     if s.institution_epsilon is None:
         return ["- Each institution's entire dataset: no institution-level DP."]
-    prv = s.institution_epsilon_prv
-    beside = f" (PRV accountant: {_fmt(prv)})" if prv is not None else ""
-    by = (
-        "the sites, in shares, before secure aggregation: this also holds against the "
-        "coordinator, which sees only the masked sum with the noise already in it"
-        if s.institution_noise_at == "sites"
-        else "the coordinator, after it has seen each clipped update: this holds against holders "
-        "of the published model and of the per-round adapters, not against the coordinator"
-    )
     denominator = (
         f"a fixed denominator ({s.denominator} sites per round)"
         if s.denominator
         else ("a fixed denominator")
     )
+    if s.institution_noise_at == "sites":
+        return _distributed_words(s, denominator)
+    prv = s.institution_epsilon_prv
+    beside = f" (PRV accountant: {_fmt(prv)})" if prv is not None else ""
     return [
         f"- Each institution's entire dataset: ({_fmt(s.institution_epsilon)}, "
         f"{s.institution_delta:.1e})-DP{beside}, add/remove adjacency. DP-FedAvg: each site's "
         f"update clipped to norm C, Gaussian noise on the sum, {denominator}. Noise added by "
-        f"{by}. {s.institution_accountant.upper()} accountant, every round charged in full "
-        "(no amplification by the sample the coordinator draws)."
+        "the coordinator, after it has seen each clipped update (floating-point Gaussian from a "
+        "CSPRNG): this holds against holders of the published model and of the per-round "
+        f"adapters, not against the coordinator. {s.institution_accountant.upper()} accountant, "
+        "every round charged in full (no amplification by the sample the coordinator draws)."
+    ]
+
+
+def _distributed_words(s: PrivacySummary, denominator: str) -> list[str]:
+    plan = s.ddg_plan or {}
+    m = plan.get("min_sites", "min_sites")
+    vs = s.institution_epsilon_vs_coordinator
+    against = (
+        f" Against the coordinator itself, which sees the secure sum of at least {m} sites and "
+        f"knows who took part: ({_fmt(vs)}, {s.institution_delta:.1e})-DP, replace-one "
+        "adjacency (one institution's update replaced by any other)."
+        if vs is not None
+        else ""
+    )
+    assert s.institution_epsilon is not None  # the caller returns early without it
+    return [
+        f"- Each institution's entire dataset: ({_fmt(s.institution_epsilon)}, "
+        f"{s.institution_delta:.1e})-DP for holders of the published model and the per-round "
+        f"adapters, add/remove adjacency.{against} Mechanism: DP-FedAvg with the distributed "
+        "discrete Gaussian (Kairouz, Liu, Steinke 2021): each site clips its update to norm C, "
+        "rotates it (random signs, Walsh-Hadamard), scales and rounds it to integers "
+        "(conditional randomized rounding), adds exact discrete Gaussian noise (Canonne, "
+        "Kamath, Steinke 2020) from a CSPRNG, and masks it for secure aggregation; the "
+        f"coordinator adds the shares of missing sites in integers; the sum is divided by "
+        f"{denominator}. Accounted "
+        f"with the sum's zCDP bound for {m} noise shares (Kairouz et al., Theorem 1) through "
+        "RDP, every round charged in full."
     ]
 
 

@@ -30,6 +30,7 @@ ADAPTER = "adapter"  # ArrayRecord: the global adapter (PEFT state dict of the e
 SETUP, MASK_REQUEST, UNMASK_REQUEST = "secagg-setup", "secagg-request", "secagg-unmask-request"
 SURVIVORS = "secagg-survivors"  # the survivor lists to sign (query.secagg_unmask, first call)
 SEED_REQUEST = "secagg-seed-request"  # SecAgg+: the committed adverts (query.secagg_keys, again)
+DDG_PLAN = "secagg-noise-plan"  # distributed noise: the plan (common/privacy/ddg.py), with train
 
 # -- records, site -> coordinator -------------------------------------------------------------
 SITE = "site"  # ConfigRecord: preflight answer (counts only, never contents)

@@ -119,6 +119,10 @@ class SecAggClient:
         return self._s.site_id
 
     @property
+    def params(self) -> SecAggParams:
+        return self._params
+
+    @property
     def stage(self) -> str:
         """``advertised`` (after construction), ``revealed`` (SecAgg+), ``masked``, ``signed``
         or ``done``."""
@@ -201,15 +205,20 @@ class SecAggClient:
         )
 
     # Stage 2 ------------------------------------------------------------------------------------
-    def mask(self, update: NDArray[np.floating], request: MaskRequest) -> MaskedUpload:
-        """Masked, quantized ``update`` (1-D, clipped and noised upstream) and encrypted shares."""
+    def mask(self, update: NDArray[Any], request: MaskRequest) -> MaskedUpload:
+        """Masked ``update`` and encrypted shares. ``update``: 1-D floats (clipped upstream),
+        quantized here; or, with ``params.encoding`` set, 1-D integers in Z_{2^b} already
+        encoded by the site (of the quantizer's dtype), masked as they are."""
         graph = self._check_mask_request(update, request)
         me, rid = self._s.site_id, self._s.round_id
         neighbours = sorted(graph[me])
         quantizer = Quantizer(self._params, len(request.adverts))
         seed = os.urandom(crypto.KEY_BYTES)
         pair_keys = {v: self._pair_key(v, request.adverts[v].s_public) for v in neighbours}
-        masked = _apply_masks(quantizer, quantizer.encode(update), me, rid, seed, pair_keys)
+        encoded = (
+            update.astype(quantizer.dtype) if self._params.encoding else quantizer.encode(update)
+        )
+        masked = _apply_masks(quantizer, encoded, me, rid, seed, pair_keys)
         self._s.view = view_digest(self._session, request, self._params.digest()).hex()
         shares = self._share_secrets(seed, pair_keys, request)
         self._s.stage, self._s.s_secret = _MASKED, ""  # s is no longer needed: forget it
@@ -225,18 +234,25 @@ class SecAggClient:
             pair_commits={v: crypto.commit(b"pair", k) for v, k in pair_keys.items()},
         )
 
-    def _check_mask_request(self, update: NDArray[np.floating], request: MaskRequest) -> Graph:
+    def _check_mask_request(self, update: NDArray[Any], request: MaskRequest) -> Graph:
         if self._s.stage != _REVEALED:
             self._expect_stage(_ADVERTISED, request.round_id)
         self._expect_round(request.round_id)
         me = self._s.site_id
         self._check_adverts(request.adverts)
         self._check_reveals(request)
-        if update.ndim != 1 or not np.issubdtype(update.dtype, np.floating):
+        if self._params.encoding:
+            dtype = Quantizer(self._params, len(request.adverts)).dtype
+            if update.ndim != 1 or update.dtype != dtype:
+                raise SecAggError(
+                    f"`update` must be a 1-D {dtype.__name__} array (the encoding is the "
+                    f"site's), got {update.dtype}{update.shape}"
+                )
+        elif update.ndim != 1 or not np.issubdtype(update.dtype, np.floating):
             raise SecAggError(
                 f"`update` must be a 1-D float array, got {update.dtype}{update.shape}"
             )
-        if not np.isfinite(update).all():
+        elif not np.isfinite(update).all():
             raise SecAggError(f"site {me}: `update` contains NaN or infinity")
         seed = request.graph_seed(self._session)
         return build_graph(list(request.adverts), self._params.neighbours, seed)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +28,11 @@ class SecAggParams:
     modulus_bits: b, masked vectors live in Z_{2^b} (uint32 for b <= 32, else uint64).
     clip_range: c, values are clipped to [-c, c] before quantization.
     stochastic_rounding: unbiased random rounding (error < 1 step) instead of nearest (<= 1/2).
+    encoding: "" for the fixed-point quantizer above (sites give floats); else the sha256 (hex)
+        of an integer encoding the sites apply themselves (the distributed discrete Gaussian,
+        common/privacy/ddg.py): they give vectors in Z_{2^b}, the sum comes back as integers.
+        Being part of the digest every advert signs, sites given different encodings (a
+        smaller noise, say) never form one round.
     """
 
     threshold: int
@@ -34,6 +40,7 @@ class SecAggParams:
     modulus_bits: int = 32
     clip_range: float = 1.0
     stochastic_rounding: bool = True
+    encoding: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -58,6 +65,10 @@ class SecAggParams:
             problems.append(f"`modulus_bits` must be in [8, 64], got {self.modulus_bits!r}")
         if not (math.isfinite(self.clip_range) and self.clip_range > 0):
             problems.append(f"`clip_range` must be a finite number > 0, got {self.clip_range!r}")
+        if self.encoding and not re.fullmatch(r"[0-9a-f]{64}", self.encoding):
+            problems.append(
+                f"`encoding` must be empty or a sha256 hex digest, got {self.encoding!r}"
+            )
         if problems:
             raise SecAggError("invalid secure-aggregation parameters: " + "; ".join(problems))
 

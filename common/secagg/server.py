@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,7 +47,8 @@ logger = logging.getLogger(__name__)
 class AggregateResult:
     """What the round produces: the plain sum of the contributors' (clipped) updates."""
 
-    total: NDArray[np.float64]  # (d,) sum over `contributors` of their updates
+    total: NDArray[Any]  # (d,) float64 sum of their updates; with `params.encoding`, the
+    # integer sum in Z_{2^b} (the quantizer's dtype), for the encoding's owner to decode
     contributors: list[int]  # sites whose update is in `total` (divide by their public weight)
     absent: list[int]  # advertised keys but never uploaded
     error_bound: float  # max |total - true sum| per coordinate, for in-range inputs
@@ -133,7 +135,8 @@ class SecAggServer:
         seed = request.graph_seed(self.session)
         self._graph = build_graph(list(adverts), self.params.neighbours, seed)
         self._quantizer = Quantizer(self.params, len(adverts))
-        _ = self._quantizer.levels  # raises now if b is too small for this many sites
+        if not self.params.encoding:
+            _ = self._quantizer.levels  # raises now if b is too small for this many sites
         logger.info("secagg round %s: %d sites advertised keys", self.round_id, len(adverts))
         self._view = view_digest(self.session, request, self.params.digest())
         return request
@@ -241,11 +244,12 @@ class SecAggServer:
         reduce_mod(total, self._quantizer)
         self._sum = None  # the unmasked sum is handed over, not kept
         count = len(self._uploads)
+        encoded = bool(self.params.encoding)
         return AggregateResult(
-            total=self._quantizer.decode_sum(total, count),
+            total=total if encoded else self._quantizer.decode_sum(total, count),
             contributors=sorted(self._uploads),
             absent=sorted(set(self._adverts) - set(self._uploads)),
-            error_bound=self._quantizer.error_bound(count),
+            error_bound=0.0 if encoded else self._quantizer.error_bound(count),
         )
 
     def _remove_self_mask(

@@ -13,6 +13,7 @@ import pytest
 
 from client.privacy_site import privatize_update
 from common.core.config import build_config
+from common.privacy.ddg import DdgEncoding, plan_for, rotation_seed
 from common.protocol.aggregate import RoundSum, SiteReport, apply_sum
 from server.privacy_round import ServerPrivacy
 
@@ -38,17 +39,23 @@ def _cfg(noise_at: str):
 
 def _sum(cfg, updates: list[np.ndarray], noise_at: str) -> RoundSum:
     """What the coordinator holds: the plain sum of clipped updates, or (distributed noise) the
-    unmasked sum of what each site sends, each update clipped and noised by the site's own code."""
+    decoded secure sum of what each site sends, each update clipped by the site's own code and
+    encoded with its discrete Gaussian share, the missing shares topped up in integers."""
     # noise_at "none": the noiseless aggregate (clipped only), for reference.
-    sent = [privatize_update(u, cfg, noise_at_site=noise_at == "sites")[0] for u in updates]
-    total = np.sum([s.astype(np.float64) for s in sent], axis=0)
+    sent = [privatize_update(u, cfg)[0].astype(np.float64) for u in updates]
     reports = [SiteReport(f"site-{i}", 10, {}) for i in range(len(updates))]
-    return RoundSum(total, float(len(updates)), reports)
+    if noise_at != "sites":
+        return RoundSum(np.sum(sent, axis=0), float(len(updates)), reports)
+    encoding = DdgEncoding(plan_for(cfg, DIM, D), rotation_seed("run", 1))
+    modulus = 1 << cfg.secagg.modulus_bits
+    total = np.sum([encoding.encode(u).astype(np.int64) for u in sent], axis=0) % modulus
+    decoded = encoding.decode_sum(total.astype(np.uint32), top_up=D - len(updates))
+    return RoundSum(decoded, float(len(updates)), reports)
 
 
 def _published(cfg, updates: list[np.ndarray], noise_at: str, noise: bool = True) -> np.ndarray:
     state = {"w": np.zeros(DIM, np.float32)}
-    privacy = ServerPrivacy(cfg, num_sites=D)
+    privacy = ServerPrivacy(cfg, D, DIM)
     summed = _sum(cfg, updates, noise_at if noise else "none")
     return apply_sum(cfg, state, summed, D, privacy.noise() if noise else None)["w"]
 

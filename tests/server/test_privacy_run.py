@@ -285,7 +285,10 @@ def test_replies_hold_nothing_outside_the_accounting(tiny_cfg, tmp_path: Path, l
     grid = RecordingGrid(client_app, nodes_for(tmp_path))
     if secagg:
         give_identities(grid, nodes_for(tmp_path))
-    FederatedRun(cfg, tmp_path / "run", grid).execute()
+    summary = FederatedRun(cfg, tmp_path / "run", grid).execute()
+    if secagg:  # the distributed discrete Gaussian ran, and the statement names it
+        assert "distributed discrete Gaussian" in summary["privacy"]["statement"]
+        assert summary["privacy"]["ddg_plan"]["min_sites"] == cfg.federation.min_sites
     trained = [r for m, r in grid.exchanges if m.metadata.message_type == keys.TRAIN]
     assert len(trained) == 3 and all((keys.MASKED if secagg else keys.UPDATE) in r.content
                                      for r in trained)  # fmt: skip

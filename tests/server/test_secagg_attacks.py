@@ -16,6 +16,7 @@ site, at the protocol level (common/secagg) and through the real ClientApp in pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from flwr.app import ConfigRecord, Error, Message
 import server.secagg_round as driver
 from client.app import app as client_app
 from client.secagg_site import PARAM_KEYS
-from common.core.config import Config, load_config
+from common.core.config import Config, build_config, load_config
 from common.core.errors import RoundError, SecAggError
 from common.identity.certs import ephemeral_federation
 from common.protocol import keys
@@ -367,3 +368,37 @@ class _Trusting:
 
     def verify(self, *args: object) -> None:
         return None
+
+
+def test_clientapp_sites_refuse_a_quieter_noise_plan(
+    four_sites: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Distributed noise: a coordinator that asks for a quarter of the noise (a plan whose digest
+    it puts in the signed parameters itself, so every site sees the same lie) gets nothing:
+    each site recomputes what its protection needs from its own values, refuses before it
+    trains, and says why."""
+    cfg, nodes, root = four_sites
+    tree = cfg.model_dump(mode="json")
+    tree["privacy"] = {"institution": {"enabled": True, "noise_multiplier": 1.0}}
+    del tree["federation"]["weighting"]
+    private = build_config(tree)
+    assert private.institution_noise_at == "sites"
+    honest = driver.plan_for
+
+    def quieter(c: Config, d: int, n: int) -> Any:
+        plan = honest(c, d, n)
+        return dataclasses.replace(plan, variance=plan.variance // 4)
+
+    monkeypatch.setattr(driver, "plan_for", quieter)
+    trained: list[int] = []
+    monkeypatch.setattr(
+        "client.app.run_local_round", lambda *a, **k: trained.append(1) or pytest.fail("trained")
+    )
+    with (
+        caplog.at_level(logging.ERROR, logger="client.secagg_site"),
+        pytest.raises(RoundError, match=r"round 1: 0 site\(s\) succeeded"),
+    ):
+        run_attacked((private, nodes, root), "quiet", lambda grid, node, msg: None)
+    assert not trained
+    refusals = [r for r in caplog.records if "refusing the coordinator's noise plan" in r.message]
+    assert len(refusals) == 4 and all("noise is below" in r.message for r in refusals)

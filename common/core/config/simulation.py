@@ -125,12 +125,14 @@ VIRTUAL_SITE_POLICY = "site-policies/{site}.toml"
 `OUT/site-policies/site-0.toml`): the site reads its policy there, never from the config the
 coordinator sends."""
 
+
 def default_site_state() -> Path:
     """Where a site keeps its ledger unless its policy says (`<site>`, or `<scenario>/<site>` for
     a virtual site): the user's state folder, `$XDG_STATE_HOME/fedtune/site-state` (default
     `~/.local/state/...`). State, not cache: clearing a cache must never reset a budget."""
     root = os.environ.get("XDG_STATE_HOME") or "~/.local/state"
     return Path(root).expanduser() / "fedtune" / "site-state"
+
 
 DATASET_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -196,8 +198,8 @@ class SitePolicyConfig(Section):
     state_dir: str | None = Field(
         None,
         description=(
-            "Folder of the site's ledger; unset: ~/.local/state/fedtune/site-state/<site name> (for "
-            "a virtual site: ~/.local/state/fedtune/site-state/<scenario name>/<site name>; "
+            "Folder of the site's ledger; unset: ~/.local/state/fedtune/site-state/<site name> "
+            "(for a virtual site: ~/.local/state/fedtune/site-state/<scenario name>/<site name>; "
             "`$XDG_STATE_HOME` moves both)."
         ),
     )
