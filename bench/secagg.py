@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 # Runnable as `python bench/secagg.py` from anywhere: the repository root holds `common`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.identity.certs import ephemeral_federation
+from common.privacy.accounting import clip_update
 from common.privacy.ddg import DdgEncoding, DdgPlan, plan_ddg, rotation_seed
 from common.secagg import (
     Credentials,
@@ -120,7 +121,7 @@ def ours(
     server_s, mask_s = time.perf_counter() - start, 0.0
     for s, client in clients.items():
         start = time.perf_counter()
-        vec = encoding.encode(updates[s].astype(np.float64)) if encoding else updates[s]
+        vec = encoding.encode(clip_update(updates[s], CLIP)[0]) if encoding else updates[s]
         upload = client.mask(vec, request)
         mask_s += time.perf_counter() - start
         sent += upload.masked.nbytes + _bytes(upload.to_dict())

@@ -6,7 +6,9 @@ norm C:
 
 1. rotates it (a random sign flip and a normalised Walsh-Hadamard transform per block of
    ``block`` coordinates: an orthogonal map, so the norm stays C; it spreads the vector over
-   the coordinates so that the modular sum rarely wraps);
+   the coordinates so that the modular sum rarely wraps). When the modulus holds the sum of n
+   sites even with a whole update in one coordinate (32 bits and the sampler's largest noise
+   usually do), no sum can wrap and the rotation is skipped (``block`` 1);
 2. scales it by ``s`` (integer units per unit of the update);
 3. rounds it to integers at random (floor, then +1 with the fractional part's probability),
    redrawing until the rounded vector's L2 norm is at most ``sensitivity`` (the *conditional*
@@ -260,10 +262,20 @@ def _fit(
     variance = min(MAX_VARIANCE, max(1, math.ceil((z * c * scale) ** 2 / m)))
     if variance == MAX_VARIANCE:  # the noise sets the scale: exactly z c s = sqrt(m variance)
         scale = math.sqrt(variance * m) / (z * c)
+    if _fits_unrotated(c * scale, variance, n, bits):
+        block, padded = 1, dim  # no rotation needed: no sum of n can wrap, whatever the update
     sensitivity = rounded_norm_bound(c * scale, padded)
     if sensitivity > MAX_INFLATION * c * scale:
         return None
     return block, scale, variance, sensitivity
+
+
+def _fits_unrotated(cs: float, variance: int, n: int, bits: int) -> bool:
+    """Whether n unrotated vectors can never wrap the modular sum: each coordinate of a
+    rounded vector is at most C s + 1 in size (its whole norm in one coordinate), and the sum
+    of n noise shares stays within :data:`WRAP_STDS` of its std. The rotation (which only
+    serves against wraps) is then skipped: no Hadamard work, no padding."""
+    return n * (cs + 1) + WRAP_STDS * math.sqrt(n * variance) < 2.0 ** (bits - 1)
 
 
 def epsilon_from_rho(rho: float, delta: float) -> float:
@@ -293,19 +305,25 @@ class DdgEncoding:
 
     def __init__(self, plan: DdgPlan, seed: bytes) -> None:
         self.plan = plan
-        words = SecureRandom(key=seed).words(plan.padded)  # a PRG keyed by a public seed
-        self.signs = np.where(words & np.uint64(1), -1.0, 1.0)
+        self.signs = np.ones(0)
+        if plan.block > 1:
+            words = SecureRandom(key=seed).words(plan.padded)  # a PRG keyed by a public seed
+            self.signs = np.where(words & np.uint64(1), -1.0, 1.0)
         self.dtype: type[np.unsignedinteger] = np.uint32 if plan.modulus_bits <= 32 else np.uint64
 
     def rotate(self, vec: NDArray[np.floating]) -> NDArray[np.float64]:
         """Pad to D, flip signs, normalised Walsh-Hadamard per block (orthogonal)."""
         out = np.zeros(self.plan.padded, dtype=np.float64)
         out[: vec.shape[0]] = vec
+        if self.plan.block == 1:  # no rotation (see the module docstring)
+            return out
         out *= self.signs
         return _hadamard(out, self.plan.block)
 
     def unrotate(self, vec: NDArray[np.float64]) -> NDArray[np.float64]:
         """The inverse of :meth:`rotate` (the normalised transform is its own inverse)."""
+        if self.plan.block == 1:
+            return vec[: self.plan.dim]
         return (_hadamard(vec.copy(), self.plan.block) * self.signs)[: self.plan.dim]
 
     def encode(

@@ -53,6 +53,10 @@ def test_the_plan_carries_the_noise_the_config_asks_for_and_names_the_bits_it_ne
     assert 8 <= p.bits_needed <= 32
     assert plan(bits=p.bits_needed).bits_needed == p.bits_needed  # the figure is usable as is
     assert DdgPlan.from_dict(p.to_dict()) == p and len(p.digest()) == 64
+    # 32 bits hold the sum of 4 sites even with a whole update in one coordinate: no rotation
+    # needed (block 1, no padding); 16 bits do not: a rotation, padded to whole blocks
+    assert (p.block, p.padded) == (1, p.dim)
+    assert plan(bits=16).block == 32_768 and plan(bits=16).padded == 32_768
     # Too few bits for 2M coordinates: refused, naming the field and what would do.
     with pytest.raises(
         PrivacyError, match=r"`secagg.modulus_bits` = 12 .* use at least (\d+)"
@@ -63,7 +67,8 @@ def test_the_plan_carries_the_noise_the_config_asks_for_and_names_the_bits_it_ne
 
 
 def test_rotation_is_orthogonal_and_inverted_exactly() -> None:
-    p = plan(dim=5000)
+    p = plan(dim=5000, bits=16)
+    assert p.block > 1
     enc = DdgEncoding(p, rotation_seed("run", 3))
     x = unit_updates(1, 5000)[0]
     y = enc.rotate(x)
@@ -81,16 +86,18 @@ def _credentials(sites: list[int]) -> dict[int, Credentials]:
     return {s: Credentials(Identity.from_pem(*fed.identities[f"site-{s}"]), anchor) for s in sites}
 
 
-def test_a_secure_round_is_the_plain_sum_plus_noise_of_the_stated_variance() -> None:
+@pytest.mark.parametrize("bits", [32, 16])  # without and with the rotation
+def test_a_secure_round_is_the_plain_sum_plus_noise_of_the_stated_variance(bits: int) -> None:
     """Four sites encode under one plan, the real SecAgg protocol sums them (one site drops out
     after advertising its keys: three contribute), the coordinator tops the sum up to
     four shares and decodes: the error is the noise of four shares, unbiased."""
     dim, sites = 40_000, [0, 1, 2, 3]
-    p = plan(dim=dim)
+    p = plan(dim=dim, bits=bits)
+    assert (p.block > 1) == (bits < 32)
     updates = unit_updates(4, dim, seed=1)
     enc = DdgEncoding(p, rotation_seed("simulated run", 0))
     encoded = {s: enc.encode(u) for s, u in zip(sites, updates, strict=True)}
-    params = SecAggParams(threshold=3, modulus_bits=32, encoding=p.digest())
+    params = SecAggParams(threshold=3, modulus_bits=bits, encoding=p.digest())
     result = simulate_round(encoded, params, _credentials(sites), drop_after_stage={3: 1})
     assert result.contributors == [0, 1, 2]
     total = enc.decode_sum(result.total, top_up=1)
