@@ -88,6 +88,13 @@ def simulate(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue this run folder after its last round.")
     ] = None,
+    monitor_port: Annotated[
+        int | None,
+        typer.Option("--monitor-port", help="Serve the live view (/metrics, status page) here."),
+    ] = None,
+    monitor_host: Annotated[
+        str, typer.Option("--monitor-host", help="Where the live view listens.")
+    ] = "127.0.0.1",
 ) -> None:
     """Run a scenario: N virtual sites on this machine through Flower's simulation engine."""
     from cli.simulate import simulate as run_simulation
@@ -105,7 +112,8 @@ def simulate(
             f"[bold]fedtune simulate[/] {cfg.name}: {cfg.simulation.partition.num_sites} sites, "
             f"{cfg.federation.rounds} rounds, model {cfg.model.source} -> {out}"
         )
-        return run_simulation(cfg, out, resume=resume is not None)
+        monitor = (monitor_host, monitor_port) if monitor_port is not None else None
+        return run_simulation(cfg, out, resume=resume is not None, monitor=monitor)
 
     summary = run_user(go)
     out_console.print(summary_table(summary))
@@ -253,6 +261,43 @@ def export(
     done = run_user(lambda: export_gguf(model_dir, target, public_key, quant))
     out_console.print(f"wrote {done.gguf}\nwrote {done.modelfile}\n"
                       f"ollama create {model_dir.name} -f {done.modelfile}")  # fmt: skip
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (during or after the run).")],
+) -> None:
+    """Where a run is: its phase, rounds so far with a bar, sites, the last round's metrics."""
+    from cli.simulate import progress_line
+    from server.status import read_rows, read_status
+
+    def show() -> None:
+        state = read_status(run_dir)
+        if state is None:
+            from common.core.errors import ConfigError
+
+            raise ConfigError(
+                f"`{run_dir / 'status.json'}` does not exist: is `{run_dir}` a run folder "
+                "(of this version of fedtune)?"
+            )
+        out_console.print(f"run {state['run']}: {progress_line(state, width=20)}", markup=False)
+        if state.get("error"):
+            out_console.print(f"  failed: {state['error']}", highlight=False)
+        sites = state.get("sites") or {}
+        if sites:
+            out_console.print(
+                "  sites: " + ", ".join(f"{k} {v}" for k, v in sites.items()), highlight=False
+            )
+        for row in read_rows(run_dir):
+            shown = [f"round {row['round']}"]
+            for key in ("eval_loss", "eval_accuracy", "institution_epsilon", "seconds"):
+                if isinstance(row.get(key), int | float):
+                    shown.append(f"{key} {row[key]:.4g}")
+            if row.get("record_epsilon"):
+                shown.append(f"record_epsilon max {max(row['record_epsilon'].values()):.4g}")
+            out_console.print("  " + ", ".join(shown), highlight=False)
+
+    run_user(show)
 
 
 @app.command("privacy-report")

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from fractions import Fraction
@@ -34,6 +35,7 @@ from cli.flower_log import FlowerLog, plain
 from cli.superlink import CONNECTION, LocalSuperLink
 from common.core.config import Config, to_toml
 from common.core.errors import ConfigError, FedtuneError, RoundError
+from server.status import read_status
 
 logger = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml's [tool.flwr.app]
@@ -46,11 +48,14 @@ FAILED_PREFIX = "Simulation failed with exception: "  # how flwr-simulation word
 RAY_GPU_TIP = "ignore:Tip:FutureWarning:ray._private.worker"
 
 
-def simulate(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
+def simulate(
+    cfg: Config, out: str | Path, resume: bool = False, monitor: tuple[str, int] | None = None
+) -> dict[str, Any]:
     """Run the scenario through Flower's simulation runtime; returns the run summary.
 
     ``resume``: continue the run in ``out`` after its last completed round (its own config and
-    site folders are reused; ``cfg`` must be that config).
+    site folders are reused; ``cfg`` must be that config). ``monitor``: (host, port) of the
+    live view (Prometheus metrics and the status page). Progress is shown as the run goes.
     """
     out = Path(out).resolve()
     federation = federation_config(cfg)
@@ -67,14 +72,64 @@ def simulate(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, An
         request = link.folder / "fedtune-config.toml"
         request.write_text(to_toml(cfg), encoding="utf-8")
         run_config = link.folder / "run-config.toml"
-        run_config.write_text(_run_config(request, out, resume), encoding="utf-8")
+        run_config.write_text(_run_config(request, out, resume, monitor), encoding="utf-8")
         try:
-            run_id, shown = _run(link, run_config, federation, out / "logs" / "run.log")
+            with Progress(out):
+                run_id, shown = _run(link, run_config, federation, out / "logs" / "run.log")
         except KeyboardInterrupt:
             then = f"; `--resume {out}` continues it" if (out / "checkpoint.json").is_file() else ""
             logger.warning("interrupted: stopping the run and the local SuperLink%s", then)
             raise
         return _summary(link, out, run_id, shown)
+
+
+class Progress:
+    """While the run goes: one line on stderr each time its phase, round or replies change,
+    read from the run folder's status.json (server/status.py): `[###.......] round 2/5 ·
+    training · 1 of 3 sites replied · 42 s`. Plain text, so logs stay readable off a terminal."""
+
+    def __init__(self, out: Path, every_s: float = 1.0) -> None:
+        self.out, self.every_s = out, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._seen: tuple[Any, ...] | None = None
+        self._since = time.time()
+
+    def __enter__(self) -> Progress:
+        self._since = time.time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                state = read_status(self.out)
+            except (OSError, ValueError):
+                continue
+            if state is None or state.get("updated", 0) < self._since:
+                continue  # none yet, or the previous run's
+            key = (state["phase"], state["round"], state["replied"], state["asked"])
+            if key != self._seen:
+                self._seen = key
+                sys.stderr.write(progress_line(state) + "\n")
+                sys.stderr.flush()
+
+
+def progress_line(state: dict[str, Any], width: int = 10) -> str:
+    """`[###.......] round 2/5 · training · 1 of 3 sites replied · 42 s` from a status."""
+    rounds, r = max(1, int(state["rounds"])), int(state["round"])
+    phase = str(state["phase"])
+    done = r if phase in ("done", "evaluating", "aggregating") else max(0, r - 1)
+    filled = round(width * min(done, rounds) / rounds)
+    parts = [f"[{'#' * filled}{'.' * (width - filled)}] round {r}/{rounds}", phase]
+    if state.get("asked") and phase in ("training", "preflight"):
+        parts.append(f"{state['replied']} of {state['asked']} sites replied")
+    parts.append(f"{state['updated'] - state['started']:.0f} s")
+    return " · ".join(parts)
 
 
 def federation_config(cfg: Config) -> str:
@@ -97,10 +152,13 @@ def federation_config(cfg: Config) -> str:
     )  # no Ray dashboard: Flower's Ray backend leaves it off unless asked
 
 
-def _run_config(config_file: Path, out: Path, resume: bool) -> str:
+def _run_config(
+    config_file: Path, out: Path, resume: bool, monitor: tuple[str, int] | None = None
+) -> str:
     """The run config (the keys pyproject.toml's [tool.flwr.app.config] declares)."""
     import tomli_w
 
+    host, port = monitor if monitor is not None else ("127.0.0.1", -1)
     return tomli_w.dumps(
         {
             "scenario": str(config_file),
@@ -108,6 +166,8 @@ def _run_config(config_file: Path, out: Path, resume: bool) -> str:
             "out": str(out),
             "simulate-sites": True,
             "resume": resume,
+            "monitor-port": port,
+            "monitor-host": host,
         }
     )
 

@@ -16,7 +16,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.core.config import from_run_config
+from common.core.errors import ConfigError
 from server.run import FederatedRun
+from server.status import Monitor
 from simulations.run import prepare
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,26 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             cfg = prepare(cfg, out)
         data_root = str(out / "sites")
     logger.info("run %s: %d round(s), writing to %s", cfg.name, cfg.federation.rounds, out)
-    return FederatedRun(cfg, out, grid, data_root=data_root, resume=resume).execute()
+    monitor = _monitor(conf)
+    try:
+        run = FederatedRun(cfg, out, grid, data_root=data_root, resume=resume, monitor=monitor)
+        return run.execute()
+    finally:
+        if monitor is not None:
+            monitor.close()
+
+
+def _monitor(conf: Mapping[str, Any]) -> Monitor | None:
+    """The live view (Prometheus metrics and the status page) when the run config names a
+    `monitor-port` (off by default; `monitor-host` 127.0.0.1 unless told otherwise)."""
+    port = conf.get("monitor-port")
+    if port is None or port == "" or int(port) < 0:
+        return None
+    host = str(conf.get("monitor-host") or "127.0.0.1")
+    try:
+        return Monitor(host, int(port))
+    except OSError as err:
+        raise ConfigError(f"`monitor-port` {port} on {host}: cannot listen ({err})") from err
 
 
 def _log_in_flower_process() -> None:

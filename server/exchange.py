@@ -8,13 +8,33 @@ the SuperLink) that also returns as soon as every message has its reply.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 POLL_S = 0.25
+
+
+_PROGRESS: list[Callable[[int, int], None]] = []
+
+
+@contextlib.contextmanager
+def reporting(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """While the block runs, every exchange reports (replied, asked) to ``callback``: the live
+    view's "k of n sites replied"."""
+    _PROGRESS.append(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.remove(callback)
+
+
+def _report(replied: int, asked: int) -> None:
+    for callback in _PROGRESS:
+        callback(replied, asked)
 
 
 def send_and_receive(
@@ -32,12 +52,14 @@ def send_and_receive(
     deadline = time.monotonic() + timeout
     replies: dict[int, Message] = {}
     pending = set(node_of)
+    _report(0, len(msgs))
     while pending:
         for reply in grid.pull_messages(pending):
             msg_id = reply.metadata.reply_to_message_id
             if msg_id in pending:
                 pending.discard(msg_id)
                 replies[node_of[msg_id]] = reply
+        _report(len(replies), len(msgs))
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))

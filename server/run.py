@@ -41,12 +41,13 @@ from common.protocol.aggregate import (
     site_weights,
 )
 from common.protocol.wire import config_record, declined_name, declined_reason
-from server import checkpoint
+from server import checkpoint, exchange
 from server.exchange import send_and_receive
 from server.outputs import RunWriter, dropouts
 from server.plain_round import PlainRound
 from server.privacy_round import ServerPrivacy
 from server.secagg_round import SecAggRound
+from server.status import Monitor, RunStatus
 from server.strategy import SiteSampler
 
 logger = logging.getLogger(__name__)
@@ -70,10 +71,25 @@ class FederatedRun:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     resume: bool = False
     expected: int = 0  # sites expected per round (set once preflight is done)
+    monitor: Monitor | None = None  # Prometheus metrics and the status page, if asked for
+    status: RunStatus = field(init=False)  # the live state (OUT/status.json), set by `execute`
     _offline: set[int] = field(default_factory=set)
 
     def execute(self) -> dict[str, Any]:
-        """Preflight, every round (resuming: from the checkpoint's next), then the outputs."""
+        """Preflight, every round (resuming: from the checkpoint's next), then the outputs.
+        The live state goes to OUT/status.json (and the monitor, if any) throughout."""
+        self.status = RunStatus(self.out, self.cfg.name, self.cfg.federation.rounds, self.monitor)
+        try:
+            with exchange.reporting(self.status.replied):
+                summary = self._execute()
+        except BaseException as err:
+            self.status.finish(f"{type(err).__name__}: {err}")
+            raise
+        self.status.finish()
+        return summary
+
+    def _execute(self) -> dict[str, Any]:
+        status = self.status
         start = time.monotonic()
         ckpt = checkpoint.load(self.out, self.cfg.digest()) if self.resume else None
         if not self.resume:
@@ -84,10 +100,14 @@ class FederatedRun:
         keys = exchanged_keys(model, self.cfg.lora)
         fingerprint = frozen_fingerprint(model, self.cfg.lora)
         test = self._test_records()
+        status.phase("evaluating the base model")
         base = ckpt.base if ckpt else self._evaluate(model, loaded.tokenizer, test)
         logger.info("base model: %s", _fmt(base))
+        status.phase("waiting for sites")
         nodes = self._wait_for_nodes()
+        status.phase("preflight", asked=len(nodes))
         nodes = self._preflight(nodes, fingerprint)
+        self._site_states(nodes)
         state: dict[str, np.ndarray] = get_state(model, keys)
         privacy = ServerPrivacy(self.cfg, len(nodes), sum(v.size for v in state.values()))
         final, first, elapsed = base, 1, 0.0
@@ -100,17 +120,23 @@ class FederatedRun:
         for r in range(first, self.cfg.federation.rounds + 1):
             t0 = time.monotonic()
             sampled = sampler.sample(self._available(r, nodes), r)
+            self._site_states(nodes, sampled)
+            status.phase("training", r, asked=len(sampled))
             summed = self._train_round(r, sampled, state, fingerprint)
+            self._site_states(nodes, sampled, summed)
+            status.phase("aggregating", r)
             state = apply_sum(self.cfg, state, summed, expected, noise)
             set_state(model, state)
             writer.adapter(model, r)
             if self._eval_due(r):
+                status.phase("evaluating", r)
                 final = self._evaluate(model, loaded.tokenizer, test)
             row = self._row(r, summed, final if self._eval_due(r) else {}, len(sampled))
             declined = {**self.preflight_declined, **summed.declined}  # who is out, and why
             row.update(privacy.record_round(r, summed.reports, declined))
             row["seconds"] = round(time.monotonic() - t0, 3)
             self._record(writer, row)
+            status.round_done(row)
             wall = elapsed + time.monotonic() - start
             checkpoint.save(self.out, self._checkpoint(r, base, final, wall, privacy))
         summary = self._summary(base, final, elapsed + time.monotonic() - start, loaded.source)
@@ -160,6 +186,24 @@ class FederatedRun:
     def _eval_due(self, r: int) -> bool:
         every = self.cfg.federation.evaluate_every
         return r == self.cfg.federation.rounds or bool(every and r % every == 0)
+
+    def _site_states(
+        self, nodes: list[int], sampled: list[int] | None = None, summed: RoundSum | None = None
+    ) -> None:
+        """Each site's state for the live view: online/offline, sampled, then replied, failed
+        or declined; sites that declined at preflight stay `declined`."""
+        states = {name: "declined" for name in self.preflight_declined}
+        for node in nodes:
+            name = self.site_names.get(node, str(node))
+            state = "offline" if node in self._offline else "online"
+            if sampled is not None and node in sampled:
+                state = "sampled"
+            states[name] = state
+        if summed is not None:
+            states.update({u.site: "replied" for u in summed.reports})
+            states.update({s: "failed" for s in summed.failed})
+            states.update({s: "declined" for s in summed.declined})
+        self.status.sites(states)
 
     def _wait_for_nodes(self) -> list[int]:
         fed = self.cfg.federation
