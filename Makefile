@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.fedtune-installed
 PYTHON ?= python3
 
-.PHONY: setup demo test lint typecheck pytest bench clean
+.PHONY: setup demo test lint typecheck pytest browser bench clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,17 @@ typecheck: setup
 # Two workers by default (this project's reference machine has two cores); each test file stays
 # on one worker so its shared fixtures are built once. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
-pytest: setup
+pytest: setup browser
 	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+# The status page's test drives a real headless browser: Debian's chromium and chromium-driver
+# (as root, or through sudo), installed once.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y \
+	    -qq --no-install-recommends chromium chromium-driver; fi
 
 test: lint typecheck pytest
 

@@ -100,7 +100,10 @@ def from_run_config(run_config: dict[str, Any]) -> Config:
     """
     if "fedtune-config" in run_config:
         return build_config(json.loads(str(run_config["fedtune-config"])), "run_config")
-    reserved = {"scenario", "overrides", "out", "data-root", "simulate-sites", "resume"}
+    reserved = {
+        "scenario", "overrides", "out", "data-root", "simulate-sites", "resume", "monitor-port",
+        "monitor-host",
+    }  # fmt: skip
     scenario = run_config.get("scenario")
     overrides = [o for o in str(run_config.get("overrides", "")).split(";") if o.strip()]
     overrides += [f"{k}={json.dumps(v)}" for k, v in run_config.items() if k not in reserved]
