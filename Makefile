@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.fedtune-installed
 PYTHON ?= python3
 
-.PHONY: setup demo test lint typecheck pytest browser bench clean
+.PHONY: setup demo test lint typecheck pytest test-tools bench clean
 
 setup: $(STAMP)
 
@@ -35,17 +35,18 @@ typecheck: setup
 # Two workers by default (this project's reference machine has two cores); each test file stays
 # on one worker so its shared fixtures are built once. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
-pytest: setup browser
+pytest: setup test-tools
 	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
-# The status page's test drives a real headless browser: Debian's chromium and chromium-driver
-# (as root, or through sudo), installed once.
+# The live view's tests drive a real headless browser and a real Prometheus: Debian's
+# chromium, chromium-driver and prometheus (as root, or through sudo), installed once.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-browser:
-	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
-	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
+test-tools:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || \
+	    [ ! -x /usr/bin/prometheus ]; then \
+	  echo "installing Debian's chromium, chromium-driver and prometheus for the tests"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y \
-	    -qq --no-install-recommends chromium chromium-driver; fi
+	    -qq --no-install-recommends chromium chromium-driver prometheus; fi
 
 test: lint typecheck pytest
 

@@ -2,6 +2,9 @@
 (b) as a simulated federation of 3 sites through `fedtune simulate` (Flower's simulation runtime:
 a local SuperLink, `flwr run`, Ray), side by side.
 
+(c) is (b) again with the live view on (Prometheus metrics and the status page, scraped every
+second): ``metrics_overhead_ratio`` is (c)'s rounds over (b)'s (goal < 1.02).
+
 Prints the wall-time ratio b/a (goal <= 1.3) as one JSON object on its last line:
 ``{"overhead_ratio": ..., ...}``. ``round_overhead_ratio`` compares only the rounds (excluding
 engine start-up and the one-time preflight); ``outside_serverapp_s`` is (b)'s time outside the
@@ -12,10 +15,14 @@ virtual sites, stopping).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import socket
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +75,35 @@ def in_process(cfg: Config, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def federated(cfg: Config, out: Path) -> tuple[float, float, float]:
-    """(b): wall time, the rounds' time, and the time outside the ServerApp's run."""
+def federated(cfg: Config, out: Path, monitor: bool = False) -> tuple[float, float, float]:
+    """(b): wall time, the rounds' time, and the time outside the ServerApp's run. ``monitor``:
+    with the live view on and scraped every second (as a Prometheus at 1 s would)."""
+    port = _free_port()
+    stop = threading.Event()
+    scraper = threading.Thread(target=_scrape, args=(port, stop), daemon=True)
     start = time.perf_counter()
-    summary = simulate(cfg, out)
+    if monitor:
+        scraper.start()
+    try:
+        summary = simulate(cfg, out, monitor=("127.0.0.1", port) if monitor else None)
+    finally:
+        stop.set()
     wall = time.perf_counter() - start
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return wall, sum(r["seconds"] for r in rows), wall - float(summary["wall_time_s"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        for path in ("/metrics", "/status.json"):
+            with contextlib.suppress(OSError):  # not listening yet, or done
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2).read()
 
 
 def main() -> None:
@@ -89,9 +118,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plain = in_process(cfg, Path(tmp) / "a")
         fed_wall, fed_rounds, outside = federated(cfg, Path(tmp) / "b")
+        watched_wall, watched_rounds, _ = federated(cfg, Path(tmp) / "c", monitor=True)
     result = {
         "overhead_ratio": round(fed_wall / plain, 3),
         "round_overhead_ratio": round(fed_rounds / plain, 3),
+        # the live view on (metrics and status page, scraped every second) vs off, side by side
+        "metrics_overhead_ratio": round(watched_rounds / fed_rounds, 3),
+        "metrics_wall_ratio": round(watched_wall / fed_wall, 3),
         "in_process_s": round(plain, 2),
         "federated_s": round(fed_wall, 2),
         "federated_rounds_s": round(fed_rounds, 2),

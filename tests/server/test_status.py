@@ -130,3 +130,55 @@ def test_every_dashboard_query_names_an_exported_metric():
     assert monitor_names <= {n for e in exprs for n in re.findall(r"\bfedtune_[a-z_]+", e)}
     prometheus = (ROOT / "deploy" / "monitoring" / "prometheus.yml").read_text()
     assert "127.0.0.1:9464" in prometheus
+
+
+PROMETHEUS = "/usr/bin/prometheus"
+
+
+def test_a_real_prometheus_scrapes_the_coordinator_and_answers_for_the_round(tmp_path):
+    """Debian's Prometheus, on 127.0.0.1, scrapes the live view; a query gives the round."""
+    import socket
+    import subprocess
+    import time
+    import urllib.parse
+
+    from server.status import RunStatus
+
+    assert Path(PROMETHEUS).is_file(), "`make test` installs Debian's prometheus"
+    monitor = Monitor("127.0.0.1", 0)
+    status = RunStatus(tmp_path / "run", "scraped", 5, monitor)
+    status.phase("training", 3, asked=4)
+    status.replied(2, 4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: fedtune\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{monitor.port}']}}]\n"
+    )
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        query = urllib.parse.quote('fedtune_round{job="fedtune"}')
+        answer = None
+        for _ in range(60):
+            try:
+                body = json.loads(get(f"http://127.0.0.1:{port}/api/v1/query?query={query}")[2])
+                if body["data"]["result"]:
+                    answer = body["data"]["result"][0]["value"][1]
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert answer == "3"
+        replied = urllib.parse.quote("fedtune_sites_replied")
+        body = json.loads(get(f"http://127.0.0.1:{port}/api/v1/query?query={replied}")[2])
+        assert body["data"]["result"][0]["value"][1] == "2"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        monitor.close()
