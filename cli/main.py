@@ -553,15 +553,30 @@ def site_exec(
     poll_interval: Annotated[
         float, typer.Option("--poll-interval", help="Seconds between task polls.")
     ] = 0.2,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="Serve this site's own Prometheus metrics here."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Where the site's metrics listen.")
+    ] = "127.0.0.1",
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="The site's ledger folder: its spending in the metrics."),
+    ] = None,
 ) -> None:
     """Run ClientApp tasks from warm forks (beside `flower-supernode --isolation process`)."""
     from client.site_exec import run_site_exec
 
-    run_user(
-        lambda: run_site_exec(
-            runtime_api_address, insecure, root_certificates, auth_secret_file, poll_interval
-        )
-    )
+    metrics = (metrics_host, metrics_port, state_dir) if metrics_port is not None else None
+
+    def go() -> None:
+        run_site_exec(
+            runtime_api_address, insecure, root_certificates, auth_secret_file, poll_interval,
+            metrics=metrics,
+        )  # fmt: skip
+
+    run_user(go)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

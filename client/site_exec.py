@@ -28,6 +28,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from client.site_metrics import SiteMetrics
 from common.core.errors import FedtuneError
 
 logger = logging.getLogger(__name__)
@@ -81,9 +82,12 @@ class ForkserverExecutor:
     multiprocessing keeps one forkserver per process: the first executor's ``preload`` holds.
     """
 
-    def __init__(self, preload: Sequence[str] = PRELOAD) -> None:
+    def __init__(
+        self, preload: Sequence[str] = PRELOAD, metrics: SiteMetrics | None = None
+    ) -> None:
         from flwr.supercore.constant import TaskType
 
+        self.metrics = metrics
         self._task_type = TaskType.CLIENT_APP
         self._ctx: ForkServerContext = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(list(preload))
@@ -134,6 +138,8 @@ class ForkserverExecutor:
         proc.start()
         assert proc.pid is not None
         self._children[proc.pid] = proc
+        if self.metrics is not None:
+            self.metrics.started(proc.pid)
         logger.info("task %s: ClientApp process %d started", spec.task_id, proc.pid)
         return LaunchResult.accepted()
 
@@ -143,6 +149,8 @@ class ForkserverExecutor:
             if proc.is_alive():
                 continue
             del self._children[pid]
+            if self.metrics is not None:
+                self.metrics.ended(pid, proc.exitcode)
             if proc.exitcode:
                 logger.warning("ClientApp process %d (%s) exited %s", pid, proc.name, proc.exitcode)
 
@@ -167,9 +175,11 @@ def run_site_exec(
     auth_secret_file: Path | None = None,
     poll_s: float = DEFAULT_POLL_S,
     preload: Sequence[str] = PRELOAD,
+    metrics: tuple[str, int, Path | None] | None = None,
 ) -> None:
     """Acquire ClientApp tasks from the SuperNode's Runtime API and run each in a warm fork,
-    until stopped (SIGTERM or SIGINT: running tasks are terminated, the forkserver exits)."""
+    until stopped (SIGTERM or SIGINT: running tasks are terminated, the forkserver exits).
+    ``metrics``: (host, port, ledger folder) of the site's own Prometheus metrics."""
     if insecure and root_certificates is not None:
         raise FedtuneError("`--insecure` and `--root-certificates` exclude each other")
     if not 0.01 <= poll_s <= 60:
@@ -182,8 +192,11 @@ def run_site_exec(
             "!" * 78, runtime_api_address, "!" * 78,
         )  # fmt: skip
     secret = _read_secret(auth_secret_file)
+    site_metrics = SiteMetrics(metrics[2]) if metrics is not None else None
     # The forkserver starts before any connection or thread exists in this process.
-    executor = ForkserverExecutor(preload)
+    executor = ForkserverExecutor(preload, site_metrics)
+    if site_metrics is not None and metrics is not None:
+        site_metrics.serve(metrics[0], metrics[1])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the cleanup below
     try:
         _loop(executor, runtime_api_address, insecure, root_certificates, secret, poll_s)

@@ -182,3 +182,38 @@ def test_a_real_prometheus_scrapes_the_coordinator_and_answers_for_the_round(tmp
         proc.terminate()
         proc.wait(timeout=30)
         monitor.close()
+
+
+def test_a_sites_own_metrics_show_its_tasks_and_its_ledger(tmp_path):
+    """`fedtune site-exec --metrics-port`: tasks by outcome and what the site's own ledger has
+    spent, read from the ledger at each scrape; no counts or losses of its records."""
+    from client.policy import SitePolicy
+    from client.privacy_site import open_ledger
+    from client.site_metrics import SiteMetrics
+    from common.privacy.accounting import RecordPlan
+
+    state = tmp_path / "state"
+    metrics = SiteMetrics(state)
+    server = metrics.serve("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    try:
+        before = samples(get(url)[2])
+        assert before[("fedtune_site_tasks_total", (("outcome", "ok"),))] == 0
+        assert not [k for k in before if k[0] == "fedtune_site_epsilon"]  # no ledger yet
+        metrics.started(11)
+        metrics.started(12)
+        metrics.ended(11, 0)
+        metrics.ended(12, 1)
+        plan = RecordPlan(100, 0.1, 10, 5, 2, 1.0, 1.0, 1e-5, 3.0)
+        with open_ledger(state, "default") as ledger:
+            ledger.charge("run-1", [(1.0, 0.1, 5)], plan, SitePolicy(max_epsilon=9.0))
+        after = samples(get(url)[2])
+    finally:
+        server.shutdown()
+    assert after[("fedtune_site_tasks_total", (("outcome", "ok"),))] == 1
+    assert after[("fedtune_site_tasks_total", (("outcome", "failed"),))] == 1
+    assert after[("fedtune_site_tasks_running", ())] == 0
+    assert after[("fedtune_site_rounds_charged", (("dataset", "default"),))] == 1
+    assert after[("fedtune_site_epsilon_cap", (("dataset", "default"),))] == 9.0
+    assert 0 < after[("fedtune_site_epsilon", (("dataset", "default"),))] < 9.0
+    assert not any("loss" in name or "records" in name for name, _ in after)
