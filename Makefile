@@ -33,10 +33,11 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 # Two workers by default (this project's reference machine has two cores); each test file stays
-# on one worker so its shared fixtures are built once. PYTEST_WORKERS=0 runs in one process.
+# on one worker so its shared fixtures are built once, the deployment-fault tests spread
+# (tests/conftest.py). PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 pytest: setup test-tools
-	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 # The live view's tests drive a real headless browser and a real Prometheus: Debian's
 # chromium, chromium-driver and prometheus (as root, or through sudo), installed once.

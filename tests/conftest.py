@@ -28,3 +28,16 @@ def tiny_cfg():
     from common.core.config import load_config
 
     return load_config(SCENARIOS / "tiny.toml", ["data.labels=['red','green','blue']"])
+
+
+# Under pytest-xdist (`make test`: `--dist loadgroup`) each test file stays on one worker, so its
+# module and session fixtures are built once, except the files below: each of their tests builds
+# its own federation (function-scoped fixtures) and they are the suite's longest, so their tests
+# spread over the workers.
+SPREAD_FILES = {"test_deploy_faults.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))

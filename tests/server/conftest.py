@@ -87,8 +87,9 @@ QV = ["q_proj", "v_proj"]
 _TOTALS = PrivacySummary(
     rounds=2, planned=False,
     record_epsilon={"site-0": 3.5, "site-1": 2.0}, record_delta={"site-0": 1e-5, "site-1": 1e-5},
-    institution_epsilon=8.0, institution_delta=1e-5, institution_epsilon_prv=7.6,
-    institution_noise_at="sites", denominator=3,
+    institution_epsilon=8.0, institution_delta=1e-5, institution_noise_at="sites",
+    denominator=3, institution_epsilon_vs_coordinator=20.0,
+    ddg_plan={"min_sites": 2, "modulus_bits": 32, "bits_needed": 14},
 )  # fmt: skip
 PRIVACY = {**_TOTALS.to_dict(), "statement": report_text(_TOTALS)}  # as server/privacy_round.py
 

@@ -76,9 +76,12 @@ def test_verify_passes_and_card_tells_the_story(published: Path, keys: tuple[Pat
     assert manifest["evaluation"]["published"]["loss"] > 0
     card = (published / "MODEL_CARD.md").read_text()
     needles = ["`tiny:llama`", "| site-0 | 120 |", "| site-2 | 5 |", "(3.50, 1.0e-05)-DP"]
-    needles += ["Each institution's entire dataset: (8.00, 1.0e-05)-DP (PRV accountant: 7.60)"]
+    needles += [
+        "Each institution's entire dataset: (8.00, 1.0e-05)-DP for holders of the published"
+    ]
     needles += ["add/remove adjacency", "fixed denominator (3 sites per round)"]
-    needles += ["also holds against the coordinator", "adapter published from round 2"]
+    needles += ["Against the coordinator itself", "(20.00, 1.0e-05)-DP, replace-one adjacency"]
+    needles += ["distributed discrete Gaussian", "adapter published from round 2"]
     for needle in [*needles, "## Limitations"]:
         assert needle in card, needle
     privacy = card[card.index("## Privacy guarantee") : card.index("## Limitations")]

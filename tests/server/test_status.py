@@ -105,7 +105,10 @@ def exported_names() -> set[str]:
                 "_created"], "gauge": [""], "info": ["_info"]}  # fmt: skip
     monitor = Monitor("127.0.0.1", 0)
     try:
-        registries = [monitor.registry, Metrics(lambda: 0, lambda: 0).registry]
+        from client.site_metrics import SiteMetrics
+
+        site = SiteMetrics(Path("/nonexistent"))
+        registries = [monitor.registry, Metrics(lambda: 0, lambda: 0).registry, site.registry]
         names = set()
         for registry in registries:
             for fam in registry.collect():
@@ -125,11 +128,14 @@ def test_every_dashboard_query_names_an_exported_metric():
         assert used and used <= names, (expr, used - names)
     # every coordinator gauge is on the dashboard
     serving = ("fedtune_request", "fedtune_prompt", "fedtune_generated", "fedtune_batch",
-               "fedtune_queue", "fedtune_model")  # fmt: skip
+               "fedtune_queue", "fedtune_model", "fedtune_site_")  # fmt: skip
     monitor_names = {n for n in names if not n.startswith(serving)}
     assert monitor_names <= {n for e in exprs for n in re.findall(r"\bfedtune_[a-z_]+", e)}
     prometheus = (ROOT / "deploy" / "monitoring" / "prometheus.yml").read_text()
-    assert "127.0.0.1:9464" in prometheus
+    assert "127.0.0.1:9464" in prometheus and "127.0.0.1:9465" in prometheus
+    assert {n for n in names if n.startswith("fedtune_site_")} - {"fedtune_site_tasks_created"} <= {
+        n for e in exprs for n in re.findall(r"\bfedtune_[a-z_]+", e)
+    }
 
 
 PROMETHEUS = "/usr/bin/prometheus"
