@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -34,7 +35,14 @@ SetOpt = Annotated[
 def setup_logging(verbose: bool = False) -> None:
     """Handlers live here only: library modules just get their logger."""
     level = logging.DEBUG if verbose else logging.INFO
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    else:  # a log file or a pipe: one line per record, never wrapped at 80 columns
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+        )
     if not verbose:
         # Flower resets its own logger's level on import; keep its debug chatter off our console.
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("flwr"))
