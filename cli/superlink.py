@@ -169,6 +169,14 @@ class LocalSuperLink:
             self._gone(5.0)
         for proc in self.started:
             proc.wait()
+        # A process spawned while the others stopped (Ray's agents start late) is caught here.
+        for _ in range(5):
+            time.sleep(0.3)
+            if not tagged_pids(self.tag):
+                break
+            logger.debug("started during shutdown, killing: %s", self._names())
+            self._signal(signal.SIGKILL)
+            self._gone(2.0)
         for pid in tagged_pids(self.tag):
             logger.warning("process %d is still alive after SIGKILL", pid)
         if self.home is not None:
