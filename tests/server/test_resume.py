@@ -49,8 +49,9 @@ def test_resume_continues_after_the_last_completed_round(tiny_cfg, tmp_path: Pat
     a = load_file(str(tmp_path / "ref" / "rounds" / "3" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "run" / "rounds" / "3" / "adapter_model.safetensors"))
     for key in a:
-        # float32 training: reduction order may differ by a few ulp; a repeated round is ~1e-2
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5)
+        # float32 training: reduction order may differ (one element was seen 1.6e-5 off under
+        # two test workers); a round lost or applied twice moves elements by ~1e-2
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-4)
     assert summary["final"]["loss"] == pytest.approx(reference["final"]["loss"], rel=1e-4)
 
 
