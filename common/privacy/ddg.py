@@ -60,6 +60,9 @@ MAX_BLOCK = 1 << 16
 WRAP_STDS = 6.0
 """The modular sum must hold this many standard deviations of a coordinate of the noisy sum."""
 
+MAX_ROUNDING_DRAWS = 200
+"""Conditional rounding redraws at most this often (P[redraw] <= beta: ~1.6 draws on average)."""
+
 MAX_INFLATION = 1.05
 """Rounding may raise a site's L2 sensitivity by at most 5 % over C * s; more needs more bits."""
 
@@ -364,17 +367,18 @@ class DdgEncoding:
         """The unmasked sum mod 2^b (plus ``top_up`` shares of noise, added here in integers)
         to the (d,) float sum of the sites' updates and noise."""
         bits = self.plan.modulus_bits
-        signed = total.astype(np.uint64).view(np.int64) if bits == 64 else total.astype(np.int64)
-        if bits < 64:
-            signed = np.where(signed >= 1 << (bits - 1), signed - (1 << bits), signed)
-        if top_up:
-            signed = _wrap(signed + self.noise(top_up), bits, np.uint64).astype(np.int64)
-            if bits < 64:
-                signed = np.where(signed >= 1 << (bits - 1), signed - (1 << bits), signed)
+        signed = _centre(total, bits)
+        if top_up:  # the sum stays in Z_{2^b}, as if the missing sites had uploaded their noise
+            signed = _centre(_wrap(signed + self.noise(top_up), bits, np.uint64), bits)
         return self.unrotate(signed.astype(np.float64) / self.plan.scale)
 
 
-MAX_ROUNDING_DRAWS = 200
+def _centre(values: NDArray[np.unsignedinteger], bits: int) -> NDArray[np.int64]:
+    """Z_{2^b} to the signed integers in [-2^(b-1), 2^(b-1))."""
+    if bits == 64:
+        return values.astype(np.uint64).view(np.int64)
+    signed = values.astype(np.int64)
+    return np.where(signed >= 1 << (bits - 1), signed - (1 << bits), signed)
 
 
 def _wrap(values: NDArray[np.int64], bits: int, dtype: type[np.unsignedinteger]) -> NDArray[Any]:
