@@ -49,8 +49,8 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable weights; biases and norm weights (1-D) get no decay."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
+    """AdamW (or SGD) over trainable weights; biases and norm weights (1-D) get no decay."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
@@ -61,7 +61,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    kept = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(kept, lr=cfg.lr)
+    return torch.optim.AdamW(kept, lr=cfg.lr)
 
 
 def micro_batch_size(cfg: TrainConfig) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from common.core.errors import FedtuneError
 
@@ -34,6 +34,7 @@ class Checkpoint:
     site_records: dict[str, int | None]
     elapsed_s: float
     privacy: dict[str, Any] = field(default_factory=dict)
+    server_optimizer_steps: int = 0  # its arrays: server-optimizer/<round>.safetensors
 
 
 def save(out: Path, ckpt: Checkpoint) -> None:
@@ -62,3 +63,30 @@ def load_adapter(out: Path, round_idx: int, keys: list[str]) -> dict[str, np.nda
     if missing:
         raise FedtuneError(f"cannot resume: round {round_idx}'s adapter lacks `{missing[0]}`")
     return {k: saved[k].astype(np.float32) for k in keys}
+
+
+OPTIMIZER_DIR = "server-optimizer"
+
+
+def save_optimizer(out: Path, round_idx: int, arrays: dict[str, np.ndarray]) -> None:
+    """The server optimizer's state after round ``round_idx``, written before the checkpoint
+    that names the round (a crash in between leaves the previous checkpoint and its state)."""
+    folder = out / OPTIMIZER_DIR
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{round_idx}.tmp"
+    save_file({k: np.ascontiguousarray(a) for k, a in arrays.items()}, str(tmp))
+    os.replace(tmp, folder / f"{round_idx}.safetensors")
+
+
+def prune_optimizer(out: Path, keep_round: int) -> None:
+    """Drop the states of rounds before ``keep_round`` (checkpointed: no longer needed)."""
+    for path in (out / OPTIMIZER_DIR).glob("*.safetensors"):
+        if path.stem.isdigit() and int(path.stem) < keep_round:
+            path.unlink(missing_ok=True)
+
+
+def load_optimizer(out: Path, round_idx: int) -> dict[str, np.ndarray]:
+    path = out / OPTIMIZER_DIR / f"{round_idx}.safetensors"
+    if not path.is_file():
+        raise FedtuneError(f"cannot resume: `{path}` (the server optimizer's state) is missing")
+    return dict(load_file(str(path)))

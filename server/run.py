@@ -40,6 +40,7 @@ from common.protocol.aggregate import (
     require_min_sites,
     site_weights,
 )
+from common.protocol.server_optimizer import ServerOptimizer
 from common.protocol.wire import config_record, declined_name, declined_reason
 from server import checkpoint, exchange
 from server.exchange import send_and_receive
@@ -114,6 +115,11 @@ class FederatedRun:
         if ckpt:
             state, final, first, elapsed = self._restore(ckpt, keys, privacy)
             set_state(model, state)
+        self.server_opt = ServerOptimizer(self.cfg.federation)
+        if ckpt and self.server_opt.stateful:
+            self.server_opt.load_arrays(
+                checkpoint.load_optimizer(self.out, ckpt.round), ckpt.server_optimizer_steps, keys
+            )
         sampler = SiteSampler(self.cfg.federation)
         noise = privacy.noise()
         expected = self.expected = expected_sites(self.cfg, len(nodes))
@@ -125,7 +131,7 @@ class FederatedRun:
             summed = self._train_round(r, sampled, state, fingerprint)
             self._site_states(nodes, sampled, summed)
             status.phase("aggregating", r)
-            state = apply_sum(self.cfg, state, summed, expected, noise)
+            state = apply_sum(self.cfg, state, summed, expected, noise, self.server_opt)
             set_state(model, state)
             writer.adapter(model, r)
             if self._eval_due(r):
@@ -138,7 +144,10 @@ class FederatedRun:
             self._record(writer, row)
             status.round_done(row)
             wall = elapsed + time.monotonic() - start
+            if self.server_opt.stateful:
+                checkpoint.save_optimizer(self.out, r, self.server_opt.arrays())
             checkpoint.save(self.out, self._checkpoint(r, base, final, wall, privacy))
+            checkpoint.prune_optimizer(self.out, r)
         summary = self._summary(base, final, elapsed + time.monotonic() - start, loaded.source)
         if privacy.active:
             summary["privacy"] = privacy.summary()
@@ -158,7 +167,7 @@ class FederatedRun:
         return checkpoint.Checkpoint(
             round=r, run_id=self.run_id, config_sha256=self.cfg.digest(), base=base, final=final,
             rows=self.rows, site_records=self.site_records, elapsed_s=wall,
-            privacy=privacy.state_dict(),
+            privacy=privacy.state_dict(), server_optimizer_steps=self.server_opt.steps,
         )  # fmt: skip
 
     def _restore(

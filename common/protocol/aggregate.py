@@ -8,7 +8,8 @@ follows is written once, here:
   1 with uniform weighting), which plain sums apply at the coordinator and secure sites apply
   before masking;
 - the min-sites rule (a round with fewer contributors than ``federation.min_sites`` fails);
-- the step: ``new = global + server_lr * (sum_i w_i delta_i [+ noise]) / D``, with the
+- the step: ``new = global + server_lr * (sum_i w_i delta_i [+ noise]) / D`` (``fedavg``; the
+  server optimizers of :mod:`common.protocol.server_optimizer` step by the same average), with the
   institution-level noise the coordinator adds (all of it with server noise; with distributed
   noise, the shares of sites that did not contribute, so the noise never shows how many did);
 - the denominator ``D``: the contributors' ``sum_i w_i`` without institution-level DP; with it,
@@ -34,6 +35,7 @@ import numpy as np
 from common.core.adapters import unflatten
 from common.core.config import Config
 from common.core.errors import RoundError
+from common.protocol.server_optimizer import ServerOptimizer
 
 # Noise the coordinator adds to a round's sum: (flat float64 sum, contributors) -> noised sum.
 SumNoise = Callable[[np.ndarray, int], np.ndarray]
@@ -115,10 +117,13 @@ def apply_sum(
     summed: RoundSum,
     expected: int,
     noise: SumNoise | None = None,
+    optimizer: ServerOptimizer | None = None,
 ) -> OrderedDict[str, np.ndarray]:
     """Step the global adapter by the (optionally noised) sum over the round's denominator.
 
-    ``expected``: the sites expected per round (:func:`expected_sites`).
+    ``expected``: the sites expected per round (:func:`expected_sites`). ``optimizer``: the
+    run's server optimizer, which keeps its state across rounds (default: a fresh one from
+    `federation`, exact for the stateless ``fedavg``).
     """
     if not summed.reports:
         raise RoundError("no site updates to aggregate")
@@ -127,7 +132,6 @@ def apply_sum(
         total = noise(total, len(summed.reports))
     scale = denominator(cfg, summed, expected)
     average = unflatten((total / scale).astype(np.float32), global_state)
-    lr = cfg.federation.server_lr
-    return OrderedDict(
-        (k, (global_state[k] + lr * average[k]).astype(np.float32)) for k in global_state
-    )
+    if optimizer is None:
+        optimizer = ServerOptimizer(cfg.federation)
+    return optimizer.step(global_state, average)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.core.config.section import Section
 
@@ -14,7 +14,27 @@ class FederationConfig(Section):
     sites_per_round: int = Field(0, ge=0, description="Sites sampled per round; 0 = all.")
     min_sites: int = Field(1, gt=0, description="A round with fewer successful sites is an error.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds to wait for replies.")
-    server_lr: float = Field(1.0, gt=0, description="Step size applied to the averaged update.")
+    server_lr: float = Field(
+        1.0, gt=0, description="Server step size (eta) applied to the round's averaged update."
+    )
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = Field(
+        "fedavg",
+        description=(
+            "How the coordinator steps the global adapter by the round's average (Reddi et al. "
+            "2021): `fedavg` (x += server_lr * average), `fedavgm` (server momentum), `fedadam`, "
+            "`fedyogi` (adaptive; pair with `train.optimizer = sgd`). Acts on the aggregate "
+            "only, so it works with secure aggregation and both DP levels."
+        ),
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="Server momentum (`fedavgm`).")
+    server_betas: tuple[float, float] = Field(
+        (0.9, 0.99), description="First- and second-moment decay (`fedadam`, `fedyogi`)."
+    )
+    server_tau: float = Field(
+        1e-3,
+        gt=0,
+        description="Adaptivity floor added to the root second moment (`fedadam`, `fedyogi`).",
+    )
     weighting: Literal["auto", "records", "uniform"] = Field(
         "auto",
         description=(
@@ -25,6 +45,13 @@ class FederationConfig(Section):
     )
     evaluate_every: int = Field(1, ge=0, description="Evaluate the global model every N rounds.")
     seed: int = Field(0, description="Seed of site sampling.")
+
+    @field_validator("server_betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"each decay must be in [0, 1) (got {list(value)})")
+        return value
 
 
 class EvalConfig(Section):

@@ -29,12 +29,20 @@ class TrainConfig(Section):
             "(`batch_size // grad_accum`)."
         ),
     )
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the local optimizer.")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw",
+        description=(
+            "The sites' local optimizer: `adamw`, or plain `sgd` (no momentum), the local "
+            "optimizer of adaptive server optimizers (`federation.server_optimizer`)."
+        ),
+    )
     weight_decay: float = Field(
         0.0,
         ge=0,
         description=(
-            "AdamW decoupled weight decay, with or without DP; never on biases and norm weights."
+            "Weight decay (AdamW: decoupled; SGD: L2), with or without DP; never on biases "
+            "and norm weights."
         ),
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (over the whole run).")
