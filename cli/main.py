@@ -165,7 +165,11 @@ def publish(
     ],
     signing_key: Annotated[Path, typer.Option("--signing-key", help="EC P-256 private key (PEM).")],
     round_: Annotated[
-        int | None, typer.Option("--round", help="Round to publish; default the last.")
+        int | None,
+        typer.Option(
+            "--round",
+            help="Round to publish; default the best (`federation.early_stop`), else the last.",
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Publish even if worse than the base model.")

@@ -49,7 +49,7 @@ from server.plain_round import PlainRound
 from server.privacy_round import ServerPrivacy
 from server.secagg_round import SecAggRound
 from server.status import Monitor, RunStatus
-from server.strategy import SiteSampler
+from server.strategy import EarlyStopper, SiteSampler
 
 logger = logging.getLogger(__name__)
 NODE_WAIT_S = 120.0
@@ -121,6 +121,12 @@ class FederatedRun:
                 checkpoint.load_optimizer(self.out, ckpt.round), ckpt.server_optimizer_steps, keys
             )
         sampler = SiteSampler(self.cfg.federation)
+        stopper = EarlyStopper(self.cfg.federation.early_stop, self.rows)
+        if stopper.enabled and not test:
+            raise RoundError(
+                "`federation.early_stop.patience` needs the coordinator's test set "
+                "(`evaluation.test_dir`)"
+            )
         noise = privacy.noise()
         expected = self.expected = expected_sites(self.cfg, len(nodes))
         for r in range(first, self.cfg.federation.rounds + 1):
@@ -148,7 +154,21 @@ class FederatedRun:
                 checkpoint.save_optimizer(self.out, r, self.server_opt.arrays())
             checkpoint.save(self.out, self._checkpoint(r, base, final, wall, privacy))
             checkpoint.prune_optimizer(self.out, r)
+            if self._eval_due(r) and stopper.observe(r, final) and r < self.cfg.federation.rounds:
+                es = self.cfg.federation.early_stop
+                logger.info(
+                    "stopping early after round %d: no %s improvement of %g for %d evaluations "
+                    "(best: round %d)", r, es.metric, es.min_delta, es.patience, stopper.best_round,
+                )  # fmt: skip
+                break
         summary = self._summary(base, final, elapsed + time.monotonic() - start, loaded.source)
+        if stopper.enabled and stopper.best_round is not None:
+            summary["early_stop"] = {
+                "best_round": stopper.best_round,
+                "best": stopper.best_metrics,
+                "stopped_after": len(self.rows),
+                "stopped_early": len(self.rows) < self.cfg.federation.rounds,
+            }
         if privacy.active:
             summary["privacy"] = privacy.summary()
         writer.summary(summary)

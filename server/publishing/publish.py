@@ -64,7 +64,8 @@ def publish(
     evaluate: EvaluateFn | None = None,
     load_base: LoadBaseFn | None = None,
 ) -> dict[str, Any]:
-    """Merge the adapter of ``round`` (default: last) into the base model and publish it signed.
+    """Merge the adapter of ``round`` into the base model and publish it signed (default: the
+    best round of a run with `federation.early_stop`, else the last).
 
     Refuses (:class:`EvaluationGateError`) when held-out accuracy drops by more than ``margin``
     (absolute) or loss rises by more than ``loss_margin`` (relative) versus the base model, unless
@@ -107,6 +108,8 @@ def read_run(run_dir: str | Path, round: int | None = None) -> RunInfo:
         summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise PublishError(f"`{root / 'summary.json'}` is not JSON ({err.msg})") from None
+    if round is None:  # an early-stopped run publishes its best round unless told otherwise
+        round = (summary.get("early_stop") or {}).get("best_round")
     chosen = _choose_round(root / "rounds", round)
     adapter_dir = root / "rounds" / str(chosen)
     if not (adapter_dir / "adapter_config.json").is_file():

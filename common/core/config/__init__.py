@@ -5,7 +5,7 @@ properties of :class:`Config`. One module per concept; this package's public nam
 """
 
 from common.core.config.data import GENERIC_PROMPT, DataConfig
-from common.core.config.federation import EvalConfig, FederationConfig
+from common.core.config.federation import EarlyStopConfig, EvalConfig, FederationConfig
 from common.core.config.load import (
     apply_overrides,
     build_config,
@@ -39,6 +39,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "DedupConfig",
+    "EarlyStopConfig",
     "EvalConfig",
     "FederationConfig",
     "InstitutionDPConfig",

@@ -9,6 +9,23 @@ from pydantic import Field, field_validator
 from common.core.config.section import Section
 
 
+class EarlyStopConfig(Section):
+    """Stop the run when the coordinator's evaluation stops improving (off while patience is 0)."""
+
+    metric: Literal["loss", "accuracy"] = Field(
+        "loss", description="The held-out metric watched: `loss` (lower is better) or `accuracy`."
+    )
+    patience: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Stop after this many evaluations in a row without an improvement of at least "
+            "`min_delta` over the best; 0 = never stop early."
+        ),
+    )
+    min_delta: float = Field(0.0, ge=0, description="The smallest change that counts as better.")
+
+
 class FederationConfig(Section):
     rounds: int = Field(3, gt=0, le=10000, description="Number of federated rounds.")
     sites_per_round: int = Field(0, ge=0, description="Sites sampled per round; 0 = all.")
@@ -45,6 +62,13 @@ class FederationConfig(Section):
     )
     evaluate_every: int = Field(1, ge=0, description="Evaluate the global model every N rounds.")
     seed: int = Field(0, description="Seed of site sampling.")
+    early_stop: EarlyStopConfig = Field(
+        default_factory=EarlyStopConfig,
+        description=(
+            "Early stopping on the coordinator's evaluation; the best round is written to "
+            "summary.json and `fedtune publish` defaults to it."
+        ),
+    )
 
     @field_validator("server_betas")
     @classmethod
