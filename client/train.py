@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from common.core.config import TrainConfig
 from common.core.tasks import Encoded, batch_loss, collate
@@ -65,6 +66,24 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(kept, lr=cfg.lr)
     return torch.optim.AdamW(kept, lr=cfg.lr)
+
+
+def _proximal_hook(model: nn.Module, opt: Optimizer, mu: float) -> RemovableHandle:
+    """FedProx's term: before every step of ``opt``, ``grad += mu * (w - w_round_start)``.
+
+    A pre-hook of the inner optimizer, so under DP-SGD (Opacus' DPOptimizer wraps ``opt`` and
+    calls its ``step`` after clipping and noising) it is added to the privatized gradient: it
+    depends on no record, only on the weights and the public global adapter.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]
+
+    def pull(_opt: Optimizer, _args: object, _kwargs: object) -> None:
+        for p, a in zip(params, anchor, strict=True):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - a, alpha=mu)
+
+    return opt.register_step_pre_hook(pull)
 
 
 def micro_batch_size(cfg: TrainConfig) -> int:
@@ -197,6 +216,7 @@ def train_round(
     total = cfg.local_steps * total_rounds
     stepper = stepper if stepper is not None else PlainStepper()
     losses: list[float] = []
+    prox = _proximal_hook(model, opt, cfg.proximal_mu) if cfg.proximal_mu > 0 else None
     stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)
     try:
         for s in range(cfg.local_steps):
@@ -205,5 +225,7 @@ def train_round(
             losses += stepper.step()
     finally:
         stepper.close()
+        if prox is not None:
+            prox.remove()
     seen = losses or [float("nan")]
     return TrainResult(float(np.mean(seen)), seen[0], seen[-1], cfg.local_steps, stepper.examples)

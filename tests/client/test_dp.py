@@ -240,3 +240,18 @@ def test_dp_stepper_removes_hooks_when_a_step_fails() -> None:
                                                       GaussianAccountant()))  # fmt: skip
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
     assert not model._forward_hooks and not model.base_model.model._forward_hooks
+
+
+def test_fedprox_acts_the_same_under_dp_as_without() -> None:
+    """FedProx's pull is added to the privatized gradient: a DP round (noise 0, every record,
+    clip bound off) with `proximal_mu` equals the plain round with it, and differs without."""
+    dp_model, plain_model, no_prox = tiny_lora(), tiny_lora(), tiny_lora()
+    every = RecordPlan(N, 1.0, N, 3, 2, 0.0, 1e6, 1e-5, 0.0)
+    prox = loop_cfg(proximal_mu=5.0, weight_decay=0.0)
+    loop(dp_model, prox, DPStepper(dp_cfg("hooks", 1e6), every, GaussianAccountant()))
+    loop(plain_model, prox.model_copy(update={"max_grad_norm": 1e6}))
+    loop(no_prox, loop_cfg(max_grad_norm=1e6, weight_decay=0.0))
+    got, want, free = params(dp_model, True), params(plain_model, True), params(no_prox, True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert max(float((want[k] - free[k]).abs().max()) for k in want) > 1e-4  # the pull is seen

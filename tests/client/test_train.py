@@ -77,3 +77,37 @@ def test_accumulation_splits_each_step_into_micro_batches(tiny_cfg):
     steps = batches(enc, cfg, seed=0, pad_id=0, steps=3)
     assert len(steps) == 3 and all(len(s) == 4 for s in steps)
     assert all(mb["input_ids"].shape[0] == 2 for s in steps for mb in s)
+
+
+def test_fedprox_adds_mu_times_the_drift_to_each_step(tiny_cfg):
+    """Two SGD steps from the same weights and batches, with and without FedProx: the first step
+    is the same (no drift yet), the second differs by exactly -lr * mu * (w1 - w0)."""
+    import torch
+
+    lr, mu = 0.1, 0.5
+
+    def weights_after(steps: int, proximal_mu: float) -> list[torch.Tensor]:
+        loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+        model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+        enc = encode(records(16), loaded.tokenizer, tiny_cfg)
+        cfg = TrainConfig(
+            optimizer="sgd", lr=lr, local_steps=steps, schedule="constant", batch_size=8,
+            proximal_mu=proximal_mu,
+        )  # fmt: skip
+        train_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=3)
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+    start = [
+        p.detach().clone()
+        for p in attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model).parameters()
+        if p.requires_grad
+    ]
+    w1 = weights_after(1, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(w1, weights_after(1, mu), strict=True))
+    plain, prox = weights_after(2, 0.0), weights_after(2, mu)
+    moved = False
+    for p0, p1, a, b in zip(start, w1, plain, prox, strict=True):
+        torch.testing.assert_close(b - a, -lr * mu * (p1 - p0), rtol=1e-4, atol=1e-7)
+        moved |= bool((p1 - p0).abs().max() > 1e-4)
+    assert moved  # the first step moved the weights, so the proximal term was not zero

@@ -37,6 +37,15 @@ class TrainConfig(Section):
             "optimizer of adaptive server optimizers (`federation.server_optimizer`)."
         ),
     )
+    proximal_mu: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "FedProx (Li et al. 2020): each local step also pulls the weights towards the "
+            "round's global adapter by `proximal_mu * (w - w_global)`; 0 = off. Data-independent, "
+            "so under record-level DP it is added after the noise (no privacy cost)."
+        ),
+    )
     weight_decay: float = Field(
         0.0,
         ge=0,
