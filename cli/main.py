@@ -327,9 +327,9 @@ def privacy_report(
         console.print("[bold red]error:[/] give a run folder or `--plan CONFIG` (one of them)")
         raise typer.Exit(2)
     if plan is not None:
-        cfg, counts, summary, checks = run_user(lambda: _planned(plan, set_ or []))
+        cfg, counts, summary, checks, trained = run_user(lambda: _planned(plan, set_ or []))
         out_console.print(report_text(summary))
-        if outlook := noise_outlook(cfg, counts):
+        if outlook := noise_outlook(cfg, counts, trained):
             out_console.print(outlook)
         out_console.print("Each site's own policy (its ledger as it is now):", highlight=False)
         for line in checks:
@@ -340,9 +340,11 @@ def privacy_report(
         out_console.print(run_user(lambda: report_text(_run_privacy(folder))))
 
 
-def _planned(config: Path, overrides: list[str]) -> tuple[Any, dict[str, int], Any, list[str]]:
-    """The plan for a scenario: site sizes from its partition (written to a scratch folder), and
-    each virtual site's policy check against its ledger."""
+def _planned(
+    config: Path, overrides: list[str]
+) -> tuple[Any, dict[str, int], Any, list[str], int | None]:
+    """The plan for a scenario: site sizes from its partition (written to a scratch folder),
+    each virtual site's policy check against its ledger, and the trained parameter count."""
     import tempfile
 
     from client.policy import read_policy
@@ -362,13 +364,16 @@ def _planned(config: Path, overrides: list[str]) -> tuple[Any, dict[str, int], A
             for site in counts
         }
     checks = [plan_check(policies[site], cfg, n, site) for site, n in counts.items()]
-    return cfg, counts, plan(cfg, counts, _update_size(cfg)), checks
+    size = _update_size(cfg)
+    dim = size if cfg.institution_noise_at == "sites" else None
+    return cfg, counts, plan(cfg, counts, dim), checks, size
 
 
 def _update_size(cfg: Any) -> int | None:
-    """The exchanged update's length (the distributed discrete Gaussian's bound needs it):
-    the model is built for it, so only when the noise is at the sites."""
-    if cfg.institution_noise_at != "sites":
+    """The exchanged update's length, which is also what DP-SGD trains and noises (the
+    distributed discrete Gaussian's bound and the noise outlook need it): the model is built
+    for it, so only when a DP level is on."""
+    if not (cfg.privacy.record.enabled or cfg.institution_noise_at == "sites"):
         return None
     from common.core.adapters import attach_lora, exchanged_keys, get_state
     from common.core.models import load_base

@@ -48,10 +48,27 @@ def target_modules(lora: LoraConfig, model: PreTrainedModel) -> list[str]:
     return AUTO_TARGETS[model_type]
 
 
+def adapted_layers(lora: LoraConfig, model: PreTrainedModel) -> list[int] | None:
+    """`lora.layers` as PEFT's ``layers_to_transform`` (negative indices resolved); None: all."""
+    if not lora.layers:
+        return None
+    n = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        raise ModelError(
+            f"`lora.layers`: model type `{model.config.model_type}` does not say how many layers "
+            "it has (`num_hidden_layers`); leave `lora.layers` empty"
+        )
+    bad = [i for i in lora.layers if not -n <= i < n]
+    if bad:
+        raise ModelError(f"`lora.layers`: {bad} out of range for a model of {n} layers")
+    return sorted({i % n for i in lora.layers})
+
+
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> PeftModel:
     """Wrap ``model`` with LoRA adapters initialised from the shared seed (same A everywhere)."""
     heads = [n for n in HEAD_NAMES if hasattr(model, n)] if mcfg.task == "seq-cls" else None
     peft_cfg = PeftLoraConfig(
+        layers_to_transform=adapted_layers(lora, model),
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=lora.dropout,

@@ -52,6 +52,14 @@ class LoraConfig(Section):
         "auto",
         description="Module names to adapt; `auto` picks the attention query/value projections.",
     )
+    layers: list[int] = Field(
+        default_factory=list,
+        description=(
+            "Adapt only these transformer layers (0 = the bottom; negative counts from the top, "
+            "-1 = the top layer); empty: every layer. Fewer adapted layers: cheaper steps "
+            "(backward passes stop at the lowest one) and, under DP, fewer noised parameters."
+        ),
+    )
     aggregation: Literal["ffa", "fedavg"] = Field(
         "ffa",
         description=(
