@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,22 +51,54 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|blocks)\.(\d+)\.")
+
+
+def layer_lr_scales(model: nn.Module, decay: float) -> dict[str, float]:
+    """`train.layer_lr_decay`: each trainable weight's multiple of `train.lr`. A weight in layer
+    ``i`` of ``n`` gets ``decay ** (n - 1 - i)``; the top layer and weights in no layer (the
+    head) get 1. ``n`` is the model's `num_hidden_layers` (else the highest layer seen + 1)."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    found = {name: int(m.group(1)) for name in names if (m := LAYER_INDEX.search(name))}
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        n = max(found.values(), default=-1) + 1
+    return {name: decay ** max(0, n - 1 - found[name]) if name in found else 1.0 for name in names}
+
+
+def _top_first(item: tuple[tuple[float, bool], list[nn.Parameter]]) -> tuple[float, bool]:
+    (scale, no_decay), _ = item
+    return (-scale, no_decay)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
-    """AdamW (or SGD) over trainable weights; biases and norm weights (1-D) get no decay."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    """AdamW (or SGD) over the trainable weights, in parameter groups by rate and decay: biases
+    and norm weights (1-D) get no weight decay; with `train.layer_lr_decay` < 1 each layer's
+    weights get their rate (:func:`layer_lr_scales`). Each group's ``lr_scale`` is its multiple
+    of `train.lr` (the schedule in :func:`train_round` sets ``lr = train.lr * factor * scale``).
+    """
+    scales = layer_lr_scales(model, cfg.layer_lr_decay)
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        no_decay = p.ndim < 2 or "norm" in name.lower()
+        grouped.setdefault((scales[name], no_decay), []).append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+            "lr": cfg.lr * scale,
+            "lr_scale": scale,
+        }
+        for (scale, no_decay), params in sorted(
+            grouped.items(), key=lambda kv: (-kv[0][0], kv[0][1])
+        )
     ]
-    kept = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(kept, lr=cfg.lr)
-    return torch.optim.AdamW(kept, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def _proximal_hook(model: nn.Module, opt: Optimizer, mu: float) -> RemovableHandle:
@@ -220,8 +253,9 @@ def train_round(
     stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)
     try:
         for s in range(cfg.local_steps):
+            factor = lr_factor(round_idx * cfg.local_steps + s, total, cfg)
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(round_idx * cfg.local_steps + s, total, cfg)
+                group["lr"] = cfg.lr * factor * group.get("lr_scale", 1.0)
             losses += stepper.step()
     finally:
         stepper.close()

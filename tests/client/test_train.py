@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pytest
 
 from client.train import batches, lr_factor, make_optimizer, train_round
 from common.core.adapters import attach_lora
@@ -111,3 +112,34 @@ def test_fedprox_adds_mu_times_the_drift_to_each_step(tiny_cfg):
         torch.testing.assert_close(b - a, -lr * mu * (p1 - p0), rtol=1e-4, atol=1e-7)
         moved |= bool((p1 - p0).abs().max() > 1e-4)
     assert moved  # the first step moved the weights, so the proximal term was not zero
+
+
+def test_layer_wise_rates_and_no_decay_groups_match_the_config(tiny_cfg, monkeypatch):
+    """`train.layer_lr_decay`: layer i of n at lr * decay^(n-1-i), top layer at lr; biases and
+    norms without weight decay; the schedule scales every group and keeps their ratios."""
+    import client.train as ct
+
+    loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+    model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+    n = loaded.model.config.num_hidden_layers
+    cfg = TrainConfig(lr=0.1, layer_lr_decay=0.5, weight_decay=0.01, warmup_steps=2, local_steps=1)
+    opt = make_optimizer(model, cfg)
+    names = {id(p): name for name, p in model.named_parameters()}
+    seen = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            layer = int(names[id(p)].split(".layers.")[1].split(".")[0])
+            assert group["lr"] == pytest.approx(0.1 * 0.5 ** (n - 1 - layer)), names[id(p)]
+            assert group["weight_decay"] == (0.0 if p.ndim < 2 else 0.01)
+            seen += 1
+    assert seen == sum(p.requires_grad for p in model.parameters())
+    assert {g["lr_scale"] for g in opt.param_groups} == {0.5**k for k in range(n)}
+
+    made = []
+    monkeypatch.setattr(
+        ct, "make_optimizer", lambda m, c: made.append(make_optimizer(m, c)) or made[-1]
+    )
+    enc = encode(records(8), loaded.tokenizer, tiny_cfg)
+    ct.train_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=0)
+    for group in made[0].param_groups:  # warmup step 1 of 2: factor 0.5 on every group
+        assert group["lr"] == pytest.approx(0.1 * 0.5 * group["lr_scale"])

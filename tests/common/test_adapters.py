@@ -127,3 +127,27 @@ def test_ffa_average_of_b_equals_average_of_b_times_a(tiny_cfg):
     exact = sum(w * (b @ x) for w, b, x in zip(weights, b_sites, a_sites, strict=True))
     assert np.abs(separate - exact).max() > 1e-3
     torch.manual_seed(0)
+
+
+def test_lora_layers_adapt_only_the_chosen_layers_counting_from_the_top(tiny_cfg):
+    def keys(layers):
+        model, _ = build_tiny("llama", tiny_cfg.model.tiny)
+        lora = tiny_cfg.lora.model_copy(update={"layers": layers})
+        return model.config.num_hidden_layers, exchanged_keys(
+            attach_lora(model, lora, tiny_cfg.model), lora
+        )
+
+    n, every = keys([])
+    _, top = keys([-1])
+    assert n >= 2
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in top} == {n - 1}
+    assert top == [k for k in every if f".layers.{n - 1}." in k]  # same modules, one layer
+    assert keys([0])[1] == [k for k in every if ".layers.0." in k]
+
+
+def test_lora_layers_out_of_range_name_the_field(tiny_cfg):
+    model, _ = build_tiny("llama", tiny_cfg.model.tiny)
+    n = model.config.num_hidden_layers
+    lora = tiny_cfg.lora.model_copy(update={"layers": [n]})
+    with pytest.raises(ModelError, match=rf"`lora.layers`: \[{n}\] out of range"):
+        attach_lora(model, lora, tiny_cfg.model)

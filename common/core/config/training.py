@@ -30,6 +30,15 @@ class TrainConfig(Section):
         ),
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of the local optimizer.")
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=(
+            "Layer-wise learning rates: the head and the top layer train at `lr`, each layer "
+            "below at the rate of the one above times this (e.g. 0.8); 1 = one rate for all."
+        ),
+    )
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw",
         description=(
