@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from common.core.config import TrainConfig
+from common.core.errors import ModelError
 from common.core.tasks import Encoded, batch_loss, collate
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,16 @@ def _proximal_hook(model: nn.Module, opt: Optimizer, mu: float) -> RemovableHand
                 p.grad.add_(p.detach() - a, alpha=mu)
 
     return opt.register_step_pre_hook(pull)
+
+
+def _call(model: nn.Module, method: str, kwargs: dict[str, bool] | None = None) -> None:
+    """A Hugging Face model's gradient-checkpointing switch (PEFT passes it to the base)."""
+    fn = getattr(model, method, None)
+    if not callable(fn):
+        raise ModelError(
+            f"`train.gradient_checkpointing`: this model ({type(model).__name__}) has no `{method}`"
+        )
+    fn(**({"gradient_checkpointing_kwargs": kwargs} if kwargs else {}))
 
 
 def micro_batch_size(cfg: TrainConfig) -> int:
@@ -250,6 +261,9 @@ def train_round(
     stepper = stepper if stepper is not None else PlainStepper()
     losses: list[float] = []
     prox = _proximal_hook(model, opt, cfg.proximal_mu) if cfg.proximal_mu > 0 else None
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing:  # non-reentrant: no input that requires grad is needed (frozen embeddings)
+        _call(model, "gradient_checkpointing_enable", {"use_reentrant": False})
     stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)
     try:
         for s in range(cfg.local_steps):
@@ -261,5 +275,7 @@ def train_round(
         stepper.close()
         if prox is not None:
             prox.remove()
+        if checkpointing:
+            _call(model, "gradient_checkpointing_disable")
     seen = losses or [float("nan")]
     return TrainResult(float(np.mean(seen)), seen[0], seen[-1], cfg.local_steps, stepper.examples)

@@ -143,3 +143,43 @@ def test_layer_wise_rates_and_no_decay_groups_match_the_config(tiny_cfg, monkeyp
     ct.train_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=0)
     for group in made[0].param_groups:  # warmup step 1 of 2: factor 0.5 on every group
         assert group["lr"] == pytest.approx(0.1 * 0.5 * group["lr_scale"])
+
+
+def test_gradient_checkpointing_trains_the_same_and_is_switched_off_after(tiny_cfg):
+    import torch
+
+    def trained(checkpointing: bool):
+        loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+        model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+        enc = encode(records(16), loaded.tokenizer, tiny_cfg)
+        cfg = TrainConfig(
+            local_steps=3, batch_size=8, lr=1e-2, gradient_checkpointing=checkpointing
+        )
+        seen = []
+        layer = loaded.model.model.layers[0]
+        hook = layer.register_forward_pre_hook(
+            lambda mod, _args: seen.append(mod.gradient_checkpointing and mod.training)
+        )
+        train_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=5)
+        hook.remove()
+        assert not loaded.model.is_gradient_checkpointing  # switched off after the round
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad], seen
+
+    plain, plain_seen = trained(False)
+    ckpt, ckpt_seen = trained(True)
+    assert plain_seen == [False] * 3 and ckpt_seen == [True] * 3  # on for every training step
+    for a, b in zip(plain, ckpt, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_with_record_level_dp_is_refused_naming_the_fields():
+    from common.core.config import build_config
+    from common.core.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="train.gradient_checkpointing"):
+        build_config(
+            {
+                "train": {"gradient_checkpointing": True},
+                "privacy": {"record": {"enabled": True, "target_epsilon": 8.0}},
+            }
+        )

@@ -82,6 +82,13 @@ class TrainConfig(Section):
             "never follow it: they come from a secret random source."
         ),
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description=(
+            "Recompute each layer's activations in the backward pass instead of keeping them "
+            "(less memory, more compute). Not with record-level DP."
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")
 

@@ -62,6 +62,12 @@ class Config(Section):
                 "`train.max_grad_norm` clips the whole gradient and does not apply under "
                 "record-level DP: set `privacy.record.max_grad_norm` (the per-record bound) instead"
             )
+        if self.privacy.record.enabled and self.train.gradient_checkpointing:
+            problems.append(
+                "`train.gradient_checkpointing` is not supported with record-level DP "
+                "(`privacy.record.enabled`): Opacus' per-record gradient hooks would see each "
+                "recomputed layer twice"
+            )
         if self.privacy.institution.enabled and fed.weighting == "records":
             problems.append(
                 "`federation.weighting` must be `uniform` (or `auto`) with institution-level DP: "
