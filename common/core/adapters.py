@@ -1,11 +1,18 @@
-"""LoRA adapters: attach, select what is trained and exchanged, and move state as numpy arrays.
+"""Adapters (LoRA, DoRA, IA3 through PEFT): attach, select what is trained and exchanged, and
+move state as numpy arrays.
 
-The PEFT adapter state dict is the unit that crosses the wire. Two aggregation modes:
+The PEFT adapter state dict is the unit that crosses the wire. Two aggregation modes for LoRA
+and DoRA:
 
 - ``ffa`` (FFA-LoRA, Sun et al. 2024): A is frozen at an initialisation every party derives from the
   shared ``lora.init_seed``; only B (and a classifier head, if any) is trained and exchanged. The
   weight delta B·A is then linear in B, so averaging B averages the deltas exactly.
 - ``fedavg``: A and B are both trained and averaged separately (mean(B)·mean(A) != mean(B·A)).
+
+DoRA adds a magnitude vector per adapted layer, trained and averaged with B (the average of
+magnitudes is not the average of the sites' weights: DoRA's weight is not linear in it). IA3's
+scaling vectors act linearly on one layer's weights (``W · diag(l)``), so their average is the
+average of the sites' scaled weights: exact.
 """
 
 from __future__ import annotations
@@ -16,8 +23,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from peft import IA3Config, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from peft import set_peft_model_state_dict as _peft_set
 from transformers import PreTrainedModel
 
@@ -34,6 +41,15 @@ AUTO_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"],
 }
 HEAD_NAMES = ("classifier", "score")
+# IA3's targets when `lora.target_modules = "auto"`: attention keys and values, and the
+# feed-forward output projection (whose input it scales), per model family.
+AUTO_IA3: dict[str, tuple[list[str], list[str]]] = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+}
 
 
 def target_modules(lora: LoraConfig, model: PreTrainedModel) -> list[str]:
@@ -46,6 +62,20 @@ def target_modules(lora: LoraConfig, model: PreTrainedModel) -> list[str]:
             f"list the modules to adapt (known types: {', '.join(sorted(AUTO_TARGETS))})"
         )
     return AUTO_TARGETS[model_type]
+
+
+def ia3_targets(lora: LoraConfig, model: PreTrainedModel) -> tuple[list[str], list[str]]:
+    """IA3's (target modules, feed-forward modules): listed ones are scaled at their output."""
+    if lora.target_modules != "auto":
+        return list(lora.target_modules), []
+    model_type = str(model.config.model_type)
+    if model_type not in AUTO_IA3:
+        raise ModelError(
+            f'`lora.method` = "ia3" with `lora.target_modules` = "auto" does not know model type '
+            f"`{model_type}`; list the modules to scale (known: {', '.join(sorted(AUTO_IA3))})"
+        )
+    targets, feedforward = AUTO_IA3[model_type]
+    return list(targets), list(feedforward)
 
 
 def adapted_layers(lora: LoraConfig, model: PreTrainedModel) -> list[int] | None:
@@ -67,13 +97,27 @@ def adapted_layers(lora: LoraConfig, model: PreTrainedModel) -> list[int] | None
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> PeftModel:
     """Wrap ``model`` with LoRA adapters initialised from the shared seed (same A everywhere)."""
     heads = [n for n in HEAD_NAMES if hasattr(model, n)] if mcfg.task == "seq-cls" else None
+    task = TaskType.SEQ_CLS if mcfg.task == "seq-cls" else TaskType.CAUSAL_LM
+    peft_cfg: PeftLoraConfig | IA3Config
+    if lora.method == "ia3":
+        targets, feedforward = ia3_targets(lora, model)
+        if lora.layers:
+            raise ModelError(
+                '`lora.layers` does not apply to `lora.method` = "ia3" (PEFT scales every layer)'
+            )
+        peft_cfg = IA3Config(
+            target_modules=targets, feedforward_modules=feedforward, task_type=task,
+            modules_to_save=heads,
+        )  # fmt: skip
+        return get_peft_model(model, peft_cfg)  # scaling vectors start at 1: no seed involved
     peft_cfg = PeftLoraConfig(
+        use_dora=lora.method == "dora",
         layers_to_transform=adapted_layers(lora, model),
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=lora.dropout,
         target_modules=target_modules(lora, model),
-        task_type=TaskType.SEQ_CLS if mcfg.task == "seq-cls" else TaskType.CAUSAL_LM,
+        task_type=task,
         modules_to_save=heads,
     )
     # The shared seed makes every party's A (and the head's copy) identical without sending it.

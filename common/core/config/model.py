@@ -45,6 +45,15 @@ class ModelConfig(Section):
 
 
 class LoraConfig(Section):
+    method: Literal["lora", "dora", "ia3"] = Field(
+        "lora",
+        description=(
+            "The adapter: `lora` (low-rank B·A), `dora` (LoRA with a learned magnitude per "
+            "output, Liu et al. 2024), or `ia3` (learned scaling vectors of the attention keys "
+            "and values and the feed-forward input, Liu et al. 2022; `r`, `alpha` and "
+            "`aggregation` do not apply). Through PEFT."
+        ),
+    )
     r: int = Field(8, gt=0, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")

@@ -62,6 +62,12 @@ class Config(Section):
                 "`train.max_grad_norm` clips the whole gradient and does not apply under "
                 "record-level DP: set `privacy.record.max_grad_norm` (the per-record bound) instead"
             )
+        if self.privacy.record.enabled and self.lora.method != "lora":
+            problems.append(
+                f'`lora.method` = "{self.lora.method}" is not supported with record-level DP '
+                "(`privacy.record.enabled`): Opacus computes no per-record gradients for PEFT's "
+                "DoRA and IA3 layers; use `lora`"
+            )
         if self.privacy.record.enabled and self.train.gradient_checkpointing:
             problems.append(
                 "`train.gradient_checkpointing` is not supported with record-level DP "
