@@ -203,6 +203,101 @@ def verify(
 
 
 @app.command()
+def evaluate(
+    source: Annotated[Path, typer.Argument(help="A run folder, or a published model folder.")],
+    data: Annotated[Path, typer.Option("--data", help="A folder of records to evaluate on.")],
+    out: Annotated[Path, typer.Option("--out", help="Where report.json and report.md go.")] = Path(
+        "evaluation"
+    ),
+    group_by: Annotated[
+        str | None,
+        typer.Option("--group-by", help="A record field: metrics per value and the largest gap."),
+    ] = None,
+    round_: Annotated[
+        int | None, typer.Option("--round", help="A run's round; default as `publish`.")
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option("--public-key", help="Verifies a published folder first.")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="A published folder's run config (its hash is checked)."),
+    ] = None,
+    max_gap: Annotated[
+        float, typer.Option("--max-gap", help="Largest gap allowed between groups.")
+    ] = 0.05,
+    latency_requests: Annotated[
+        int, typer.Option("--latency-requests", help="Requests timed one by one; 0: none.")
+    ] = 20,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Generation length.")
+    ] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the perturbations.")] = 0,
+) -> None:
+    """Evaluate a model on a folder of records: task metrics, per-group gaps, robustness to
+    perturbed inputs and latency, written as report.json and report.md."""
+    from common.evaluation import report as report_files
+    from common.evaluation.run import evaluate_model, read_with_groups
+
+    def go() -> dict[str, Any]:
+        cfg, model, tok = _model_to_evaluate(source, round_, public_key, config)
+        records, groups = read_with_groups(data, cfg, group_by)
+        logger.info("evaluating on %d records from %s", len(records), data)
+        return evaluate_model(
+            model, tok, cfg, records, groups, max_gap=max_gap, seed=seed,
+            latency_requests=latency_requests, max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+
+    result = run_user(go)
+    js, md = run_user(lambda: report_files.write(result, out))
+    m = result["metrics"]
+    main = "accuracy" if result["task"] == "classification" else "rougeL"
+    targets = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["targets"].items())
+    out_console.print(
+        f"{main} {m[main]:.4f} on {result['records']} records; targets: {targets or 'none'}; "
+        f"report: {md} ({js.name})"
+    )
+
+
+def _model_to_evaluate(
+    source: Path, round_: int | None, public_key: Path | None, config: Path | None
+) -> tuple[Any, Any, Any]:
+    """(config, model, tokenizer): a run's round merged into its base, or a verified published
+    folder with the run config it was published from."""
+    from common.core.config import load_config
+    from common.core.errors import ModelError
+
+    if (source / "manifest.json").is_file():
+        if public_key is None or config is None:
+            raise ModelError(
+                f"`{source}` is a published folder: give `--public-key` (to verify it) and "
+                "`--config` (the config.toml of the run it was published from)"
+            )
+        from common.identity.signing import verify_folder
+
+        manifest = verify_folder(source, public_key).manifest
+        cfg = load_config(config)
+        if manifest.get("config_hash") != cfg.digest():
+            raise ModelError(f"`--config` {config} is not the config `{source}` was published from")
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
+
+        cls = (
+            AutoModelForSequenceClassification
+            if cfg.model.task == "seq-cls"
+            else AutoModelForCausalLM
+        )
+        tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        return cfg, cls.from_pretrained(str(source), local_files_only=True), tok
+    from server.publishing.publish import merged_round
+
+    return merged_round(source, round_)
+
+
+@app.command()
 def serve(
     model_dir: Annotated[
         Path | None, typer.Argument(help="A published model folder (or use --adapter).")

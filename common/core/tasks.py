@@ -164,8 +164,10 @@ def evaluate(
     records: list[Record],
     cfg: Config,
     batch_size: int = 16,
+    predictions: list[int] | None = None,
 ) -> dict[str, float]:
-    """Loss on the answers and, for labelled records, accuracy of the highest-scored label.
+    """Loss on the answers and, for labelled records, accuracy of the highest-scored label
+    (each record's label index is appended to ``predictions`` when given).
 
     One forward pass per batch gives both when the labels' first tokens differ (the usual case):
     the logits that predict the answer's first token rank the labels.
@@ -195,6 +197,8 @@ def evaluate(
     if labelled:
         if not preds:  # labels share a first token: score each label in full
             preds = _classify_lm(model, tok, records, cfg, batch_size)
+        if predictions is not None:
+            predictions.extend(preds)
         hits = sum(cfg.data.labels[p] == r.label for p, r in zip(preds, records, strict=True))
         metrics["accuracy"] = hits / max(len(records), 1)
     if not math.isfinite(metrics["loss"]):

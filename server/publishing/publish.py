@@ -163,6 +163,13 @@ def _default_evaluate(model: Any, tokenizer: Any, cfg: Config, records: list[Any
     return evaluate(model, tokenizer, records, cfg, cfg.evaluation.batch_size)
 
 
+def merged_round(run_dir: str | Path, round: int | None = None) -> tuple[Config, Any, Any]:
+    """(config, merged model, tokenizer) of a run's round (default as `publish`), for evaluation."""
+    info = read_run(run_dir, round)
+    model, tokenizer = _default_load_base(info.cfg)
+    return info.cfg, _merge_adapter(model, info.adapter_dir), tokenizer
+
+
 def _merge_adapter(model: Any, adapter_dir: Path) -> Any:
     """Apply the saved PEFT adapter to ``model`` (in place) and fold it into the base weights."""
     from peft import PeftModel
