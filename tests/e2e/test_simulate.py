@@ -111,12 +111,40 @@ def test_publish_then_verify_through_the_cli(tiny_run, tmp_path):
     }
     proc = fedtune("verify", str(model_dir), "--public-key", str(pub))
     assert proc.returncode == 0 and "OK" in proc.stdout
+    # `fedtune evaluate` on the run's round and on the published folder: the same model, the same
+    # figures; a department field gives the per-group gap
+    rows = [json.loads(x) for x in (out / "test" / "records.jsonl").read_text().splitlines()]
+    grouped = tmp_path / "grouped"
+    grouped.mkdir()
+    (grouped / "r.jsonl").write_text(
+        "".join(json.dumps({**r, "dept": "ab"[i % 2]}) + "\n" for i, r in enumerate(rows))
+    )
+    reports = {}
+    for name, source, extra in (
+        ("run", out, []),
+        ("published", model_dir, ["--public-key", str(pub), "--config", str(out / "config.toml")]),
+    ):
+        args = ["--data", str(grouped), "--group-by", "dept", "--latency-requests", "2", *extra]
+        proc = fedtune("evaluate", str(source), "--out", str(tmp_path / name), *args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "targets: group_gap" in proc.stdout
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+        assert (tmp_path / name / "report.md").is_file()
+    run_m, pub_m = reports["run"]["metrics"], reports["published"]["metrics"]
+    assert run_m["accuracy"] == pub_m["accuracy"] and run_m["examples"] == len(rows)
+    assert run_m["loss"] == pytest.approx(pub_m["loss"], rel=1e-3)
+    assert set(reports["run"]["groups"]["by_group"]) == {"a", "b"}
+    proc = fedtune("evaluate", str(model_dir), "--data", str(grouped), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "--public-key" in proc.stderr
     weights = model_dir / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     proc = fedtune("verify", str(model_dir), "--public-key", str(pub))
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr
+    proc = fedtune("evaluate", str(model_dir), "--data", str(grouped), "--out", str(tmp_path / "y"),
+                   "--public-key", str(pub), "--config", str(out / "config.toml"))  # fmt: skip
+    assert proc.returncode == 2 and "model.safetensors" in proc.stderr  # never loaded unverified
 
 
 def test_privacy_report_says_when_there_is_no_guarantee(tiny_run):
