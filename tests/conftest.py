@@ -32,9 +32,9 @@ def tiny_cfg():
 
 # Under pytest-xdist (`make test`: `--dist loadgroup`) each test file stays on one worker, so its
 # module and session fixtures are built once, except the files below: each of their tests builds
-# its own federation (function-scoped fixtures) and they are the suite's longest, so their tests
+# its own federation (function-scoped fixtures) and share nothing expensive, so their tests
 # spread over the workers.
-SPREAD_FILES = {"test_deploy_faults.py"}
+SPREAD_FILES = {"test_deploy_faults.py", "test_methods.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
