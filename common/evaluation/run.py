@@ -20,6 +20,7 @@ import torch
 
 from common.core.config import Config
 from common.core.errors import DataError
+from common.core.readers import Issue, RawRow
 from common.core.records import Record, raise_problems, read_records
 from common.core.tasks import evaluate, prepare_prompt, prompt_ids
 from common.evaluation import metrics
@@ -50,9 +51,7 @@ def read_with_groups(
     return read.records, groups
 
 
-def _issue(row: Any, field: str) -> Any:
-    from common.core.readers import Issue
-
+def _issue(row: RawRow, field: str) -> Issue:
     return Issue(row.file, row.line, "group", f"no value for the `--group-by` field `{field}`")
 
 

@@ -122,8 +122,8 @@ def apply_sum(
     """Step the global adapter by the (optionally noised) sum over the round's denominator.
 
     ``expected``: the sites expected per round (:func:`expected_sites`). ``optimizer``: the
-    run's server optimizer, which keeps its state across rounds (default: a fresh one from
-    `federation`, exact for the stateless ``fedavg``).
+    run's server optimizer, which keeps its state across rounds (may be omitted only for the
+    stateless ``fedavg``).
     """
     if not summed.reports:
         raise RoundError("no site updates to aggregate")
@@ -134,4 +134,9 @@ def apply_sum(
     average = unflatten((total / scale).astype(np.float32), global_state)
     if optimizer is None:
         optimizer = ServerOptimizer(cfg.federation)
+        if optimizer.stateful:  # a fresh one every round would silently drop its state
+            raise RoundError(
+                f"`federation.server_optimizer` = `{cfg.federation.server_optimizer}` keeps state "
+                "across rounds: pass the run's ServerOptimizer"
+            )
     return optimizer.step(global_state, average)

@@ -26,8 +26,6 @@ import numpy as np
 from common.core.config import FederationConfig
 from common.core.errors import FedtuneError
 
-KINDS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
-
 
 class ServerOptimizer:
     """One configured rule and its state (``m``: momentum / first moment, ``v``: second)."""
@@ -86,9 +84,11 @@ class ServerOptimizer:
         self.m = {n[2:]: np.asarray(a, np.float64) for n, a in arrays.items() if n[:2] == "m/"}
         self.v = {n[2:]: np.asarray(a, np.float64) for n, a in arrays.items() if n[:2] == "v/"}
         self.steps = steps
-        needs_v = self.kind in ("fedadam", "fedyogi")
-        missing = [k for k in keys if steps and (k not in self.m or (needs_v and k not in self.v))]
-        if self.stateful and missing:
+        if not (self.stateful and steps):
+            return
+        needed = [self.m] if self.kind == "fedavgm" else [self.m, self.v]
+        missing = [k for k in keys if any(k not in state for state in needed)]
+        if missing:
             raise FedtuneError(
                 f"cannot resume: the checkpoint's `{self.kind}` state lacks `{missing[0]}`"
             )

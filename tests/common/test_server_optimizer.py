@@ -106,3 +106,18 @@ def test_resume_without_the_state_is_refused():
 def test_betas_out_of_range_name_the_field():
     with pytest.raises(ValidationError, match="server_betas"):
         FederationConfig(server_betas=(0.9, 1.0))
+
+
+def test_a_stateful_rule_without_the_runs_optimizer_is_refused():
+    from common.core.config import Config
+    from common.core.errors import RoundError
+    from common.protocol.aggregate import RoundSum, SiteReport, apply_sum
+
+    x0, deltas = _rounds()
+    flat = np.concatenate([d.ravel() for d in deltas[0].values()]).astype(np.float64)
+    summed = RoundSum(flat, 1.0, [SiteReport("s", 1, {})])
+    cfg = Config(federation=FederationConfig(server_optimizer="fedadam"))
+    with pytest.raises(RoundError, match="keeps state across rounds"):
+        apply_sum(cfg, x0, summed, expected=1)
+    stepped = apply_sum(cfg, x0, summed, expected=1, optimizer=ServerOptimizer(cfg.federation))
+    assert set(stepped) == set(x0)
