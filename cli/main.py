@@ -177,12 +177,26 @@ def publish(
     passphrase: Annotated[
         bool, typer.Option("--passphrase", help="Ask for the key's passphrase.")
     ] = False,
+    audit: Annotated[
+        Path | None,
+        typer.Option("--audit", help="A `fedtune audit` report: into the card; gates the claim."),
+    ] = None,
+    evaluation: Annotated[
+        Path | None,
+        typer.Option(
+            "--evaluation", help="A `fedtune evaluate` report of this run: into the card."
+        ),
+    ] = None,
 ) -> None:
     """Merge the run's adapter into the base model; write a signed Hugging Face folder."""
     from server.publishing.publish import publish as do_publish
 
     key_pass = _passphrase(passphrase)
-    manifest = run_user(lambda: do_publish(run_dir, out, signing_key, round_, force, key_pass))
+    manifest = run_user(
+        lambda: do_publish(
+            run_dir, out, signing_key, round_, force, key_pass, audit=audit, evaluation=evaluation
+        )
+    )
     out_console.print(f"published round {manifest.get('round')} to {out} (signed: {out}/model.sig)")
 
 
@@ -240,13 +254,14 @@ def evaluate(
     from common.evaluation.run import evaluate_model, read_with_groups
 
     def go() -> dict[str, Any]:
-        cfg, model, tok = _model_to_evaluate(source, round_, public_key, config)
+        cfg, model, tok, identity = _model_to_evaluate(source, round_, public_key, config)
         records, groups = read_with_groups(data, cfg, group_by)
         logger.info("evaluating on %d records from %s", len(records), data)
-        return evaluate_model(
+        report = evaluate_model(
             model, tok, cfg, records, groups, max_gap=max_gap, seed=seed,
             latency_requests=latency_requests, max_new_tokens=max_new_tokens,
         )  # fmt: skip
+        return {"model": identity, "data": str(data), **report}
 
     result = run_user(go)
     js, md = run_user(lambda: report_files.write(result, out))
@@ -259,11 +274,60 @@ def evaluate(
     )
 
 
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder to write (or one already audited).")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Scenario to train with canaries; omit to re-score."),
+    ] = None,
+    set_: SetOpt = None,
+    canaries: Annotated[
+        int | None, typer.Option("--canaries", help="Canary records (about half trained on).")
+    ] = None,
+    round_: Annotated[
+        int | None, typer.Option("--round", help="Round to attack; default as `publish`.")
+    ] = None,
+) -> None:
+    """Empirical privacy audit: train the scenario with canaries, attack the model (membership
+    inference, exposure), and set a lower bound on epsilon beside the run's claim."""
+    from cli import audit as auditing
+    from cli.simulate import simulate as run_simulation
+    from common.core.config import load_config
+    from common.core.errors import ConfigError
+
+    def go() -> dict[str, Any]:
+        if config is not None:
+            cfg = auditing.audit_config(load_config(config, set_ or []), canaries)
+            console.print(
+                f"[bold]fedtune audit[/] {cfg.name}: {cfg.simulation.audit.canaries} canaries, "
+                f"{cfg.simulation.partition.num_sites} sites, {cfg.federation.rounds} rounds "
+                f"-> {run_dir}"
+            )
+            run_simulation(cfg, run_dir)
+        elif set_ or canaries is not None:
+            raise ConfigError("`--set` and `--canaries` need `--config` (they change training)")
+        return auditing.analyze(run_dir, round_)
+
+    report = run_user(go)
+    js, md = auditing.write_report(report, run_dir / "audit")
+    claim = report["claimed"]
+    claimed = f"{claim['epsilon']:.3f}" if claim else "none"
+    verdict = "consistent" if report["consistent"] else "VIOLATED (the claim is false)"
+    out_console.print(
+        f"epsilon lower bound {report['epsilon_lower_bound']:.3f} (claimed {claimed}): "
+        f"{verdict}; membership AUC up to {report['mia_auc']:.3f}; report: {md} ({js.name})"
+    )
+    if not report["consistent"]:
+        raise typer.Exit(1)
+
+
 def _model_to_evaluate(
     source: Path, round_: int | None, public_key: Path | None, config: Path | None
-) -> tuple[Any, Any, Any]:
-    """(config, model, tokenizer): a run's round merged into its base, or a verified published
-    folder with the run config it was published from."""
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(config, model, tokenizer, identity): a run's round merged into its base, or a verified
+    published folder with the run config it was published from; identity names the run id and
+    round (what `publish --evaluation` checks)."""
     from common.core.config import load_config
     from common.core.errors import ModelError
 
@@ -291,10 +355,14 @@ def _model_to_evaluate(
             else AutoModelForCausalLM
         )
         tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-        return cfg, cls.from_pretrained(str(source), local_files_only=True), tok
-    from server.publishing.publish import merged_round
+        identity = {"run_id": manifest.get("run_id"), "round": manifest.get("round"),
+                    "published": str(source)}  # fmt: skip
+        return cfg, cls.from_pretrained(str(source), local_files_only=True), tok, identity
+    from server.publishing.publish import merged_round, read_run
 
-    return merged_round(source, round_)
+    info = read_run(source, round_)
+    cfg, model, tok = merged_round(source, info.round)
+    return cfg, model, tok, {"run_id": str(info.summary.get("run_id", "")), "round": info.round}
 
 
 @app.command()

@@ -18,6 +18,7 @@ from common.core.config.simulation import VIRTUAL_SITE_POLICY, default_site_stat
 from common.core.errors import DataError
 from common.core.records import write_jsonl
 from common.dataprep import check_folder
+from simulations.canaries import INDEX_FILE, write_canaries
 from simulations.corpora import CORPORA, Corpus
 from simulations.partition import assign, select, top_labels
 from simulations.userdata import user_corpus
@@ -50,6 +51,12 @@ def write_sites(cfg: Config, corpus: Corpus, out: Path) -> dict[str, int]:
         logger.info("site-%d: %d records, top labels %s", i, len(rows), mix)
     write_jsonl(out / "test" / "records.jsonl", test)
     write_policies(cfg, out, list(counts))
+    if cfg.simulation.audit.canaries:
+        canaries = write_canaries(cfg, out, list(counts))
+        logger.info(
+            "audit: %d canaries, %d of them trained on (%s)",
+            len(canaries), sum(c.included for c in canaries), INDEX_FILE,
+        )  # fmt: skip
     return counts
 
 
@@ -100,7 +107,7 @@ def prepare(cfg: Config, out: Path) -> Config:
     """Write the virtual sites' folders and check them; return the config the run will use."""
     corpus = load_corpus(cfg)
     cfg = resolve_labels(cfg, corpus)
-    for sub in ("sites", "test", "rounds", "plots"):
+    for sub in ("sites", "test", "rounds", "plots", "audit"):
         shutil.rmtree(out / sub, ignore_errors=True)
     write_sites(cfg, corpus, out)
     check_sites(cfg, out)

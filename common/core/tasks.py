@@ -206,6 +206,35 @@ def evaluate(
     return metrics
 
 
+@torch.no_grad()
+def record_nll(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    records: list[Record],
+    cfg: Config,
+    batch_size: int = 16,
+) -> list[float]:
+    """Each record's negative log-likelihood of its answer (summed over the answer's tokens;
+    for a sequence classifier, of its label): what membership-inference attacks and canary
+    exposure score."""
+    model.eval()
+    encoded = encode(records, tok, cfg)
+    out: list[float] = []
+    for i in range(0, len(encoded), batch_size):
+        batch = collate(encoded[i : i + batch_size], _pad(tok))
+        if cfg.model.task == "seq-cls":
+            logits = _forward(model, batch, 0).float()
+            nll = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        else:
+            logits, targets = causal_logits(model, batch)
+            flat = nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+            )
+            nll = flat.sum(-1)
+        out += [float(x) for x in nll]
+    return out
+
+
 def _pad(tok: PreTrainedTokenizerBase) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 

@@ -8,18 +8,26 @@ from common.core.config import Config
 
 
 def render_model_card(
-    cfg: Config, summary: dict[str, Any], round: int, before: dict[str, Any], after: dict[str, Any]
+    cfg: Config,
+    summary: dict[str, Any],
+    round: int,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    audit: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> str:
     """The whole card as Markdown."""
     sections = [
         f"# {cfg.name}: federated LoRA fine-tune\n",
         _provenance(cfg, summary, round),
         _evaluation(summary, before, after),
+        _evaluation_report(evaluation),
         _privacy(summary.get("privacy")),
-        _limitations(cfg),
+        _audit(audit),
+        _limitations(cfg, evaluation is not None),
         _files(),
     ]
-    return "\n".join(sections)
+    return "\n".join(s for s in sections if s)
 
 
 def _provenance(cfg: Config, summary: dict[str, Any], round: int) -> str:
@@ -94,14 +102,73 @@ def _privacy(privacy: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _limitations(cfg: Config) -> str:
+def _evaluation_report(report: dict[str, Any] | None) -> str:
+    """The `fedtune evaluate` report: metrics, per-group gap, robustness, latency, targets."""
+    if not report:
+        return ""
+    m = report.get("metrics", {})
+    names = (
+        ("accuracy", "macro_f1", "loss")
+        if report.get("task") == "classification"
+        else ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "perplexity")
+    )
+    lines = [f"## Evaluation report ({report.get('task')}, {report.get('records')} records)\n"]
+    lines += [f"- {k}: {_fmt(m[k])}" for k in names if k in m]
+    targets = report.get("targets", {})
+    rows = []
+    if g := report.get("groups"):
+        measured = f"{g['gap']:.4f} ({g['metric']}; lowest: {g['worst']})"
+        rows.append(("largest gap between groups", measured, f"<= {g['threshold']}", g["met"]))
+    if r := report.get("robustness"):
+        measured = f"{r['worst_ratio']:.3f} (worst of {', '.join(r['perturbations'])})"
+        rows.append(("perturbed / clean", measured, f">= {r['target']}", r["met"]))
+    if lat := report.get("latency"):
+        measured = f"{lat['p95_ms']:.1f} ms (p50 {lat['p50_ms']:.1f} ms)"
+        rows.append(
+            ("p95 latency per request", measured, f"<= {lat['target_ms']:.0f} ms", lat["met"])
+        )
+    if rows:
+        lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {'yes' if d else '**no**'} |" for a, b, c, d in rows]
+    unmet = [k for k, v in targets.items() if not v]
+    lines.append("\n" + (f"**Targets not met: {', '.join(unmet)}.**" if unmet
+                         else "All the targets measured were met.") + "\n")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _audit(report: dict[str, Any] | None) -> str:
+    """The empirical privacy audit (`fedtune audit`), beside the claim above."""
+    if not report:
+        return ""
+    claim = report.get("claimed")
+    claimed = f"{claim['epsilon']:.3f} ({claim['from']})" if claim else "none"
+    lines = [
+        "## Empirical privacy audit\n",
+        f"- Lower bound on epsilon from attacks: {report['epsilon_lower_bound']:.3f} (95% "
+        f"confidence, one-run audit with {next(iter(report['one_run'].values()))['canaries']} "
+        f"canaries); claimed: {claimed}",
+        f"- Membership inference AUC, strongest attack: {report['mia_auc']:.3f} (0.5 = guessing)",
+        f"- Unit: {report.get('unit')}",
+        "\nThe bound is what these attacks could prove, not the true epsilon: it does not "
+        "certify the claim, it can only refute it (and publishing is refused when it does).\n",
+    ]
+    return "\n".join(lines)
+
+
+def _limitations(cfg: Config, evaluated: bool = False) -> str:
+    scope = (
+        "- Evaluated on the records and with the targets of the evaluation report above; "
+        "conditions outside them (other populations, other input styles) are untested."
+        if evaluated
+        else "- Evaluated only on the held-out records listed above; it was not tested for "
+        "safety, fairness or out-of-distribution inputs."
+    )
     return "\n".join(
         [
             "## Limitations\n",
             f"- Fine-tuned from `{cfg.model.source}`; it inherits that model's biases, knowledge "
             "cut-off and failure modes, and may state false things fluently.",
-            "- Evaluated only on the held-out records listed above; it was not tested for safety, "
-            "fairness or out-of-distribution inputs. Do not use it for clinical, credit or other "
+            scope + " Do not use it for clinical, credit or other "
             "high-stakes decisions without review by a qualified person.",
             "- The differential-privacy guarantee (if any) covers the training process as "
             "configured; it says nothing about data given to the model at inference time.",

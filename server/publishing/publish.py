@@ -39,6 +39,10 @@ class EvaluationGateError(PublishError):
     """The merged model is worse than the base model by more than the allowed margin."""
 
 
+class AuditError(PublishError):
+    """An audit refutes the run's privacy claim (or is not an audit of what is published)."""
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """What publishing reads from a finished run folder."""
@@ -63,19 +67,28 @@ def publish(
     loss_margin: float = 0.05,
     evaluate: EvaluateFn | None = None,
     load_base: LoadBaseFn | None = None,
+    audit: str | Path | None = None,
+    evaluation: str | Path | None = None,
 ) -> dict[str, Any]:
     """Merge the adapter of ``round`` into the base model and publish it signed (default: the
     best round of a run with `federation.early_stop`, else the last).
 
     Refuses (:class:`EvaluationGateError`) when held-out accuracy drops by more than ``margin``
     (absolute) or loss rises by more than ``loss_margin`` (relative) versus the base model, unless
-    ``force``. Returns the signed manifest.
+    ``force``. ``audit``: a `fedtune audit` report of this run and round, written into the
+    card; refused (:class:`AuditError`, never overridden by ``force``) when its lower bound on
+    epsilon exceeds the epsilon the run claims. ``evaluation``: a `fedtune evaluate` report of
+    this run and round, written into the card. Returns the signed manifest.
     """
     out = Path(out_dir)
     _check_out_dir(out)
     load_private_key(signing_key, passphrase)  # fail on a wrong key or passphrase before heavy work
     key = Path(signing_key)
     info = read_run(run_dir, round)
+    audit_report = _read_report(audit, info, "audit") if audit else None
+    if audit_report is not None:
+        check_audit(audit_report, info.summary)
+    eval_report = _read_report(evaluation, info, "evaluation") if evaluation else None
     model, tokenizer = (load_base or _default_load_base)(info.cfg)
     evaluate = evaluate or _default_evaluate
     before = evaluate(model, tokenizer, info.cfg, info.test_records)
@@ -86,7 +99,11 @@ def publish(
     extra["config_hash"] = info.cfg.digest()
     extra["evaluation"] = {"base": _jsonable(before), "published": _jsonable(after)}
     extra["privacy"] = _privacy_statement(info.summary)
-    card = render_model_card(info.cfg, info.summary, info.round, before, after)
+    if audit_report is not None:
+        extra["audit"] = {k: audit_report[k] for k in ("epsilon_lower_bound", "claimed", "mia_auc")}
+    card = render_model_card(
+        info.cfg, info.summary, info.round, before, after, audit_report, eval_report
+    )
     return _write_atomically(
         out,
         lambda tmp: _fill_folder(tmp, merged, tokenizer, info, card),
@@ -144,6 +161,46 @@ def read_test_records(run_dir: Path, cfg: Config) -> list[Any]:
     if not records:
         raise PublishError(f"`{test_dir}` holds no test records; the evaluation gate needs some")
     return list(records)
+
+
+def _read_report(path: str | Path, info: RunInfo, kind: str) -> dict[str, Any]:
+    """A `fedtune audit` or `fedtune evaluate` report, checked to be of this run's round."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "report.json"
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise PublishError(f"cannot read the {kind} report `{file}`: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise PublishError(f"the {kind} report `{file}` is not JSON ({err.msg})") from None
+    model = report.get("model", report) if isinstance(report, dict) else {}
+    run_id = str(info.summary.get("run_id", ""))
+    if not isinstance(model, dict) or model.get("run_id") != run_id:
+        raise PublishError(f"the {kind} report `{file}` is not of this run (run id "
+                           f"{model.get('run_id') if isinstance(model, dict) else None!r}, "
+                           f"this run {run_id!r})")  # fmt: skip
+    if model.get("round") != info.round:
+        raise PublishError(f"the {kind} report `{file}` is of round {model.get('round')}, and "
+                           f"round {info.round} is being published: publish that round "
+                           f"(`--round`) or {kind} this one")  # fmt: skip
+    return report
+
+
+def check_audit(report: dict[str, Any], summary: dict[str, Any]) -> None:
+    """Refuse when the audit's lower bound exceeds the claim, the claim taken from the run's
+    own summary (never from the report)."""
+    from common.privacy.audit import claimed_epsilon
+
+    claim = claimed_epsilon(summary.get("privacy"))
+    bound = float(report.get("epsilon_lower_bound", 0.0))
+    if claim is not None and bound > claim["epsilon"]:
+        raise AuditError(
+            f"the audit's empirical lower bound on epsilon ({bound:.3f}) exceeds the claimed "
+            f"epsilon ({claim['epsilon']:.3f}, {claim['from']}): the privacy claim is false "
+            "(noise not added, or accounting that undercounts). Not published; --force does "
+            "not override this"
+        )
 
 
 # ------------------------------------------------------------------------- model and the gate

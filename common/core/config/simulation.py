@@ -214,6 +214,23 @@ class SitePolicyConfig(Section):
         return self
 
 
+class AuditConfig(Section):
+    """Canaries for `fedtune audit`: records of random words (and a random label or secret)
+    put into the virtual sites' data before training, each with probability 1/2, so that an
+    attack on the trained model can be measured against the run's privacy claim."""
+
+    canaries: int = Field(
+        0, ge=0, description="Canary records made (about half are trained on); 0 = no audit."
+    )
+    seed: int = Field(0, description="Seed of the canaries, their inclusion and their sites.")
+    members: int = Field(
+        500, ge=10, description="Training records (and as many held-out ones) attacked."
+    )
+    candidates: int = Field(
+        99, ge=1, description="Other secrets each generation canary is ranked against."
+    )
+
+
 class SimulationConfig(Section):
     partition: PartitionConfig = Field(
         default_factory=PartitionConfig, description="How the corpus is split into sites."
@@ -222,6 +239,9 @@ class SimulationConfig(Section):
     site_policy: SitePolicyConfig = Field(
         default_factory=SitePolicyConfig,
         description="Every virtual site's own privacy policy (written beside its data folder).",
+    )
+    audit: AuditConfig = Field(
+        default_factory=AuditConfig, description="Canaries of an empirical privacy audit."
     )
     site_policies: dict[str, SitePolicyConfig] = Field(
         default_factory=dict,
