@@ -22,10 +22,23 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secagg_site
-from client.site import LocalUpdate, SiteInfo, preflight, private, run_local_round
+from client.site import (
+    LocalUpdate,
+    SiteInfo,
+    evaluate_global,
+    preflight,
+    private,
+    run_local_round,
+)
 from common.core.config import Config
 from common.protocol import keys
-from common.protocol.wire import config_from_record, declined, from_record, to_record
+from common.protocol.wire import (
+    config_from_record,
+    declined,
+    from_record,
+    site_evaluation_shared,
+    to_record,
+)
 
 logger = logging.getLogger(__name__)
 app = ClientApp()
@@ -59,7 +72,19 @@ def _metrics(update: LocalUpdate, cfg: Config, seconds: float) -> MetricRecord:
         out.update({keys.TRAIN_LOSS: r.loss, keys.FIRST_LOSS: r.first_loss})
         out[keys.LAST_LOSS] = r.last_loss
         out[keys.SITE_SECONDS] = round(seconds, 3)  # the train handler: load, train, pack
+        out.update(site_evaluation(update.evaluation))
     return MetricRecord(out)
+
+
+def site_evaluation(evaluation: dict[str, float]) -> dict[str, Any]:
+    return {f"{keys.SITE_EVAL_PREFIX}{k}": float(v) for k, v in evaluation.items()}
+
+
+def _log_evaluation(name: str, what: str, evaluation: dict[str, float]) -> None:
+    if evaluation:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items() if k != "examples")
+        logger.info("site %s: %s on %d held-out records: %s (kept here)", name, what,
+                    int(evaluation.get("examples", 0)), shown)  # fmt: skip
 
 
 def _declined(name: str, reason: str) -> RecordDict:
@@ -101,6 +126,9 @@ def train(msg: Message, context: Context) -> Message:
         reason = update.declined or "no training result"
         return Message(_declined(site.name, reason), reply_to=msg)
     metrics = _metrics(update, cfg, time.monotonic() - started)
+    if not site_evaluation_shared(cfg):
+        _log_evaluation(site.name, f"global model of round {int(str(conf[keys.ROUND])) - 1}",
+                        update.evaluation)  # fmt: skip
     if cfg.secagg.enabled or keys.MASK_REQUEST in msg.content:
         # Secure aggregation: only the masked update leaves the site (refuses without a request).
         content, clipped = secagg_site.masked_update(
@@ -114,6 +142,23 @@ def train(msg: Message, context: Context) -> Message:
         content = RecordDict({keys.UPDATE: to_record(update.delta)})
     content[keys.METRICS] = metrics
     return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The final global model on the site's held-out split. Its figures leave the site only
+    where :func:`site_evaluation_shared` allows; otherwise they go to the site's own log."""
+    conf = msg.content.config_records[keys.CONFIG]
+    cfg = config_from_record(conf)
+    site = _site(msg, context)
+    global_state = from_record(msg.content.array_records[keys.ADAPTER])
+    result = evaluate_global(site, cfg, global_state, str(conf.get(keys.FINGERPRINT, "")))
+    if not site_evaluation_shared(cfg):
+        _log_evaluation(site.name, "final global model", result)
+        result = {}
+    reply = RecordDict({keys.SITE: ConfigRecord({keys.NAME: site.name})})
+    reply[keys.METRICS] = MetricRecord(site_evaluation(result))
+    return Message(reply, reply_to=msg)
 
 
 @app.query(keys.KEYS_QUERY)

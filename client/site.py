@@ -43,7 +43,7 @@ from common.core.config.simulation import VIRTUAL_SITE_POLICY
 from common.core.errors import DataError, ModelError, PrivacyError
 from common.core.models import load_base
 from common.core.records import Record
-from common.core.tasks import Encoded, encode
+from common.core.tasks import Encoded, encode, evaluate
 from common.dataprep.onthefly import load_prepared
 from common.privacy.accounting import GaussianAccountant, RecordPlan
 from common.protocol import keys
@@ -195,6 +195,7 @@ class LocalUpdate:
     records: int
     declined: str | None = None
     privacy: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, float] = field(default_factory=dict)  # the received global, held out
 
 
 def run_local_round(
@@ -219,7 +220,8 @@ def run_local_round(
             "same base model, `lora` settings and fedtune version"
         )
     set_state(sm.model, global_state)
-    train, _ = split_eval(load_records(site, cfg), cfg, cfg.train.seed + site.index)
+    train, held = split_eval(load_records(site, cfg), cfg, cfg.train.seed + site.index)
+    evaluation = evaluate_held(sm, cfg, held)
     examples: list[Encoded] = encode(train, sm.tokenizer, cfg)
     pad = int(sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0)
     seed = cfg.train.seed + 1000 * round_idx + site.index
@@ -249,7 +251,28 @@ def run_local_round(
         # The pre-clip norm is what institution-level DP hides: it stays here, in the local log.
         logger.debug("site %s: update norm %.4g before clipping", site.name, norm)
         delta = unflatten(vec, delta)
-    return LocalUpdate(delta, result, len(train), privacy=privacy)
+    return LocalUpdate(delta, result, len(train), privacy=privacy, evaluation=evaluation)
+
+
+def evaluate_held(sm: SiteModel, cfg: Config, held: list[Record]) -> dict[str, float]:
+    """The model as it stands on the site's held-out records (`data.eval_fraction`); {} if none."""
+    if not held:
+        return {}
+    result = evaluate(sm.model, sm.tokenizer, held, cfg, cfg.evaluation.batch_size)  # type: ignore[arg-type]
+    sm.model.train()
+    return result
+
+
+def evaluate_global(
+    site: SiteInfo, cfg: Config, global_state: dict[str, np.ndarray], fingerprint: str
+) -> dict[str, float]:
+    """The final global model on this site's held-out split (the `evaluate` message)."""
+    sm = site_model(cfg)
+    if fingerprint != sm.fingerprint:
+        raise ModelError("this site's frozen LoRA A differs from the coordinator's")
+    set_state(sm.model, global_state)
+    _, held = split_eval(load_records(site, cfg), cfg, cfg.train.seed + site.index)
+    return evaluate_held(sm, cfg, held)
 
 
 def _ledger(site: SiteInfo, cfg: Config) -> AbstractContextManager[SiteLedger | None]:

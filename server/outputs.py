@@ -28,7 +28,7 @@ class RunWriter:
     ) -> None:
         """A fresh run folder, or (``keep_rows``) one being resumed: its metrics are rewritten to
         exactly the checkpointed rounds, so no round appears twice."""
-        self.out = out
+        self.out, self.cfg = out, cfg
         out.mkdir(parents=True, exist_ok=True)
         (out / "rounds").mkdir(exist_ok=True)
         write_atomic(out / "config.toml", to_toml(cfg))
@@ -79,6 +79,40 @@ class RunWriter:
             fig.tight_layout()
             fig.savefig(plots / f"{key}.png", dpi=100)
             plt.close(fig)
+
+    def site_plot(self, rows: list[dict[str, Any]], final: dict[str, Any] | None) -> None:
+        """Each site's figure on its own held-out split, round by round (plots/sites.png): the
+        global model each round received (that of the round before), then the final one."""
+        if final is None and not any("site_eval" in r for r in rows):
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        metric = "accuracy" if self.cfg.data.labels else "loss"
+        series: dict[str, list[tuple[int, float]]] = {}
+        for row in rows:
+            for site, figures in row.get("site_eval", {}).get("sites", {}).items():
+                if metric in figures:
+                    point = (row["site_eval"]["of_round"], figures[metric])
+                    series.setdefault(site, []).append(point)
+        if final is not None:
+            for site, figures in final.get("sites", {}).items():
+                if metric in figures:
+                    series.setdefault(site, []).append((final["round"], figures[metric]))
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        for site, points in sorted(series.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site)
+        ax.set_xlabel("global model of round (0 = base)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} on each site's held-out split")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        (self.out / "plots").mkdir(exist_ok=True)
+        fig.savefig(self.out / "plots" / "sites.png", dpi=100)
+        plt.close(fig)
 
 
 def dropouts(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -32,6 +32,7 @@ from common.core.errors import RoundError
 from common.core.models import load_base
 from common.core.records import Record, read_folder
 from common.core.tasks import evaluate
+from common.evaluation.metrics import largest_gap
 from common.protocol import keys
 from common.protocol.aggregate import (
     RoundSum,
@@ -41,7 +42,15 @@ from common.protocol.aggregate import (
     site_weights,
 )
 from common.protocol.server_optimizer import ServerOptimizer
-from common.protocol.wire import config_record, declined_name, declined_reason
+from common.protocol.wire import (
+    config_record,
+    declined_name,
+    declined_reason,
+    metrics_of,
+    site_evaluation_of,
+    site_evaluation_shared,
+    to_record,
+)
 from server import checkpoint, exchange
 from server.exchange import send_and_receive
 from server.outputs import RunWriter, dropouts
@@ -68,6 +77,7 @@ class FederatedRun:
     # None: the site does not disclose its count (any DP level on: counts are not covered).
     site_records: dict[str, int | None] = field(default_factory=dict)
     site_prepare: dict[str, dict[str, int]] = field(default_factory=dict)  # counts per rule
+    site_eval_records: dict[str, int] = field(default_factory=dict)  # held out (no DP only)
     preflight_declined: dict[str, str] = field(default_factory=dict)  # site -> its reason
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     resume: bool = False
@@ -162,6 +172,8 @@ class FederatedRun:
                 )  # fmt: skip
                 break
         summary = self._summary(base, final, elapsed + time.monotonic() - start, loaded.source)
+        if site_eval := self._evaluate_at_sites(nodes, state, fingerprint):
+            summary["site_evaluation"] = site_eval
         if stopper.enabled and stopper.best_round is not None:
             summary["early_stop"] = {
                 "best_round": stopper.best_round,
@@ -173,7 +185,47 @@ class FederatedRun:
             summary["privacy"] = privacy.summary()
         writer.summary(summary)
         writer.plots(self.rows)
+        writer.site_plot(self.rows, summary.get("site_evaluation"))
         return summary
+
+    def _evaluate_at_sites(
+        self, nodes: list[int], state: dict[str, np.ndarray], fingerprint: str
+    ) -> dict[str, Any] | None:
+        """Each site evaluates the final global model on its own held-out split (`evaluate`
+        messages, with `data.eval_fraction`). The figures come back only where they may leave
+        a site (`site_evaluation_shared`: no DP, no secure aggregation); elsewhere each site
+        keeps them in its own log. A site that fails is logged and left out."""
+        if not self.cfg.data.eval_fraction:
+            return None
+        r = len(self.rows)
+        self.status.phase("evaluating at the sites", r, asked=len(nodes))
+        adapter, config = to_record(state), self._config(r, fingerprint)
+        msgs = [
+            Message(RecordDict({keys.ADAPTER: adapter, keys.CONFIG: config}), dst_node_id=n,
+                    message_type=keys.EVALUATE, group_id=f"evaluate-{r}")
+            for n in self._available(r, nodes)
+        ]  # fmt: skip
+        replies = send_and_receive(self.grid, msgs, self.cfg.federation.round_timeout_s)
+        sites: dict[str, dict[str, float]] = {}
+        for node, reply in sorted(replies.items()):
+            name = self.site_names.get(node, str(node))
+            if reply.has_error():
+                logger.warning("site %s could not evaluate: %s", name, reply.error.reason)
+                continue
+            try:
+                figures = site_evaluation_of(metrics_of(reply.content))
+            except (KeyError, ValueError) as err:
+                logger.warning("site %s sent a malformed evaluation: %s", name, err)
+                continue
+            if figures:
+                sites[name] = figures
+        if not site_evaluation_shared(self.cfg):
+            return None
+        metric = "accuracy" if self.cfg.data.labels else "loss"
+        gap = largest_gap(sites, metric)
+        for name, figures in sites.items():
+            logger.info("site %s, final model on its held-out split: %s", name, _fmt(figures))
+        return {"round": r, "sites": sites, **gap}
 
     # -- checkpoints -------------------------------------------------------------------------
     def _checkpoint(
@@ -330,6 +382,8 @@ class FederatedRun:
         prep = {k[len(prefix) :]: int(str(v)) for k, v in info.items() if k.startswith(prefix)}
         if prep:
             self.site_prepare[name] = prep
+        if keys.EVAL_RECORDS in info:
+            self.site_eval_records[name] = int(str(info[keys.EVAL_RECORDS]))
 
     def _config(self, round_idx: int, fingerprint: str) -> Any:
         return config_record(
@@ -383,6 +437,10 @@ class FederatedRun:
             "bytes_down": summed.bytes_down,
         }
         row.update({f"eval_{k}": v for k, v in ev.items() if k != "examples"})
+        # each site's figures for the global model it received: that of the round before
+        site_eval = {u.site: f for u in reports if (f := site_evaluation_of(u.metrics))}
+        if site_eval:
+            row["site_eval"] = {"of_round": r - 1, "sites": site_eval}
         row.update(summed.extra)
         return row
 
@@ -408,6 +466,8 @@ class FederatedRun:
             out["records"] = self.site_records[name]
         if name in self.site_prepare:
             out["prepare"] = self.site_prepare[name]
+        if self.site_eval_records.get(name):
+            out["held_out_records"] = self.site_eval_records[name]
         return out
 
     def _summary(

@@ -63,6 +63,10 @@ PREPARE_PREFIX = "prepare:"  # SITE: data preparation counts per rule
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS, FIRST_LOSS, LAST_LOSS = "train-loss", "first-loss", "last-loss"
 SITE_SECONDS = "site-seconds"
+# A site's evaluation of the global model it received on its own held-out split
+# (`data.eval_fraction`); sent only without DP and without secure aggregation.
+SITE_EVAL_PREFIX = "site-eval-"  # + loss, accuracy, examples
+EVALUATE = "evaluate"  # message type: the final global model, evaluated at each site
 RECORD_EPSILON, RECORD_DELTA = "record-epsilon", "record-delta"
 SECAGG_CLIPPED = "secagg-clipped"
 

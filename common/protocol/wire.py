@@ -86,3 +86,17 @@ def metrics_of(content: RecordDict) -> dict[str, float]:
 def record_count(metrics: Mapping[str, float]) -> int | None:
     """The record count a site reported; None when it sends none (any DP level on)."""
     return int(metrics[keys.NUM_EXAMPLES]) if keys.NUM_EXAMPLES in metrics else None
+
+
+def site_evaluation_shared(cfg: Config) -> bool:
+    """Whether a site's evaluation on its own held-out split may leave it: only without DP
+    (no accounting covers it, and noising it would spend the site's budget on a metric) and
+    without secure aggregation (one site's figure would sit beside the masked sum)."""
+    private = cfg.privacy.record.enabled or cfg.privacy.institution.enabled
+    return not private and not cfg.secagg.enabled
+
+
+def site_evaluation_of(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The `site-eval-*` figures of a reply's metrics, by their plain names."""
+    n = len(keys.SITE_EVAL_PREFIX)
+    return {k[n:]: v for k, v in metrics.items() if k.startswith(keys.SITE_EVAL_PREFIX)}

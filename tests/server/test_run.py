@@ -141,3 +141,39 @@ def test_a_site_declining_at_preflight_is_left_out_and_named(tiny_cfg, tmp_path:
         FederatedRun(
             cfg3, tmp_path / "b" / "run", InProcessGrid(client_app, nodes, fault)
         ).execute()
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["no-dp", "record-dp"])
+def test_each_site_evaluates_the_global_model_on_its_own_held_out_split(
+    tiny_cfg, tmp_path: Path, private, caplog
+):
+    cfg, nodes = setup_run(tiny_cfg, tmp_path, {"rounds": 2})
+    update = {"data": cfg.data.model_copy(update={"eval_fraction": 0.25})}
+    if private:
+        record = cfg.privacy.record.model_copy(update={"enabled": True, "target_epsilon": 8.0})
+        update["privacy"] = cfg.privacy.model_copy(update={"record": record})
+        for i, node in enumerate(nodes.values()):
+            node["state-dir"] = str(tmp_path / "state" / str(i))
+    cfg = cfg.model_copy(update=update)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"local_steps": 5})})
+    caplog.set_level("INFO")
+    summary = FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes)).execute()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    if private:  # figures on private records leave no site: they stay in its own log
+        assert "site_evaluation" not in summary and all("site_eval" not in r for r in rows)
+        kept = [r.message for r in caplog.records if "held-out records" in r.message]
+        assert any("(kept here)" in m and "final global model" in m for m in kept)
+        assert not (tmp_path / "run" / "plots" / "sites.png").exists()
+        return
+    # round r's reply holds each site's figures for the global model it received (round r-1)
+    assert [r["site_eval"]["of_round"] for r in rows] == [0, 1]
+    assert set(rows[0]["site_eval"]["sites"]) == {"site-0", "site-1", "site-2"}
+    final = summary["site_evaluation"]
+    assert final["round"] == 2 and set(final["sites"]) == {"site-0", "site-1", "site-2"}
+    accuracies = [f["accuracy"] for f in final["sites"].values()]
+    assert final["gap"] == pytest.approx(max(accuracies) - min(accuracies))
+    for site, figures in final["sites"].items():  # a quarter held out, the rest trained on
+        info = summary["sites"][site]
+        assert figures["examples"] == info["held_out_records"]
+        assert info["held_out_records"] == int((info["held_out_records"] + info["records"]) * 0.25)
+    assert (tmp_path / "run" / "plots" / "sites.png").is_file()
