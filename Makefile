@@ -37,7 +37,7 @@ typecheck: setup
 # (tests/conftest.py). PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 pytest: setup test-tools
-	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=25
 
 # The live view's tests drive a real headless browser and a real Prometheus: Debian's
 # chromium, chromium-driver and prometheus (as root, or through sudo), installed once.
