@@ -484,16 +484,18 @@ def privacy_report(
     set_: SetOpt = None,
 ) -> None:
     """State the run's privacy guarantee in plain words, or what a config plans to spend."""
-    from common.privacy.report import noise_outlook, report_text
+    from common.privacy.report import clip_outlook, noise_outlook, report_text
 
     if (run_dir is None) == (plan is None):
         console.print("[bold red]error:[/] give a run folder or `--plan CONFIG` (one of them)")
         raise typer.Exit(2)
     if plan is not None:
-        cfg, counts, summary, checks, trained = run_user(lambda: _planned(plan, set_ or []))
+        cfg, counts, summary, checks, trained, norms = run_user(lambda: _planned(plan, set_ or []))
         out_console.print(report_text(summary))
         if outlook := noise_outlook(cfg, counts, trained):
             out_console.print(outlook)
+        if clipping := clip_outlook(cfg, norms):
+            out_console.print(clipping)
         out_console.print("Each site's own policy (its ledger as it is now):", highlight=False)
         for line in checks:
             out_console.print(f"  {line}", highlight=False)
@@ -505,9 +507,11 @@ def privacy_report(
 
 def _planned(
     config: Path, overrides: list[str]
-) -> tuple[Any, dict[str, int], Any, list[str], int | None]:
+) -> tuple[Any, dict[str, int], Any, list[str], int | None, list[float]]:
     """The plan for a scenario: site sizes from its partition (written to a scratch folder),
-    each virtual site's policy check against its ledger, and the trained parameter count."""
+    each virtual site's policy check against its ledger, the trained parameter count, and
+    (record-level DP on) per-record gradient norms of the initial model on up to 64 of the
+    virtual sites' records: this runs on the user's machine, over the user's scenario."""
     import tempfile
 
     from client.policy import read_policy
@@ -526,24 +530,43 @@ def _planned(
             site: read_policy({}, Path(tmp) / VIRTUAL_SITE_POLICY.format(site=site))
             for site in counts
         }
+        model = _trained_model(cfg)
+        norms = _grad_norms(model, cfg, sites) if cfg.privacy.record.enabled else []
     checks = [plan_check(policies[site], cfg, n, site) for site, n in counts.items()]
-    size = _update_size(cfg)
+    size = _update_size(model, cfg) if model is not None else None
     dim = size if cfg.institution_noise_at == "sites" else None
-    return cfg, counts, plan(cfg, counts, dim), checks, size
+    return cfg, counts, plan(cfg, counts, dim), checks, size, norms
 
 
-def _update_size(cfg: Any) -> int | None:
-    """The exchanged update's length, which is also what DP-SGD trains and noises (the
-    distributed discrete Gaussian's bound and the noise outlook need it): the model is built
-    for it, so only when a DP level is on."""
+def _grad_norms(model: Any, cfg: Any, sites: list[Path], limit: int = 64) -> list[float]:
+    """Per-record gradient norms of the initial model, on records drawn from every site."""
+    from common.core.records import read_folder
+    from common.core.tasks import record_grad_norms
+
+    per_site = max(1, limit // max(1, len(sites)))
+    records = [r for s in sites for r in read_folder(s, cfg.data.form, cfg.data.labels)[:per_site]]
+    return record_grad_norms(model[0], model[1], records[:limit], cfg)
+
+
+def _trained_model(cfg: Any) -> tuple[Any, Any] | None:
+    """(model with adapters, tokenizer) as the sites start, built only when a DP level is on
+    (the plan's figures need it)."""
     if not (cfg.privacy.record.enabled or cfg.institution_noise_at == "sites"):
         return None
-    from common.core.adapters import attach_lora, exchanged_keys, get_state
+    from common.core.adapters import attach_lora
     from common.core.models import load_base
 
     loaded = load_base(cfg.model, cfg.data.labels)
-    model = attach_lora(loaded.model, cfg.lora, cfg.model)
-    return sum(v.size for v in get_state(model, exchanged_keys(model, cfg.lora)).values())
+    return attach_lora(loaded.model, cfg.lora, cfg.model), loaded.tokenizer
+
+
+def _update_size(model: tuple[Any, Any], cfg: Any) -> int:
+    """The exchanged update's length, which is also what DP-SGD trains and noises (the
+    distributed discrete Gaussian's bound and the noise outlook need it)."""
+    from common.core.adapters import exchanged_keys, get_state
+
+    peft_model = model[0]
+    return sum(v.size for v in get_state(peft_model, exchanged_keys(peft_model, cfg.lora)).values())
 
 
 def _run_privacy(run_dir: Path) -> dict[str, Any]:

@@ -235,6 +235,26 @@ def record_nll(
     return out
 
 
+def record_grad_norms(
+    model: nn.Module, tok: PreTrainedTokenizerBase, records: list[Record], cfg: Config
+) -> list[float]:
+    """Each record's gradient norm over the trained parameters, one record at a time (what
+    DP-SGD clips to `privacy.record.max_grad_norm`); the model's gradients are left cleared."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    was_training = model.training
+    model.train()
+    for e in encode(records, tok, cfg):
+        model.zero_grad(set_to_none=True)
+        loss, _ = batch_loss(model, collate([e], _pad(tok)))
+        loss.backward()
+        sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
+        norms.append(math.sqrt(sq))
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return norms
+
+
 def _pad(tok: PreTrainedTokenizerBase) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 

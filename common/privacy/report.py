@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from common.core.config import Config
 from common.core.errors import PrivacyError
 from common.privacy.accounting import institution_epsilon_planned, record_plan
@@ -292,6 +294,37 @@ def noise_outlook(
         "(`lora.r`, `lora.target_modules`)."
     )
     return "\n".join(lines + warnings)
+
+
+# Per-record gradient norms at the start of training, against the clip bound C. With C below
+# nearly all of them, DP-SGD normalizes every record's gradient: each record then pushes with
+# the same weight however well it is already fitted, and the most frequent class keeps winning
+# (clipping bias). Measured on bank-complaints (norms about 1.5): at C = 0.1 the model stayed at
+# the majority class even at epsilon 1000; at C = 2.5 it learned (0.525 at epsilon 8).
+CLIPPED_SHARE_TOO_HIGH = 0.9
+
+
+def clip_outlook(cfg: Config, norms: list[float]) -> str:
+    """How the clip bound compares with per-record gradient norms measured at the start (on a
+    sample of the records); a warning when nearly every record would be clipped."""
+    if not cfg.privacy.record.enabled or not norms:
+        return ""
+    c = cfg.privacy.record.max_grad_norm
+    q10, q50, q90 = (float(np.percentile(norms, q)) for q in (10, 50, 90))
+    clipped = sum(n > c for n in norms) / len(norms)
+    lines = [
+        f"Per-record gradient norms at the start ({len(norms)} records): 10% {q10:.3g}, "
+        f"median {q50:.3g}, 90% {q90:.3g}; C = {c:g} clips {clipped:.0%} of them."
+    ]
+    if clipped >= CLIPPED_SHARE_TOO_HIGH:
+        lines.append(
+            f"WARNING: `privacy.record.max_grad_norm` = {c:g} clips {clipped:.0%} of the records' "
+            "gradients: each record then pushes alike however well it is already fitted, and "
+            "the most frequent labels win (clipping bias). A bound near the 90% norm "
+            f"(about {q90:.2g}) clips only outliers; the noise grows with C, and so does the "
+            "signal it is measured against."
+        )
+    return "\n".join(lines)
 
 
 def quieter_batch(cfg: Config, num_records: int, trained: int | None = None) -> int | None:

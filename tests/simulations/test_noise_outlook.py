@@ -7,7 +7,7 @@ import re
 import pytest
 
 from common.core.config import load_config
-from common.privacy.report import NOISE_TOO_LOUD, noise_outlook
+from common.privacy.report import NOISE_TOO_LOUD, clip_outlook, noise_outlook
 from tests.conftest import SCENARIOS
 
 
@@ -69,3 +69,43 @@ def test_with_the_trained_parameter_count_the_noise_is_judged_by_its_norm():
     quiet = noise_outlook(trial, {"a": 2000}, trained)
     assert "WARNING" not in quiet
     assert float(re.search(r", ([0-9.]+) C in norm", quiet).group(1)) <= NOISE_NORM_TOO_LOUD
+
+
+def test_a_clip_bound_below_nearly_every_gradient_is_warned():
+    cfg = load_config(SCENARIOS / "bank-complaints.toml", ["privacy.enabled=true"])
+    norms = [1.0 + 0.01 * i for i in range(100)]  # 1.00 .. 1.99
+    low = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={
+        "record": cfg.privacy.record.model_copy(update={"max_grad_norm": 0.1})})})  # fmt: skip
+    text = clip_outlook(low, norms)
+    assert "clips 100% of them" in text and "WARNING" in text and "about 1.9" in text
+    high = low.model_copy(update={"privacy": low.privacy.model_copy(update={
+        "record": low.privacy.record.model_copy(update={"max_grad_norm": 1.9})})})  # fmt: skip
+    text = clip_outlook(high, norms)
+    assert "clips 9% of them" in text and "WARNING" not in text
+    assert clip_outlook(load_config(SCENARIOS / "hospitals.toml"), norms) == ""
+
+
+def test_per_record_gradient_norms_are_each_records_own(tiny_cfg):
+    import torch
+
+    from common.core.adapters import attach_lora
+    from common.core.models import load_base
+    from common.core.records import Record
+    from common.core.tasks import batch_loss, collate, encode, record_grad_norms
+
+    loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+    model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+    tok = loaded.tokenizer
+    records = [Record([{"role": "user", "content": t}], lab, lab, f"r:{i}")
+               for i, (t, lab) in enumerate([("a red apple", "red"), ("the sky", "blue"),
+                                             ("grass", "green")])]  # fmt: skip
+    norms = record_grad_norms(model, tok, records, tiny_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    for e, norm in zip(encode(records, tok, tiny_cfg), norms, strict=True):
+        model.eval()  # no dropout: the same figure however it is computed
+        loss, _ = batch_loss(model, collate([e], tok.pad_token_id))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        expected = torch.sqrt(sum((g**2).sum() for g in grads if g is not None))
+        assert norm == pytest.approx(float(expected), rel=1e-4) and norm > 0
+    assert len({round(n, 6) for n in norms}) == 3  # three records, three norms
