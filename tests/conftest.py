@@ -40,4 +40,7 @@ SPREAD_FILES = {"test_deploy_faults.py", "test_methods.py"}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+            # the file's own path: files of the same name in two folders are two groups, and
+            # a module fixture is never torn down by another file's tests in between
+            group = item.path.relative_to(config.rootpath).with_suffix("").as_posix()
+            item.add_marker(pytest.mark.xdist_group(group.replace("/", ".")))
