@@ -165,6 +165,7 @@ def test_privacy_report_plans_a_config():
     assert "Each institution's entire dataset" in proc.stdout
     assert "Record-level noise per optimizer step" in proc.stdout
     assert len(re.findall(r"site site-\d: \d+ records, sample rate", proc.stdout)) == 3
+    assert re.search(r"Per-record gradient norms at the start \(\d+ records\)", proc.stdout)
 
 
 def test_the_run_goes_through_flwr_run_and_leaves_nothing_running(tiny_run):
