@@ -135,9 +135,8 @@ def _exposure(model, tok, cfg, canaries: list[Canary], records, loss_scores) -> 
         alternatives = [_with_secret(record, s, cfg) for s in canary.candidates]
         others = -np.asarray(record_nll(model, tok, alternatives, cfg, cfg.evaluation.batch_size))
         values.append(stats.exposure(float(score), others))
-    out: dict[str, Any] = {"candidates": len(canaries[0].candidates) + 1 if canaries else 0,
-                           "max_possible": 0.0}  # fmt: skip
-    out["max_possible"] = float(np.log2(out["candidates"])) if out["candidates"] else 0.0
+    n = len(canaries[0].candidates) + 1 if canaries else 0
+    out: dict[str, Any] = {"candidates": n, "max_possible": float(np.log2(n)) if n else 0.0}
     for name, keep in (("trained", True), ("not_trained", False)):
         chosen = [v for v, c in zip(values, canaries, strict=True) if c.included == keep]
         out[name] = {"canaries": len(chosen), "mean": float(np.mean(chosen)) if chosen else None,

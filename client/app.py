@@ -126,7 +126,9 @@ def train(msg: Message, context: Context) -> Message:
         reason = update.declined or "no training result"
         return Message(_declined(site.name, reason), reply_to=msg)
     metrics = _metrics(update, cfg, time.monotonic() - started)
-    if not site_evaluation_shared(cfg):
+    if not _may_share(cfg, site):
+        metrics = MetricRecord({k: v for k, v in metrics.items()
+                                if not k.startswith(keys.SITE_EVAL_PREFIX)})  # fmt: skip
         _log_evaluation(site.name, f"global model of round {int(str(conf[keys.ROUND])) - 1}",
                         update.evaluation)  # fmt: skip
     if cfg.secagg.enabled or keys.MASK_REQUEST in msg.content:
@@ -144,6 +146,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _may_share(cfg: Config, site: SiteInfo) -> bool:
+    """Held-out figures leave only if the run allows it (:func:`site_evaluation_shared`) and the
+    site's own policy does too: a site that requires record-level DP or secure aggregation never
+    sends them, whatever config a coordinator sends with an `evaluate` message."""
+    policy = site.policy
+    return site_evaluation_shared(cfg) and not (policy.record_dp_required or policy.require_secagg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The final global model on the site's held-out split. Its figures leave the site only
@@ -153,7 +163,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = _site(msg, context)
     global_state = from_record(msg.content.array_records[keys.ADAPTER])
     result = evaluate_global(site, cfg, global_state, str(conf.get(keys.FINGERPRINT, "")))
-    if not site_evaluation_shared(cfg):
+    if not _may_share(cfg, site):
         _log_evaluation(site.name, "final global model", result)
         result = {}
     reply = RecordDict({keys.SITE: ConfigRecord({keys.NAME: site.name})})

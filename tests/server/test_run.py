@@ -177,3 +177,37 @@ def test_each_site_evaluates_the_global_model_on_its_own_held_out_split(
         assert figures["examples"] == info["held_out_records"]
         assert info["held_out_records"] == int((info["held_out_records"] + info["records"]) * 0.25)
     assert (tmp_path / "run" / "plots" / "sites.png").is_file()
+
+
+def test_a_coordinator_asking_for_held_out_figures_without_dp_gets_none_from_a_dp_site(
+    tiny_cfg, tmp_path: Path
+):
+    """A patched coordinator sends `evaluate` with a config that has no DP and no secure
+    aggregation, to a site whose own policy requires record-level DP: no figure leaves it."""
+    from flwr.app import Context, RecordDict
+
+    from client.site import site_model
+    from common.core.adapters import get_state
+    from common.protocol import keys
+    from common.protocol.wire import config_record, to_record
+
+    cfg, nodes = setup_run(tiny_cfg, tmp_path, {"rounds": 1})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval_fraction": 0.25})})
+    sm = site_model(cfg)
+    content = RecordDict({
+        keys.ADAPTER: to_record(get_state(sm.model, sm.keys)),
+        keys.CONFIG: config_record(cfg, {keys.ROUND: 1, keys.FINGERPRINT: sm.fingerprint}),
+    })  # fmt: skip
+    replies = {}
+    for strict in (False, True):
+        node = dict(nodes[100])
+        if strict:
+            node["require-record-dp"] = True
+        msg = Message(content, dst_node_id=100, message_type=keys.EVALUATE)
+        msg.metadata.__dict__["_message_id"] = f"m{strict}"
+        ctx = Context(run_id=1, node_id=100, node_config=node, state=RecordDict(), run_config={})
+        reply = client_app(msg, ctx)
+        assert not reply.has_error(), reply.error
+        replies[strict] = dict(reply.content.metric_records[keys.METRICS])
+    assert f"{keys.SITE_EVAL_PREFIX}loss" in replies[False]  # the same site, policy permitting
+    assert replies[True] == {}
