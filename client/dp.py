@@ -59,7 +59,7 @@ from torch.optim import Optimizer
 from client.train import micro_batch_size
 from common.core.config import RecordDPConfig, TrainConfig
 from common.core.errors import ModelError, PrivacyError
-from common.core.tasks import Encoded, collate
+from common.core.tasks import Encoded, collate, input_logits
 from common.privacy.accounting import GaussianAccountant, RecordPlan
 from common.privacy.discrete_gaussian import SecureRandom
 
@@ -85,7 +85,8 @@ def default_loss(model: nn.Module, batch: Batch) -> Tensor:
     """Per-record loss of a HF model on a batch; HF's own (token-mean over the batch) loss is
     not per record, so labels are kept out of the forward call."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return per_record_loss(model(**inputs).logits, batch["labels"])
+    logits = input_logits(model(**inputs).logits, batch["input_ids"])
+    return per_record_loss(logits, batch["labels"])
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

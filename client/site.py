@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftModel
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from client.dp import DPStepper
@@ -99,7 +99,7 @@ class SiteInfo:
 
 @dataclass
 class SiteModel:
-    model: PeftModel
+    model: nn.Module  # a PEFT model, or the base itself (`partial` / `full`)
     tokenizer: PreTrainedTokenizerBase
     keys: list[str]
     fingerprint: str

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,6 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from common.core.adapters import LAYER_INDEX
 from common.core.config import TrainConfig
 from common.core.errors import ModelError
 from common.core.tasks import Encoded, batch_loss, collate
@@ -50,9 +50,6 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|blocks)\.(\d+)\.")
 
 
 def layer_lr_scales(model: nn.Module, decay: float) -> dict[str, float]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from common.core.adapters import saved_state_file
 from common.core.errors import FedtuneError
 
 NAME = "checkpoint.json"
@@ -57,8 +58,8 @@ def load(out: Path, config_sha256: str) -> Checkpoint:
 
 
 def load_adapter(out: Path, round_idx: int, keys: list[str]) -> dict[str, np.ndarray]:
-    """The exchanged arrays of round ``round_idx``'s saved adapter (PEFT key names)."""
-    saved = load_file(str(out / "rounds" / str(round_idx) / "adapter_model.safetensors"))
+    """The exchanged arrays of round ``round_idx``'s saved state (the exchanged key names)."""
+    saved = load_file(str(saved_state_file(out / "rounds" / str(round_idx))))
     missing = [k for k in keys if k not in saved]
     if missing:
         raise FedtuneError(f"cannot resume: round {round_idx}'s adapter lacks `{missing[0]}`")

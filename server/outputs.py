@@ -9,8 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
+from torch import nn
 
+from common.core.adapters import save_round
 from common.core.config import Config, to_toml
 
 logger = logging.getLogger(__name__)
@@ -40,15 +41,16 @@ class RunWriter:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    def adapter(self, model: PeftModel, round_idx: int) -> Path:
-        """PEFT format (adapter_model.safetensors + adapter_config.json), written then renamed."""
+    def adapter(self, model: nn.Module, round_idx: int, keys: list[str]) -> Path:
+        """The round's trained state (PEFT's adapter format, or the trained weights of
+        `partial` / `full`: :func:`common.core.adapters.save_round`), written then renamed."""
         final = self.out / "rounds" / str(round_idx)
         tmp = self.out / "rounds" / f".{round_idx}.tmp"
         # Left by a crash: a half-written folder, or a round written but never checkpointed.
         for stale in (tmp, final):
             if stale.exists():
                 shutil.rmtree(stale)
-        model.save_pretrained(str(tmp))
+        save_round(model, tmp, keys, self.cfg.lora.method)
         os.replace(tmp, final)
         return final
 

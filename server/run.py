@@ -149,7 +149,7 @@ class FederatedRun:
             status.phase("aggregating", r)
             state = apply_sum(self.cfg, state, summed, expected, noise, self.server_opt)
             set_state(model, state)
-            writer.adapter(model, r)
+            writer.adapter(model, r, keys)
             if self._eval_due(r):
                 status.phase("evaluating", r)
                 final = self._evaluate(model, loaded.tokenizer, test)

@@ -1,8 +1,15 @@
-"""Adapters (LoRA, DoRA, IA3 through PEFT): attach, select what is trained and exchanged, and
-move state as numpy arrays.
+"""What a site trains (`lora.method`): attach it, select what is trained and exchanged, move that
+state as numpy arrays, save a round and apply a saved round to a base model.
 
-The PEFT adapter state dict is the unit that crosses the wire. Two aggregation modes for LoRA
-and DoRA:
+Adapters (LoRA, DoRA, IA3, prompt tuning) go through PEFT: the PEFT adapter state dict is the
+unit that crosses the wire and a round is saved in PEFT's format. The model's own weights
+(``partial``: the chosen top layers, final norm and head; ``full``: every weight) are trained in
+place: the trained parameters (by their names in the model) cross the wire, and a round is saved
+as those tensors alone (``trained_weights.safetensors``, with ``trained_weights.json`` naming the
+method), never a whole model copy per round for ``partial``. Averaging weights is averaging the
+sites' models: exact for ``full`` and ``partial`` (the frozen part is the same everywhere).
+
+Two aggregation modes for LoRA and DoRA:
 
 - ``ffa`` (FFA-LoRA, Sun et al. 2024): A is frozen at an initialisation every party derives from the
   shared ``lora.init_seed``; only B (and a classifier head, if any) is trained and exchanged. The
@@ -12,20 +19,37 @@ and DoRA:
 DoRA adds a magnitude vector per adapted layer, trained and averaged with B (the average of
 magnitudes is not the average of the sites' weights: DoRA's weight is not linear in it). IA3's
 scaling vectors act linearly on one layer's weights (``W · diag(l)``), so their average is the
-average of the sites' scaled weights: exact.
+average of the sites' scaled weights: exact. Prompt tuning's virtual-token embeddings are
+averaged as they are (the model is not linear in them: like DoRA's magnitudes, an average of
+parameters, not of outputs); they start from a random init drawn from ``lora.init_seed``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from peft import IA3Config, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from peft import (
+    IA3Config,
+    PeftModel,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+)
 from peft import LoraConfig as PeftLoraConfig
 from peft import set_peft_model_state_dict as _peft_set
+from safetensors.torch import load_file as _load_tensors
+from safetensors.torch import save_file as _save_tensors
+from torch import nn
 from transformers import PreTrainedModel
 
 from common.core.config import LoraConfig, ModelConfig
@@ -41,6 +65,14 @@ AUTO_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"],
 }
 HEAD_NAMES = ("classifier", "score")
+# Methods that train the model's own weights (no PEFT wrapper), and the files of their rounds.
+WEIGHT_METHODS = ("partial", "full")
+TRAINED_FILE = "trained_weights.safetensors"
+TRAINED_META = "trained_weights.json"
+# A transformer layer's index in a parameter name (llama/qwen2 `layers`, bert `layer`, gpt2 `h`).
+LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|blocks)\.(\d+)\.")
+# Parameters of the input embeddings (never trained by `partial`).
+EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embeddings|wte|wpe)\.")
 # IA3's targets when `lora.target_modules = "auto"`: attention keys and values, and the
 # feed-forward output projection (whose input it scales), per model family.
 AUTO_IA3: dict[str, tuple[list[str], list[str]]] = {
@@ -94,11 +126,15 @@ def adapted_layers(lora: LoraConfig, model: PreTrainedModel) -> list[int] | None
     return sorted({i % n for i in lora.layers})
 
 
-def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters initialised from the shared seed (same A everywhere)."""
+def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> nn.Module:
+    """``model`` made ready to train by `lora.method`: wrapped with PEFT adapters initialised
+    from the shared seed (same init everywhere), or (``partial``, ``full``) with only the chosen
+    weights left trainable."""
+    if lora.method in WEIGHT_METHODS:
+        return _train_weights(model, lora)
     heads = [n for n in HEAD_NAMES if hasattr(model, n)] if mcfg.task == "seq-cls" else None
     task = TaskType.SEQ_CLS if mcfg.task == "seq-cls" else TaskType.CAUSAL_LM
-    peft_cfg: PeftLoraConfig | IA3Config
+    peft_cfg: PeftLoraConfig | IA3Config | PromptTuningConfig
     if lora.method == "ia3":
         targets, feedforward = ia3_targets(lora, model)
         if lora.layers:
@@ -110,44 +146,120 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> 
             modules_to_save=heads,
         )  # fmt: skip
         return get_peft_model(model, peft_cfg)  # scaling vectors start at 1: no seed involved
-    peft_cfg = PeftLoraConfig(
-        use_dora=lora.method == "dora",
-        layers_to_transform=adapted_layers(lora, model),
-        r=lora.r,
-        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
-        lora_dropout=lora.dropout,
-        target_modules=target_modules(lora, model),
-        task_type=task,
-        modules_to_save=heads,
-    )
+    if lora.method == "prompt":
+        if lora.layers:
+            raise ModelError(
+                '`lora.layers` does not apply to `lora.method` = "prompt" (the virtual tokens '
+                "enter at the input)"
+            )
+        peft_cfg = PromptTuningConfig(
+            task_type=task, num_virtual_tokens=lora.virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.RANDOM, modules_to_save=heads,
+        )  # fmt: skip
+    else:
+        peft_cfg = PeftLoraConfig(
+            use_dora=lora.method == "dora",
+            layers_to_transform=adapted_layers(lora, model),
+            r=lora.r,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
+            lora_dropout=lora.dropout,
+            target_modules=target_modules(lora, model),
+            task_type=task,
+            modules_to_save=heads,
+        )
     # The shared seed makes every party's A (and the head's copy) identical without sending it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lora.init_seed)
         peft_model = get_peft_model(model, peft_cfg)
-    if lora.aggregation == "ffa":
+    if lora.method in ("lora", "dora") and lora.aggregation == "ffa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
     return peft_model
 
 
-def exchanged_keys(model: PeftModel, lora: LoraConfig) -> list[str]:
-    """Keys of the adapter state dict that are trained and sent each round, in a fixed order."""
+def _layer_of(name: str) -> int | None:
+    m = LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _num_layers(model: nn.Module, names: list[str]) -> int:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    return max((i for name in names if (i := _layer_of(name)) is not None), default=-1) + 1
+
+
+def _train_weights(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
+    """`partial` / `full`: freeze every weight but the trained ones, in place.
+
+    ``partial`` trains the chosen layers, and the weights in no layer that are not input
+    embeddings (final norm, pooler, task head; a causal LM's output layer when it is not tied
+    to the input embedding). A tied output layer stays frozen with the embedding it shares.
+    """
+    params = dict(model.named_parameters())  # a tied weight appears once, under its first name
+    if lora.method == "full":
+        for p in params.values():
+            p.requires_grad_(True)
+        return model
+    names = list(params)
+    n = _num_layers(model, names)
+    top = [k for k in names if _layer_of(k) is None and not EMBEDDING.search(k)]
+    if lora.layers:
+        if lora.fraction is not None:
+            raise ModelError(
+                '`lora.method` = "partial": set `lora.layers` or `lora.fraction`, not both'
+            )
+        chosen = set(adapted_layers(lora, model) or [])
+    elif lora.fraction is not None:
+        total = sum(p.numel() for p in params.values())
+        size = sum(params[k].numel() for k in top)
+        chosen = set()
+        for layer in range(n - 1, -1, -1):
+            if size >= lora.fraction * total:
+                break
+            chosen.add(layer)
+            size += sum(params[k].numel() for k in names if _layer_of(k) == layer)
+    else:
+        raise ModelError(
+            '`lora.method` = "partial" needs `lora.layers` (e.g. [-2, -1]: the top two layers) '
+            "or `lora.fraction` (e.g. 0.25) to say what it trains"
+        )
+    for k, p in params.items():
+        p.requires_grad_(k in top or _layer_of(k) in chosen)
+    return model
+
+
+def trains_weights(model: nn.Module) -> bool:
+    """True for `partial` / `full` models (their own weights trained), False for PEFT ones."""
+    return not isinstance(model, PeftModel)
+
+
+def exchanged_keys(model: nn.Module, lora: LoraConfig) -> list[str]:
+    """Keys of the state that is trained and sent each round, in a fixed order."""
+    if not isinstance(model, PeftModel):
+        return sorted(k for k, p in model.named_parameters() if p.requires_grad)
     keys = list(get_peft_model_state_dict(model).keys())
-    if lora.aggregation == "ffa":
+    if lora.method in ("lora", "dora") and lora.aggregation == "ffa":
         keys = [k for k in keys if "lora_A" not in k]
     return sorted(keys)
 
 
-def get_state(model: PeftModel, keys: list[str]) -> OrderedDict[str, np.ndarray]:
-    """The exchanged part of the adapter as float32 numpy arrays (copies)."""
-    full = get_peft_model_state_dict(model)
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(model, PeftModel):
+        return get_peft_model_state_dict(model)
+    return dict(model.named_parameters())
+
+
+def get_state(model: nn.Module, keys: list[str]) -> OrderedDict[str, np.ndarray]:
+    """The exchanged part (adapter, or trained weights) as float32 numpy arrays (copies)."""
+    full = _state(model)
     return OrderedDict((k, full[k].detach().float().cpu().numpy().copy()) for k in keys)
 
 
-def set_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
-    """Load exchanged adapter arrays; every key must be known and every shape must match."""
-    full = get_peft_model_state_dict(model)
+def set_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Load exchanged arrays; every key must be known and every shape must match."""
+    full = _state(model)
     problems = [f"unknown key `{k}`" for k in state if k not in full]
     problems += [
         f"`{k}`: expected shape {tuple(full[k].shape)}, got {tuple(v.shape)}"
@@ -159,12 +271,18 @@ def set_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
     tensors = {
         k: torch.from_numpy(np.ascontiguousarray(v)).to(full[k].dtype) for k, v in state.items()
     }
-    merged = {**full, **tensors}
-    _peft_set(model, merged)
+    if not isinstance(model, PeftModel):
+        with torch.no_grad():
+            for k, v in tensors.items():
+                full[k].copy_(v.to(full[k].device))
+        return
+    _peft_set(model, {**full, **tensors})
 
 
-def frozen_fingerprint(model: PeftModel, lora: LoraConfig) -> str:
+def frozen_fingerprint(model: nn.Module, lora: LoraConfig) -> str:
     """sha256 of the frozen part (A under ``ffa``): sites check they share the server's A."""
+    if not isinstance(model, PeftModel) or lora.method not in ("lora", "dora"):
+        return ""
     if lora.aggregation != "ffa":
         return ""
     full = get_peft_model_state_dict(model)
@@ -173,6 +291,72 @@ def frozen_fingerprint(model: PeftModel, lora: LoraConfig) -> str:
         digest.update(key.encode())
         digest.update(full[key].detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------ saved rounds on disk
+
+
+def save_round(model: nn.Module, folder: Path, keys: list[str], method: str) -> None:
+    """A round's trained state into ``folder``: PEFT's adapter format, or the trained weights."""
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(folder))
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    full = dict(model.named_parameters())
+    tensors = {k: full[k].detach().cpu().contiguous() for k in keys}
+    _save_tensors(tensors, str(folder / TRAINED_FILE))
+    meta = {"format": "fedtune-trained-weights", "method": method, "tensors": len(keys)}
+    (folder / TRAINED_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def saved_state_file(folder: Path) -> Path:
+    """The safetensors file of a saved round (either kind)."""
+    if (folder / TRAINED_META).is_file():
+        return folder / TRAINED_FILE
+    return folder / "adapter_model.safetensors"
+
+
+def is_saved_round(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() or (folder / TRAINED_META).is_file()
+
+
+def is_adapter(folder: Path) -> bool:
+    """A PEFT adapter folder (servable beside a base), not a round of trained weights."""
+    return (folder / "adapter_config.json").is_file()
+
+
+def apply_round(model: PreTrainedModel, folder: Path) -> Any:
+    """``model`` (the base) with a saved round applied and, for adapters, folded into the base
+    weights; raises ModelError when the round does not fit the base."""
+    if (folder / TRAINED_META).is_file():
+        tensors = _load_tensors(str(folder / TRAINED_FILE))
+        params = dict(model.named_parameters())
+        problems = [f"unknown weight `{k}`" for k in tensors if k not in params]
+        problems += [
+            f"`{k}`: expected shape {tuple(params[k].shape)}, got {tuple(v.shape)}"
+            for k, v in tensors.items()
+            if k in params and params[k].shape != v.shape
+        ]
+        if problems:
+            raise ModelError(f"`{folder}` does not fit the base model: " + "; ".join(problems))
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v.to(params[k].dtype))
+        model.eval()
+        return model
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (ValueError, RuntimeError, OSError, KeyError) as err:
+        raise ModelError(f"adapter `{folder}` does not fit the base model: {err}") from None
+    if peft_model.peft_config["default"].is_prompt_learning:
+        raise ModelError(
+            f'`{folder}` is a prompt-tuning adapter (`lora.method` = "prompt"): its virtual '
+            "tokens cannot be folded into the base weights; serve it beside the base with "
+            "`fedtune serve --adapter NAME=RUN_DIR`"
+        )
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    return merged
 
 
 def flatten(state: dict[str, np.ndarray]) -> np.ndarray:

@@ -118,6 +118,14 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
+def input_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits at the input's own positions: prompt tuning (`lora.method` =
+    "prompt") puts its virtual tokens in front, and their logits predict nothing of ours."""
+    if logits.dim() == 3 and logits.size(1) > input_ids.size(1):
+        return logits[:, -input_ids.size(1) :]
+    return logits
+
+
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """Logits of the last ``keep`` positions only (0 = all): the answer sits at the end."""
     kwargs = {k: v for k, v in batch.items() if k != "labels"}
@@ -126,7 +134,7 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int) -> tor
             return model(**kwargs, logits_to_keep=keep).logits
         except TypeError:  # architectures without `logits_to_keep`
             pass
-    return model(**kwargs).logits
+    return input_logits(model(**kwargs).logits, batch["input_ids"])
 
 
 def answer_span(labels: torch.Tensor) -> int:

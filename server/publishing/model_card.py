@@ -18,16 +18,38 @@ def render_model_card(
 ) -> str:
     """The whole card as Markdown."""
     sections = [
-        f"# {cfg.name}: federated LoRA fine-tune\n",
+        f"# {cfg.name}: federated {METHOD_TITLE[cfg.lora.method]}\n",
         _provenance(cfg, summary, round),
         _evaluation(summary, before, after),
         _evaluation_report(evaluation),
         _privacy(summary.get("privacy")),
         _audit(audit),
         _limitations(cfg, evaluation is not None),
-        _files(),
+        _files(cfg.lora.method),
     ]
     return "\n".join(s for s in sections if s)
+
+
+METHOD_TITLE = {
+    "lora": "LoRA fine-tune",
+    "dora": "DoRA fine-tune",
+    "ia3": "IA3 fine-tune",
+    "prompt": "prompt tuning",
+    "partial": "partial fine-tune",
+    "full": "full fine-tune",
+}
+
+
+def _method_line(cfg: Config) -> str:
+    lora = cfg.lora
+    if lora.method in ("lora", "dora"):
+        return (f"- Method: `{lora.method}`, rank {lora.r}, alpha {lora.alpha}, "
+                f"aggregation `{lora.aggregation}`")  # fmt: skip
+    if lora.method == "partial":
+        what = (f"layers {lora.layers}" if lora.layers
+                else f"the top layers holding {lora.fraction} of the weights")  # fmt: skip
+        return f"- Method: `partial` ({what}, final norm and head trained; the rest frozen)"
+    return f"- Method: `{lora.method}`"
 
 
 def _provenance(cfg: Config, summary: dict[str, Any], round: int) -> str:
@@ -36,8 +58,8 @@ def _provenance(cfg: Config, summary: dict[str, Any], round: int) -> str:
         "## Provenance\n",
         f"- Base model: `{cfg.model.source}`",
         f"- Task: `{cfg.model.task}`",
-        f"- LoRA: rank {cfg.lora.r}, alpha {cfg.lora.alpha}, aggregation `{cfg.lora.aggregation}`",
-        f"- Rounds run: {summary.get('rounds', 'unknown')}; adapter published from round {round}",
+        _method_line(cfg),
+        f"- Rounds run: {summary.get('rounds', 'unknown')}; published from round {round}",
         f"- Run id: `{summary.get('run_id', 'unknown')}`; config sha256: `{cfg.digest()}`",
         f"- Secure aggregation: {'on' if cfg.secagg.enabled else 'off'}",
         f"- Sites: {len(sites)}",
@@ -177,13 +199,14 @@ def _limitations(cfg: Config, evaluated: bool = False) -> str:
     )
 
 
-def _files() -> str:
+def _files(method: str) -> str:
+    adapter = method not in ("partial", "full")
     return "\n".join(
         [
             "## Files\n",
             "- `model.safetensors`, `config.json`, `generation_config.json`, tokenizer files: the "
             "merged model, a standard Hugging Face folder (loads with `transformers`, vLLM, TGI).",
-            "- `adapter/`: the LoRA adapter alone (PEFT format).",
+            *(["- `adapter/`: the adapter alone (PEFT format)."] if adapter else []),
             "- `manifest.json`: run id, config hash, evaluation and privacy statement; "
             "`model.sig`: an OpenSSF Model Signing signature (ECDSA P-256) over every file, "
             "manifest included; "

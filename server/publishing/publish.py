@@ -129,8 +129,13 @@ def read_run(run_dir: str | Path, round: int | None = None) -> RunInfo:
         round = (summary.get("early_stop") or {}).get("best_round")
     chosen = _choose_round(root / "rounds", round)
     adapter_dir = root / "rounds" / str(chosen)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise PublishError(f"round {chosen} of `{root}` has no `adapter_config.json`")
+    from common.core.adapters import is_saved_round
+
+    if not is_saved_round(adapter_dir):
+        raise PublishError(
+            f"round {chosen} of `{root}` holds no saved round (no `adapter_config.json` or "
+            "`trained_weights.json`)"
+        )
     return RunInfo(root, cfg, summary, chosen, adapter_dir, read_test_records(root, cfg))
 
 
@@ -228,16 +233,15 @@ def merged_round(run_dir: str | Path, round: int | None = None) -> tuple[Config,
 
 
 def _merge_adapter(model: Any, adapter_dir: Path) -> Any:
-    """Apply the saved PEFT adapter to ``model`` (in place) and fold it into the base weights."""
-    from peft import PeftModel
+    """Apply the saved round to ``model`` (in place): a PEFT adapter folded into the base
+    weights, or the trained weights of `partial` / `full` loaded over the base's."""
+    from common.core.adapters import apply_round
+    from common.core.errors import ModelError
 
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (ValueError, RuntimeError, OSError, KeyError) as err:
-        raise PublishError(f"adapter `{adapter_dir}` does not fit the base model: {err}") from None
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    return merged
+        return apply_round(model, adapter_dir)
+    except ModelError as err:
+        raise PublishError(str(err)) from None
 
 
 def check_gate(
@@ -281,11 +285,14 @@ def _fill_folder(tmp: Path, merged: Any, tokenizer: Any, info: RunInfo, card: st
     if not (tmp / "generation_config.json").exists():
         merged.generation_config.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    adapter = tmp / "adapter"
-    adapter.mkdir()
-    for src in sorted(info.adapter_dir.iterdir()):
-        if src.is_file():
-            shutil.copyfile(src, adapter / src.name)
+    from common.core.adapters import is_adapter
+
+    if is_adapter(info.adapter_dir):  # `partial` / `full`: the weights above are the whole model
+        adapter = tmp / "adapter"
+        adapter.mkdir()
+        for src in sorted(info.adapter_dir.iterdir()):
+            if src.is_file():
+                shutil.copyfile(src, adapter / src.name)
     (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
     for path in tmp.rglob("*"):  # some writers create 0600 files; a published folder is for reading
         path.chmod(0o755 if path.is_dir() else 0o644)

@@ -77,12 +77,22 @@ def adapter_dir(path: Path, public_key: str | Path | None) -> Path:
         if public_key is None:
             raise ModelError(f"`{path}` is a published folder: give `--public-key` to verify it")
         verify_folder(path, public_key)
+        if not (path / "adapter").is_dir():
+            raise ModelError(
+                f"`{path}` is a published model without an adapter (`partial` or `full` "
+                f"fine-tuning): serve it whole: `fedtune serve {path} --public-key KEY`"
+            )
         return path / "adapter"
     if (path / "config.toml").is_file() and (path / "rounds").is_dir():
         rounds = [p for p in (path / "rounds").iterdir() if p.name.isdigit()]
         if not rounds:
             raise ModelError(f"run folder `{path}` holds no saved round")
         last = max(rounds, key=lambda p: int(p.name))
+        if not (last / "adapter_config.json").is_file():
+            raise ModelError(
+                f"run `{path}` trained the model's own weights (`lora.method` `partial` or "
+                "`full`), not an adapter: publish it and serve the published folder"
+            )
         logger.warning("serving unsigned adapter of run `%s`, round %s", path, last.name)
         return last
     if (path / "adapter_config.json").is_file():

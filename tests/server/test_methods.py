@@ -22,6 +22,7 @@ SENT = {
     "lora": ("lora_B.weight",),
     "dora": ("lora_B.weight", "lora_magnitude_vector"),
     "ia3": ("ia3_l",),
+    "prompt": ("prompt_embeddings",),
 }
 
 
@@ -35,7 +36,9 @@ def _with(cfg, **sections):
     return build_config(data)
 
 
-def _round(cfg, root: Path, secure: bool) -> tuple[dict, dict[str, np.ndarray]]:
+def _round(
+    cfg, root: Path, secure: bool, file: str = "adapter_model.safetensors"
+) -> tuple[dict, dict[str, np.ndarray]]:
     if secure:
         cfg = _with(cfg, secagg={"enabled": True})
     cfg, nodes = setup_run(cfg, root, {"rounds": 1})
@@ -43,11 +46,11 @@ def _round(cfg, root: Path, secure: bool) -> tuple[dict, dict[str, np.ndarray]]:
     if secure:
         give_identities(grid, nodes)
     summary = FederatedRun(cfg, root / "run", grid).execute()
-    return summary, load_file(str(root / "run" / "rounds" / "1" / "adapter_model.safetensors"))
+    return summary, load_file(str(root / "run" / "rounds" / "1" / file))
 
 
 # `lora` plain vs secure: tests/server/test_secagg_round.py (against a numpy reference).
-@pytest.mark.parametrize("method", ["dora", "ia3"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "prompt"])
 def test_each_method_round_trips_plain_and_under_secure_aggregation(tiny_cfg, tmp_path, method):
     cfg = _with(tiny_cfg, lora={"method": method, "target_modules": "auto"})
     plain_summary, plain = _round(cfg, tmp_path / "plain", secure=False)
@@ -55,18 +58,20 @@ def test_each_method_round_trips_plain_and_under_secure_aggregation(tiny_cfg, tm
     sent = sorted(k for k in plain if not k.endswith("lora_A.weight"))
     assert sent and all(k.endswith(SENT[method]) for k in sent), sent
     assert all(any(k.endswith(s) for k in sent) for s in SENT[method])
-    start = 1.0 if method == "ia3" else 0.0  # B starts at 0, DoRA's magnitudes at |W|, IA3 at 1
-    assert any(np.abs(plain[k] - start).max() > 1e-4 for k in sent if "magnitude" not in k)
+    if method != "prompt":  # B starts at 0, DoRA's magnitudes at |W|, IA3 at 1
+        start = 1.0 if method == "ia3" else 0.0
+        assert any(np.abs(plain[k] - start).max() > 1e-4 for k in sent if "magnitude" not in k)
     for k in sent:  # the same sites' updates, summed in the clear or masked and quantized
         np.testing.assert_allclose(secure[k], plain[k], atol=1e-4, err_msg=k)
     size = sum(plain[k].size for k in sent)
     assert plain_summary["bytes_up"][0] >= 3 * 4 * size  # 3 sites, float32: the method's bytes
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "prompt"])
 def test_methods_without_per_record_gradients_are_refused_under_record_level_dp(tiny_cfg, method):
     """Opacus has no per-record gradients for PEFT's DoRA and IA3 layers (a round fails in the
-    hooks): the config is refused before anything runs, naming both fields."""
+    hooks), and wrong ones for prompt tuning's shared virtual tokens (tests/client/
+    test_dp_methods.py): the config is refused before anything runs, naming both fields."""
     refused = rf'`lora.method` = "{method}" is not supported with record-level DP'
     with pytest.raises(ConfigError, match=refused):
         _with(
@@ -74,3 +79,72 @@ def test_methods_without_per_record_gradients_are_refused_under_record_level_dp(
             lora={"method": method},
             **{"privacy.record": {"enabled": True, "target_epsilon": 8.0}},
         )
+
+
+# `partial` and `full` train the model's own weights: what is sent is those weights by name.
+WEIGHTS = {
+    "partial": lambda k: k.startswith(("model.layers.1.", "model.norm.", "lm_head.")),
+    "full": lambda k: True,
+}
+
+
+@pytest.mark.parametrize("method", ["partial", "full"])
+def test_weight_methods_round_trip_plain_and_under_secure_aggregation(tiny_cfg, tmp_path, method):
+    """The sites train the chosen weights in place; the coordinator averages them (exactly: the
+    frozen rest is the same everywhere) and saves only them; secure aggregation sums the same."""
+    from common.core.adapters import TRAINED_FILE, TRAINED_META, attach_lora
+    from common.core.models import load_base
+
+    cfg = _with(tiny_cfg, lora={"method": method, "layers": [-1] if method == "partial" else []})
+    plain_summary, plain = _round(cfg, tmp_path / "plain", secure=False, file=TRAINED_FILE)
+    _, secure = _round(cfg, tmp_path / "secure", secure=True, file=TRAINED_FILE)
+    assert (tmp_path / "plain" / "run" / "rounds" / "1" / TRAINED_META).is_file()
+    base = dict(load_base(cfg.model, cfg.data.labels).model.named_parameters())
+    expected = sorted(k for k in base if WEIGHTS[method](k))
+    assert sorted(plain) == expected  # exactly the method's weights, nothing else
+    assert any(np.abs(plain[k] - base[k].detach().numpy()).max() > 1e-4 for k in expected)
+    for k in expected:
+        np.testing.assert_allclose(secure[k], plain[k], atol=1e-4, err_msg=k)
+    size = sum(plain[k].size for k in expected)
+    assert plain_summary["bytes_up"][0] >= 3 * 4 * size
+    if method == "partial":  # half the tiny model's layers: well under all of its weights
+        model = attach_lora(load_base(cfg.model, cfg.data.labels).model, cfg.lora, cfg.model)
+        assert size < 0.6 * sum(p.numel() for p in model.parameters())
+
+
+def test_partial_run_publishes_whole_weights_and_is_not_served_as_an_adapter(tiny_cfg, tmp_path):
+    """Publishing a `partial` run loads its trained weights over the base (the published model
+    computes what the run's model computes, and differs from the base); there is no adapter to
+    serve beside a base, and `serve --adapter` says so."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.core.adapters import apply_round
+    from common.core.errors import ModelError
+    from common.core.models import load_base
+    from common.identity.signing import generate_keys, verify_folder
+    from server.publishing.publish import publish
+    from server.serving.loading import adapter_dir
+
+    cfg = _with(tiny_cfg, lora={"method": "partial", "layers": [-1]})
+    _round(cfg, tmp_path, secure=False, file="trained_weights.safetensors")
+    private_key, public_key = generate_keys(tmp_path / "keys")
+    out = tmp_path / "published"
+    publish(tmp_path / "run", out, private_key, force=True)
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert "model.safetensors" in names and not any(n.startswith("adapter/") for n in names)
+    assert verify_folder(out, public_key).files == sorted(names - {"model.sig"})
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "federated partial fine-tune" in card and "`partial` (layers [-1]" in card
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    base = load_base(cfg.model, cfg.data.labels)
+    with torch.no_grad():
+        before = base.model(input_ids=ids).logits
+        want = apply_round(base.model, tmp_path / "run" / "rounds" / "1")(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (want - before).abs().max() > 1e-3
+    with pytest.raises(ModelError, match="not an adapter: publish it"):
+        adapter_dir(tmp_path / "run", None)
+    with pytest.raises(ModelError, match="without an adapter"):
+        adapter_dir(out, public_key)

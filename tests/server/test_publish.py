@@ -81,7 +81,7 @@ def test_verify_passes_and_card_tells_the_story(published: Path, keys: tuple[Pat
     ]
     needles += ["add/remove adjacency", "fixed denominator (3 sites per round)"]
     needles += ["Against the coordinator itself", "(20.00, 1.0e-05)-DP, replace-one adjacency"]
-    needles += ["distributed discrete Gaussian", "adapter published from round 2"]
+    needles += ["distributed discrete Gaussian", "published from round 2"]
     for needle in [*needles, "## Limitations"]:
         assert needle in card, needle
     privacy = card[card.index("## Privacy guarantee") : card.index("## Limitations")]

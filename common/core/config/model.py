@@ -45,14 +45,32 @@ class ModelConfig(Section):
 
 
 class LoraConfig(Section):
-    method: Literal["lora", "dora", "ia3"] = Field(
+    """What each site trains and sends: an adapter (LoRA, DoRA, IA3, prompt tuning, through PEFT)
+    or the model's own weights (`partial`: the top layers and the head; `full`: everything)."""
+
+    method: Literal["lora", "dora", "ia3", "prompt", "partial", "full"] = Field(
         "lora",
         description=(
-            "The adapter: `lora` (low-rank B·A), `dora` (LoRA with a learned magnitude per "
-            "output, Liu et al. 2024), or `ia3` (learned scaling vectors of the attention keys "
-            "and values and the feed-forward input, Liu et al. 2022; `r`, `alpha` and "
-            "`aggregation` do not apply). Through PEFT."
+            "What is trained: `lora` (low-rank B·A), `dora` (LoRA with a learned magnitude per "
+            "output, Liu et al. 2024), `ia3` (learned scaling vectors of the attention keys "
+            "and values and the feed-forward input, Liu et al. 2022), `prompt` (prompt tuning: "
+            "`virtual_tokens` learned input embeddings, Lester et al. 2021), all through PEFT; "
+            "`partial` (the layers in `layers`, or the top layers holding `fraction` of the "
+            "weights, plus the final norm and head, trained in full; the rest frozen) or `full` "
+            "(every weight). `r`, `alpha` and `aggregation` apply to `lora` and `dora` only."
         ),
+    )
+    fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "`partial` without `layers`: train the fewest top layers whose weights (with the "
+            "head and final norm) reach this fraction of the model's (e.g. 0.25)."
+        ),
+    )
+    virtual_tokens: int = Field(
+        20, gt=0, le=512, description="`prompt`: learned virtual tokens prepended to each input."
     )
     r: int = Field(8, gt=0, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -66,7 +84,8 @@ class LoraConfig(Section):
         description=(
             "Adapt only these transformer layers (0 = the bottom; negative counts from the top, "
             "-1 = the top layer); empty: every layer. Fewer adapted layers: cheaper steps "
-            "(backward passes stop at the lowest one) and, under DP, fewer noised parameters."
+            "(backward passes stop at the lowest one) and, under DP, fewer noised parameters. "
+            "With `partial`: the layers trained in full (e.g. [-2, -1], the top two)."
         ),
     )
     aggregation: Literal["ffa", "fedavg"] = Field(

@@ -62,11 +62,18 @@ class Config(Section):
                 "`train.max_grad_norm` clips the whole gradient and does not apply under "
                 "record-level DP: set `privacy.record.max_grad_norm` (the per-record bound) instead"
             )
-        if self.privacy.record.enabled and self.lora.method != "lora":
+        if self.privacy.record.enabled and self.lora.method in ("dora", "ia3"):
             problems.append(
                 f'`lora.method` = "{self.lora.method}" is not supported with record-level DP '
                 "(`privacy.record.enabled`): Opacus computes no per-record gradients for PEFT's "
                 "DoRA and IA3 layers; use `lora`"
+            )
+        if self.privacy.record.enabled and self.lora.method == "prompt":
+            problems.append(
+                '`lora.method` = "prompt" is not supported with record-level DP '
+                "(`privacy.record.enabled`): PEFT computes the virtual tokens once per batch and "
+                "repeats them, so Opacus would clip the batch's summed gradient, not each "
+                "record's; use `lora`, `partial` or `full`"
             )
         if self.privacy.record.enabled and self.train.gradient_checkpointing:
             problems.append(
