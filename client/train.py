@@ -9,6 +9,7 @@ this same optimizer in Opacus' DPOptimizer. One call = one round's local steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -125,6 +126,24 @@ def _call(model: nn.Module, method: str, kwargs: dict[str, bool] | None = None) 
             f"`train.gradient_checkpointing`: this model ({type(model).__name__}) has no `{method}`"
         )
     fn(**({"gradient_checkpointing_kwargs": kwargs} if kwargs else {}))
+
+
+def autocast(model: nn.Module, cfg: TrainConfig) -> contextlib.AbstractContextManager[object]:
+    """`train.precision`: the forward and backward passes under torch autocast (bf16, or fp16
+    on CUDA); the weights stay float32 and so does the loss (:func:`batch_loss` casts logits).
+    Refused, naming the field, where the training device has no such autocast."""
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ModelError(
+            f'`train.precision` = "fp16" needs a CUDA device; this site trains on '
+            f'`{device.type}`: use "bf16" or "fp32"'
+        )
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelError('`train.precision` = "bf16": this GPU has no bfloat16; use "fp16"')
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def micro_batch_size(cfg: TrainConfig) -> int:
@@ -261,13 +280,15 @@ def train_round(
     checkpointing = cfg.gradient_checkpointing
     if checkpointing:  # non-reentrant: no input that requires grad is needed (frozen embeddings)
         _call(model, "gradient_checkpointing_enable", {"use_reentrant": False})
+    precision = autocast(model, cfg)
     stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)
     try:
         for s in range(cfg.local_steps):
             factor = lr_factor(round_idx * cfg.local_steps + s, total, cfg)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * factor * group.get("lr_scale", 1.0)
-            losses += stepper.step()
+            with precision:
+                losses += stepper.step()
     finally:
         stepper.close()
         if prox is not None:

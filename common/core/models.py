@@ -63,8 +63,31 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _quantization(cfg: ModelConfig) -> dict[str, Any]:
+    """`model.quantization` as from_pretrained arguments (a bitsandbytes config), or none."""
+    if cfg.quantization == "none":
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f'`model.quantization` = "{cfg.quantization}" needs bitsandbytes: '
+            "`pip install bitsandbytes` (or set it to `none`)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    keep = ["classifier", "score", "lm_head"]  # heads stay in full precision (trained or tied)
+    if cfg.quantization == "8bit":
+        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    else:
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=keep,
+        )  # fmt: skip
+    return {"quantization_config": bnb, "device_map": "cpu"}
+
+
 def _from_folder(path: Path, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(cfg), "local_files_only": True}
+    kwargs.update(_quantization(cfg))
     if cfg.task == "seq-cls":
         kwargs.update(
             num_labels=len(labels),
@@ -177,6 +200,12 @@ class TinySource:
     def load(self, cfg: ModelConfig, labels: list[str]) -> LoadedModel:
         model, tok = build_tiny(self.arch, cfg.tiny, cfg.task, labels)
         model.to(_torch_dtype(cfg))  # type: ignore[arg-type]  # nn.Module.to(dtype) is valid
+        if cfg.quantization != "none":  # bitsandbytes quantizes while loading: go via a folder
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="fedtune-tiny-") as tmp:
+                model.save_pretrained(tmp)
+                model = _from_folder(Path(tmp), cfg, labels)
         return LoadedModel(model, tok, f"tiny:{self.arch}")
 
 

@@ -214,7 +214,9 @@ def check_audit(report: dict[str, Any], summary: dict[str, Any]) -> None:
 def _default_load_base(cfg: Config) -> tuple[Any, Any]:
     from common.core.models import load_base
 
-    loaded = load_base(cfg.model, cfg.data.labels)
+    # The adapter goes into the full-precision base, never into quantized weights (folding a
+    # LoRA delta into 4-bit weights re-rounds it and changes generations).
+    loaded = load_base(cfg.model.model_copy(update={"quantization": "none"}), cfg.data.labels)
     return loaded.model, loaded.tokenizer
 
 

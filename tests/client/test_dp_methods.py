@@ -1,7 +1,7 @@
 """Record-level DP for the methods that train the model's own weights (`lora.method` = partial,
-full): Opacus' per-record gradients of their weights (linear layers, embeddings, and RMSNorm
-through functorch) are each record's own, so each record's clipped contribution is bounded as
-the guarantee assumes. Checked as in tests/client/test_dp.py, against per-record autograd.
+full), and for LoRA over a 4-bit quantized base: Opacus' per-record gradients of their weights
+(linear layers, embeddings, and RMSNorm through functorch) are each record's own, so each
+record's clipped contribution is bounded as the guarantee assumes. Checked as in tests/client/test_dp.py, against per-record autograd.
 
 Prompt tuning is refused under record-level DP (tests/server/test_methods.py): this same check
 failed for it (PEFT computes the virtual tokens once and repeats them over the batch, so
@@ -26,11 +26,22 @@ from tests.client.test_dp import LR, collate, dp_cfg, plan, records
 METHODS = {
     "partial": {"method": "partial", "layers": [-1]},
     "full": {"method": "full"},
+    "lora-4bit": {"method": "lora"},  # LoRA over a 4-bit frozen base (`model.quantization`)
 }
 
 
 @functools.cache
 def _model(method: str) -> nn.Module:
+    if method == "lora-4bit":
+        from common.core.config import TinyModelConfig
+        from common.core.models import load_base
+
+        # bitsandbytes' CPU 4-bit kernels need inner sizes of 64 or more
+        tiny = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                               vocab_size=128)  # fmt: skip
+        mcfg = ModelConfig(source="tiny:llama", quantization="4bit", tiny=tiny)
+        lora = LoraConfig(target_modules=["q_proj", "v_proj", "up_proj"])
+        return attach_lora(load_base(mcfg).model, lora, mcfg)
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -49,7 +60,13 @@ def trained(model: nn.Module) -> dict[str, Tensor]:
 
 
 def frozen(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    """The frozen float weights (bitsandbytes re-lays its packed uint8 weights out for the CPU
+    kernels on the first forward pass: the same values, another layout)."""
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if not p.requires_grad and p.is_floating_point()
+    }
 
 
 def step_direction(model: nn.Module, start: dict[str, Tensor]) -> Tensor:

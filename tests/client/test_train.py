@@ -183,3 +183,51 @@ def test_gradient_checkpointing_with_record_level_dp_is_refused_naming_the_field
                 "privacy": {"record": {"enabled": True, "target_epsilon": 8.0}},
             }
         )
+
+
+def test_bf16_runs_the_passes_in_bfloat16_and_keeps_weights_and_loss_float32(tiny_cfg):
+    """`train.precision = "bf16"`: the layers compute in bfloat16 (seen from a forward hook), the
+    trained weights stay float32, and the update is the fp32 one up to bfloat16 rounding."""
+    import torch
+
+    def trained(precision: str):
+        loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+        model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+        enc = encode(records(16), loaded.tokenizer, tiny_cfg)
+        cfg = TrainConfig(local_steps=3, batch_size=8, lr=1e-2, precision=precision)
+        start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        dtypes: list[torch.dtype] = []
+        proj = loaded.model.model.layers[0].self_attn.q_proj.base_layer
+        hook = proj.register_forward_hook(lambda _m, _a, out: dtypes.append(out.dtype))
+        result = train_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=5)
+        hook.remove()
+        after = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in after)
+        assert np.isfinite(result.loss)
+        return torch.cat([(b - a).flatten() for a, b in zip(start, after, strict=True)]), dtypes
+
+    full, full_types = trained("fp32")
+    half, half_types = trained("bf16")
+    assert set(full_types) == {torch.float32} and set(half_types) == {torch.bfloat16}
+    assert not torch.equal(full, half)  # it did run in bfloat16
+    cosine = torch.nn.functional.cosine_similarity(full, half, dim=0)
+    assert cosine > 0.98, cosine  # the same update, up to rounding
+
+
+def test_fp16_on_cpu_and_mixed_precision_with_record_level_dp_are_refused(tiny_cfg):
+    from common.core.config import build_config
+    from common.core.errors import ConfigError, ModelError
+
+    loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+    model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+    enc = encode(records(8), loaded.tokenizer, tiny_cfg)
+    cfg = TrainConfig(local_steps=1, batch_size=4, precision="fp16")
+    with pytest.raises(ModelError, match='`train.precision` = "fp16" needs a CUDA device'):
+        train_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=0)
+    with pytest.raises((ConfigError, ValueError), match='`train.precision` = "bf16" is not'):
+        build_config(
+            {
+                "train": {"precision": "bf16"},
+                "privacy": {"record": {"enabled": True, "target_epsilon": 8.0}},
+            }
+        )

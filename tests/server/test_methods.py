@@ -148,3 +148,45 @@ def test_partial_run_publishes_whole_weights_and_is_not_served_as_an_adapter(tin
         adapter_dir(tmp_path / "run", None)
     with pytest.raises(ModelError, match="without an adapter"):
         adapter_dir(out, public_key)
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_base_trains_adapters_and_publishes_into_the_full_precision_base(
+    tiny_cfg, tmp_path, quantization
+):
+    """`model.quantization`: the frozen base's linear layers are bitsandbytes' (Linear8bitLt,
+    Linear4bit), LoRA trains and is exchanged in float32, and `publish` folds the adapter into
+    the full-precision base (its logits are the float32 base + adapter's, not the quantized)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from common.core.models import load_base
+    from common.identity.signing import generate_keys
+    from server.publishing.publish import publish
+
+    cfg = _with(tiny_cfg, model={"quantization": quantization})
+    quantized = load_base(cfg.model, cfg.data.labels).model
+    kind = type(quantized.model.layers[0].self_attn.q_proj).__name__
+    assert kind == {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}[quantization]
+    _, sent = _round(cfg, tmp_path, secure=False)
+    assert sent and all(v.dtype == np.float32 for v in sent.values())
+    private_key, _ = generate_keys(tmp_path / "keys")
+    publish(tmp_path / "run", tmp_path / "published", private_key, force=True)
+    config = (tmp_path / "published" / "config.json").read_text()
+    assert "quantization_config" not in config
+    full = load_base(cfg.model.model_copy(update={"quantization": "none"})).model
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(full, str(tmp_path / "run" / "rounds" / "1"))
+        want = want.merge_and_unload()(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "published")(input_ids=ids).logits
+        on_quantized = PeftModel.from_pretrained(quantized, str(tmp_path / "run" / "rounds" / "1"))
+        q_logits = on_quantized(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (q_logits - want).abs().max() > 1e-4  # the quantized base is a different model
+
+
+def test_quantization_with_weight_methods_is_refused_naming_the_fields(tiny_cfg):
+    with pytest.raises(ConfigError, match=r'`model.quantization` = "4bit" leaves nothing to train'):
+        _with(tiny_cfg, model={"quantization": "4bit"}, lora={"method": "full"})

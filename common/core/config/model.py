@@ -34,6 +34,16 @@ class ModelConfig(Section):
         "causal-lm", description="`causal-lm` (answer generation) or `seq-cls` (classifier head)."
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype.")
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none",
+        description=(
+            "Load the frozen base quantized through bitsandbytes (`8bit`: LLM.int8; `4bit`: NF4 "
+            "with double quantization, computing in float32: QLoRA) to save memory; adapters "
+            "train in full precision. Adapter methods only (not `partial` / `full`). `publish` "
+            "merges the adapter into the full-precision base, never into quantized weights. "
+            "Needs `pip install bitsandbytes` (its CPU backend works here)."
+        ),
+    )
     max_length: int = Field(128, gt=8, le=8192, description="Tokens per example after truncation.")
     cache_dir: str = Field(
         "~/.cache/fedtune/models",

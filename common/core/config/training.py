@@ -89,6 +89,14 @@ class TrainConfig(Section):
             "(less memory, more compute). Not with record-level DP."
         ),
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description=(
+            "Mixed precision of the forward and backward passes (torch autocast): `bf16` on CPU "
+            "or a GPU that has it, `fp16` on CUDA only. Weights, optimizer state, the loss and "
+            "what is aggregated stay float32. Not with record-level DP."
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")
 

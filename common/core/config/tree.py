@@ -75,6 +75,18 @@ class Config(Section):
                 "repeats them, so Opacus would clip the batch's summed gradient, not each "
                 "record's; use `lora`, `partial` or `full`"
             )
+        if self.model.quantization != "none" and self.lora.method in ("partial", "full"):
+            problems.append(
+                f'`model.quantization` = "{self.model.quantization}" leaves nothing to train with '
+                f'`lora.method` = "{self.lora.method}" (quantized weights are frozen); use an '
+                "adapter method (`lora`, `dora`, `ia3`, `prompt`) or `none`"
+            )
+        if self.privacy.record.enabled and self.train.precision != "fp32":
+            problems.append(
+                f'`train.precision` = "{self.train.precision}" is not supported with record-level '
+                "DP (`privacy.record.enabled`): each record's gradient must be clipped in float32, "
+                "and Opacus' per-record hooks fail under autocast; use `fp32`"
+            )
         if self.privacy.record.enabled and self.train.gradient_checkpointing:
             problems.append(
                 "`train.gradient_checkpointing` is not supported with record-level DP "
