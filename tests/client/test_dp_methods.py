@@ -1,7 +1,8 @@
 """Record-level DP for the methods that train the model's own weights (`lora.method` = partial,
 full), and for LoRA over a 4-bit quantized base: Opacus' per-record gradients of their weights
 (linear layers, embeddings, and RMSNorm through functorch) are each record's own, so each
-record's clipped contribution is bounded as the guarantee assumes. Checked as in tests/client/test_dp.py, against per-record autograd.
+record's clipped contribution is bounded as the guarantee assumes. Checked as in
+tests/client/test_dp.py, against per-record autograd.
 
 Prompt tuning is refused under record-level DP (tests/server/test_methods.py): this same check
 failed for it (PEFT computes the virtual tokens once and repeats them over the batch, so
