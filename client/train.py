@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from common.core.adapters import LAYER_INDEX
+from common.core.adapters import LAYER_INDEX, num_layers, stage_scales
 from common.core.config import TrainConfig
 from common.core.errors import ModelError
 from common.core.tasks import Encoded, batch_loss, collate
@@ -71,13 +71,18 @@ def _top_first(item: tuple[tuple[float, bool], list[nn.Parameter]]) -> tuple[flo
     return (-scale, no_decay)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, stage: dict[str, float] | None = None
+) -> Optimizer:
     """AdamW (or SGD) over the trainable weights, in parameter groups by rate and decay: biases
     and norm weights (1-D) get no weight decay; with `train.layer_lr_decay` < 1 each layer's
     weights get their rate (:func:`layer_lr_scales`). Each group's ``lr_scale`` is its multiple
     of `train.lr` (the schedule in :func:`train_round` sets ``lr = train.lr * factor * scale``).
+    ``stage``: the `train.unfreeze` stage's multiple of each trainable weight (default 1).
     """
     scales = layer_lr_scales(model, cfg.layer_lr_decay)
+    if stage:
+        scales = {name: s * stage.get(name, 1.0) for name, s in scales.items()}
     grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -144,6 +149,25 @@ def autocast(model: nn.Module, cfg: TrainConfig) -> contextlib.AbstractContextMa
         raise ModelError('`train.precision` = "bf16": this GPU has no bfloat16; use "fp16"')
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class _Stage:
+    scales: dict[str, float]  # rate multiple of each weight trained this round
+    frozen: list[nn.Parameter]  # trainable weights the stage holds back this round
+
+
+def _unfreeze_stage(model: nn.Module, cfg: TrainConfig, round_no: int) -> _Stage:
+    """`train.unfreeze` at round ``round_no``: hold back (requires_grad off, restored after the
+    round) what the method trains but this round's stage does not."""
+    if not cfg.unfreeze:
+        return _Stage({}, [])
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    scales = stage_scales(list(params), cfg.unfreeze, num_layers(model), round_no)
+    frozen = [p for k, p in params.items() if k not in scales]
+    for p in frozen:
+        p.requires_grad_(False)
+    return _Stage(scales, frozen)
 
 
 def micro_batch_size(cfg: TrainConfig) -> int:
@@ -272,7 +296,8 @@ def train_round(
     """
     torch.manual_seed(seed)
     model.train()
-    opt = make_optimizer(model, cfg)
+    thawed = _unfreeze_stage(model, cfg, round_idx + 1)
+    opt = make_optimizer(model, cfg, thawed.scales)
     total = cfg.local_steps * total_rounds
     stepper = stepper if stepper is not None else PlainStepper()
     losses: list[float] = []
@@ -291,6 +316,8 @@ def train_round(
                 losses += stepper.step()
     finally:
         stepper.close()
+        for p in thawed.frozen:  # what the stage held back trains again in a later stage
+            p.requires_grad_(True)
         if prox is not None:
             prox.remove()
         if checkpointing:

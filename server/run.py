@@ -25,7 +25,9 @@ from common.core.adapters import (
     exchanged_keys,
     frozen_fingerprint,
     get_state,
+    num_layers,
     set_state,
+    stage_scales,
 )
 from common.core.config import Config
 from common.core.errors import RoundError
@@ -99,6 +101,22 @@ class FederatedRun:
         self.status.finish()
         return summary
 
+    def _held_back(
+        self,
+        old: dict[str, np.ndarray],
+        new: dict[str, np.ndarray],
+        round_no: int,
+        model: Any,
+    ) -> dict[str, np.ndarray]:
+        """`train.unfreeze`: what this round's stage holds back keeps its value. The sites
+        returned no change for it; this also undoes what a server optimizer's momentum or
+        institution-level noise would move (post-processing: no privacy cost)."""
+        stages = self.cfg.train.unfreeze
+        if not stages:
+            return new
+        trained = stage_scales(list(new), stages, num_layers(model), round_no)
+        return type(new)((k, v if k in trained else old[k]) for k, v in new.items())
+
     def _execute(self) -> dict[str, Any]:
         status = self.status
         start = time.monotonic()
@@ -109,6 +127,8 @@ class FederatedRun:
         loaded = load_base(self.cfg.model, self.cfg.data.labels)
         model = attach_lora(loaded.model, self.cfg.lora, self.cfg.model)
         keys = exchanged_keys(model, self.cfg.lora)
+        for stage in self.cfg.train.unfreeze:  # a schedule that cannot work fails before round 1
+            stage_scales(keys, self.cfg.train.unfreeze, num_layers(model), stage.from_round)
         fingerprint = frozen_fingerprint(model, self.cfg.lora)
         test = self._test_records()
         status.phase("evaluating the base model")
@@ -147,7 +167,8 @@ class FederatedRun:
             summed = self._train_round(r, sampled, state, fingerprint)
             self._site_states(nodes, sampled, summed)
             status.phase("aggregating", r)
-            state = apply_sum(self.cfg, state, summed, expected, noise, self.server_opt)
+            new = apply_sum(self.cfg, state, summed, expected, noise, self.server_opt)
+            state = self._held_back(state, new, r, model)
             set_state(model, state)
             writer.adapter(model, r, keys)
             if self._eval_due(r):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from common.core.config import LoraConfig, ModelConfig
+from common.core.config.training import STAGE_LAYERS, UnfreezeStage
 from common.core.errors import ModelError
 
 # Attention projections adapted when `lora.target_modules = "auto"`, per model family.
@@ -228,6 +230,66 @@ def _train_weights(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
     for k, p in params.items():
         p.requires_grad_(k in top or _layer_of(k) in chosen)
     return model
+
+
+# ------------------------------------------------------------------- progressive unfreezing
+
+
+def _stage_layers(stage: UnfreezeStage, n: int) -> set[int] | None:
+    """The layers a stage trains (None: everything, embeddings included)."""
+    m = STAGE_LAYERS.match(stage.layers)
+    assert m is not None  # checked by the config
+    if stage.layers == "all":
+        return None
+    if stage.layers == "head":
+        return set()
+    k = int(m.group(2)) if m.group(2) else math.ceil(float(m.group(3)) / 100 * n)
+    return set(range(max(0, n - k), n))
+
+
+def check_schedule(stages: list[UnfreezeStage], n: int) -> None:
+    """Each stage must include the one before (unfreezing never freezes again)."""
+    for i in range(1, len(stages)):
+        before, now = _stage_layers(stages[i - 1], n), _stage_layers(stages[i], n)
+        if now is not None and (before is None or not before <= now):
+            raise ModelError(
+                f"`train.unfreeze[{i}].layers` = `{stages[i].layers}` trains less than stage "
+                f"{i - 1} (`{stages[i - 1].layers}`) in a model of {n} layers; each stage must "
+                "include the one before"
+            )
+
+
+def stage_scales(
+    names: list[str], stages: list[UnfreezeStage], n: int, round_no: int
+) -> dict[str, float]:
+    """`train.unfreeze` at round ``round_no`` (1-based): each of ``names`` (parameter or
+    exchanged-key names) that trains this round, with its rate multiple: the `lr_scale` of the
+    stage that first unfroze it. Without stages every name trains at 1."""
+    if not stages:
+        return dict.fromkeys(names, 1.0)
+    check_schedule(stages, n)
+    current = [s for s in stages if s.from_round <= round_no]
+    out: dict[str, float] = {}
+    for name in names:
+        layer = _layer_of(name)
+        for stage in current:
+            chosen = _stage_layers(stage, n)
+            if chosen is None or (
+                layer in chosen if layer is not None else not EMBEDDING.search(name)
+            ):
+                out[name] = stage.lr_scale
+                break
+    if not out:
+        raise ModelError(
+            f"`train.unfreeze`: nothing this method trains is unfrozen in round {round_no} "
+            f"(`{current[-1].layers}`); e.g. a causal LM's LoRA has no head: start at `top:1`"
+        )
+    return out
+
+
+def num_layers(model: nn.Module) -> int:
+    """The model's transformer layers (its config's `num_hidden_layers`, else those seen)."""
+    return _num_layers(model, [k for k, _ in model.named_parameters()])
 
 
 def trains_weights(model: nn.Module) -> bool:

@@ -137,7 +137,7 @@ def test_layer_wise_rates_and_no_decay_groups_match_the_config(tiny_cfg, monkeyp
 
     made = []
     monkeypatch.setattr(
-        ct, "make_optimizer", lambda m, c: made.append(make_optimizer(m, c)) or made[-1]
+        ct, "make_optimizer", lambda m, c, s=None: made.append(make_optimizer(m, c, s)) or made[-1]
     )
     enc = encode(records(8), loaded.tokenizer, tiny_cfg)
     ct.train_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=0)

@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.core.config.section import Section
+
+STAGE_LAYERS = re.compile(r"^(head|all|top:(\d+)|top:(\d+(?:\.\d+)?)%)$")
+
+
+class UnfreezeStage(Section):
+    """One stage of progressive unfreezing (Howard & Ruder 2018, made federated)."""
+
+    from_round: int = Field(ge=1, description="First round of this stage (the first stage: 1).")
+    layers: str = Field(
+        description=(
+            "What trains from this round: `head` (the weights in no transformer layer but the "
+            "input embeddings: head, final norm), `top:K` (the head and the top K layers), "
+            "`top:P%` (the head and the top P% of the layers, rounded up) or `all` (everything "
+            "the method trains). Each stage must include the one before."
+        )
+    )
+    lr_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Multiple of `train.lr` for the weights this stage unfreezes (e.g. 0.5).",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _spec(cls, value: str) -> str:
+        m = STAGE_LAYERS.match(value.strip())
+        if not m:
+            raise ValueError(f"`{value}`: use `head`, `top:K`, `top:P%` or `all`")
+        k, pct = m.group(2), m.group(3)
+        if (k and int(k) == 0) or (pct and not 0 < float(pct) <= 100):
+            raise ValueError(f"`{value}`: K must be at least 1 and P in (0, 100]")
+        return value.strip()
 
 
 class TrainConfig(Section):
@@ -37,6 +71,16 @@ class TrainConfig(Section):
         description=(
             "Layer-wise learning rates: the head and the top layer train at `lr`, each layer "
             "below at the rate of the one above times this (e.g. 0.8); 1 = one rate for all."
+        ),
+    )
+    unfreeze: list[UnfreezeStage] = Field(
+        default_factory=list,
+        description=(
+            "Progressive unfreezing across rounds, as `[[train.unfreeze]]` stages (from_round, "
+            "layers, lr_scale): e.g. the head in rounds 1-2, `top:50%` from round 3 at half the "
+            "rate, `all` from round 5. Applies to what `lora.method` trains (adapters by the "
+            "layer they sit in, or the weights of `partial` / `full`); sites and coordinator "
+            "derive each round's set from the config. Empty: everything trains every round."
         ),
     )
     optimizer: Literal["adamw", "sgd"] = Field(
@@ -99,6 +143,19 @@ class TrainConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _stages(cls, stages: list[UnfreezeStage]) -> list[UnfreezeStage]:
+        if stages and stages[0].from_round != 1:
+            raise ValueError("the first stage must start at `from_round` = 1")
+        for i in range(1, len(stages)):
+            if stages[i].from_round <= stages[i - 1].from_round:
+                raise ValueError(
+                    f"stage {i}: `from_round` ({stages[i].from_round}) must come after stage "
+                    f"{i - 1}'s ({stages[i - 1].from_round})"
+                )
+        return stages
 
     @property
     def grad_clip_norm(self) -> float:
