@@ -224,6 +224,8 @@ def test_fp16_on_cpu_and_mixed_precision_with_record_level_dp_are_refused(tiny_c
     cfg = TrainConfig(local_steps=1, batch_size=4, precision="fp16")
     with pytest.raises(ModelError, match='`train.precision` = "fp16" needs a CUDA device'):
         train_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=0)
+    with pytest.raises((ConfigError, ValueError), match='`train.device` = "cuda" is not supported'):
+        build_config({"train": {"device": "cuda"}})  # never a silent fall-back to CPU
     with pytest.raises((ConfigError, ValueError), match='`train.precision` = "bf16" is not'):
         build_config(
             {

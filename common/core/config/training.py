@@ -141,7 +141,13 @@ class TrainConfig(Section):
             "what is aggregated stay float32. Not with record-level DP."
         ),
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description=(
+            "Where to train. Sites train on CPU today (`auto` = `cpu`); `cuda` is refused "
+            "until the GPU path is built and tested."
+        ),
+    )
     threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")
 
     @field_validator("unfreeze")

@@ -75,6 +75,11 @@ class Config(Section):
                 "repeats them, so Opacus would clip the batch's summed gradient, not each "
                 "record's; use `lora`, `partial` or `full`"
             )
+        if self.train.device == "cuda":
+            problems.append(
+                '`train.device` = "cuda" is not supported yet: sites train on CPU (`auto` or '
+                "`cpu`); the GPU path has not been built and tested"
+            )
         if self.model.quantization != "none" and self.lora.method in ("partial", "full"):
             problems.append(
                 f'`model.quantization` = "{self.model.quantization}" leaves nothing to train with '
