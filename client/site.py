@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from client.dp import DPStepper
+from client.parallel import train_site_round
 from client.policy import POLICY_FILE, SitePolicy, read_policy
 from client.privacy_site import (
     SiteLedger,
@@ -28,7 +29,7 @@ from client.privacy_site import (
     privatize_update,
     round_steps,
 )
-from client.train import TrainResult, train_round
+from client.train import TrainResult
 from common.core.adapters import (
     attach_lora,
     exchanged_keys,
@@ -238,7 +239,7 @@ def run_local_round(
             privacy = {keys.RECORD_EPSILON: run_eps, keys.RECORD_DELTA: plan.delta}
     taken = GaussianAccountant(cfg.privacy.record.accountant)
     stepper = DPStepper(cfg.privacy.record, plan, taken) if plan is not None else None
-    result = train_round(
+    result = train_site_round(
         sm.model, examples, cfg.train, pad_id=pad, round_idx=round_idx,
         total_rounds=cfg.federation.rounds, seed=seed, stepper=stepper,
     )  # fmt: skip

@@ -233,3 +233,44 @@ def test_fp16_on_cpu_and_mixed_precision_with_record_level_dp_are_refused(tiny_c
                 "privacy": {"record": {"enabled": True, "target_epsilon": 8.0}},
             }
         )
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_gloo_workers_train_as_one_process_on_the_same_batches(tiny_cfg, grad_accum):
+    """`train.workers = 2`: two forked processes (torch.distributed, gloo) split every
+    micro-batch; the round's update and losses equal the single process's on the same batches."""
+    import torch
+
+    from client.parallel import train_site_round
+
+    def trained(workers: int):
+        loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+        model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+        enc = encode(records(24), loaded.tokenizer, tiny_cfg)
+        cfg = TrainConfig(local_steps=3, batch_size=8, grad_accum=grad_accum, lr=1e-2,
+                          workers=workers, threads=1)  # fmt: skip
+        start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        result = train_site_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=3)
+        after = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        return start, after, result
+
+    start, one, single = trained(1)
+    _, two, parallel = trained(2)
+    assert any(not torch.equal(a, b) for a, b in zip(start, one, strict=True))
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert parallel.loss == pytest.approx(single.loss, rel=1e-5)
+    assert parallel.steps == single.steps == 3 and parallel.examples == single.examples
+
+
+def test_workers_with_record_level_dp_are_refused_naming_the_fields():
+    from common.core.config import build_config
+    from common.core.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="`train.workers` = 2 is not supported"):
+        build_config(
+            {
+                "train": {"workers": 2},
+                "privacy": {"record": {"enabled": True, "target_epsilon": 8.0}},
+            }
+        )

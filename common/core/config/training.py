@@ -141,6 +141,16 @@ class TrainConfig(Section):
             "what is aggregated stay float32. Not with record-level DP."
         ),
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Processes a site's local round runs data-parallel over (torch.distributed, gloo on "
+            "CPU): each takes a share of every micro-batch, gradients are summed before each "
+            "step, so the update is the single-process one. Not with record-level DP."
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description=(

@@ -75,6 +75,12 @@ class Config(Section):
                 "repeats them, so Opacus would clip the batch's summed gradient, not each "
                 "record's; use `lora`, `partial` or `full`"
             )
+        if self.privacy.record.enabled and self.train.workers > 1:
+            problems.append(
+                f"`train.workers` = {self.train.workers} is not supported with record-level DP "
+                "(`privacy.record.enabled`): DP-SGD over several processes needs one noise draw "
+                "per step across them (Opacus' distributed optimizer), which is not built"
+            )
         if self.train.device == "cuda":
             problems.append(
                 '`train.device` = "cuda" is not supported yet: sites train on CPU (`auto` or '
