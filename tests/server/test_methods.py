@@ -190,3 +190,23 @@ def test_quantized_base_trains_adapters_and_publishes_into_the_full_precision_ba
 def test_quantization_with_weight_methods_is_refused_naming_the_fields(tiny_cfg):
     with pytest.raises(ConfigError, match=r'`model.quantization` = "4bit" leaves nothing to train'):
         _with(tiny_cfg, model={"quantization": "4bit"}, lora={"method": "full"})
+
+
+@pytest.mark.parametrize("method", ["partial", "full"])
+def test_weight_methods_train_under_both_dp_levels_and_secure_aggregation(
+    tiny_cfg, tmp_path, method
+):
+    """`partial` / `full` with record- and institution-level DP under secure aggregation: the
+    round is accounted at both levels and the published weights moved (noise included)."""
+    from common.core.adapters import TRAINED_FILE
+    from common.core.models import load_base
+    from tests.server.test_privacy_run import private_cfg
+
+    cfg = private_cfg(tiny_cfg, **{"train.local_steps": 2})
+    cfg = _with(cfg, lora={"method": method, "layers": [-1] if method == "partial" else []})
+    summary, sent = _round(cfg, tmp_path, secure=True, file=TRAINED_FILE)
+    privacy = summary["privacy"]
+    assert privacy["institution_epsilon"] and max(privacy["record_epsilon"].values()) <= 8 + 1e-6
+    base = dict(load_base(cfg.model, cfg.data.labels).model.named_parameters())
+    assert sorted(sent) == sorted(k for k in base if WEIGHTS[method](k))
+    assert all(np.abs(sent[k] - base[k].detach().numpy()).max() > 0 for k in sent)
