@@ -58,7 +58,15 @@ def test_each_method_round_trips_plain_and_under_secure_aggregation(tiny_cfg, tm
     sent = sorted(k for k in plain if not k.endswith("lora_A.weight"))
     assert sent and all(k.endswith(SENT[method]) for k in sent), sent
     assert all(any(k.endswith(s) for k in sent) for s in SENT[method])
-    if method != "prompt":  # B starts at 0, DoRA's magnitudes at |W|, IA3 at 1
+    if method == "prompt":  # the virtual tokens start at a seeded random init: they moved
+        from common.core.adapters import attach_lora, exchanged_keys, get_state
+        from common.core.models import load_base
+
+        fresh = attach_lora(load_base(cfg.model, cfg.data.labels).model, cfg.lora, cfg.model)
+        init = get_state(fresh, exchanged_keys(fresh, cfg.lora))
+        assert sorted(init) == sent
+        assert all(np.abs(plain[k] - init[k]).max() > 1e-4 for k in sent)
+    else:  # B starts at 0, DoRA's magnitudes at |W|, IA3 at 1
         start = 1.0 if method == "ia3" else 0.0
         assert any(np.abs(plain[k] - start).max() > 1e-4 for k in sent if "magnitude" not in k)
     for k in sent:  # the same sites' updates, summed in the clear or masked and quantized
