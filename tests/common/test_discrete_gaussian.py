@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from fractions import Fraction
@@ -20,6 +21,13 @@ from common.privacy.discrete_gaussian import (
 )
 
 P_MIN = 1e-4  # each goodness-of-fit test fails an exact sampler this rarely
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> SecureRandom:
+    """The same CSPRNG, keyed by the test's own name: a statistical test that passes once passes
+    every run (unkeyed, the file's dozen tests at P_MIN would fail about one run in a thousand)."""
+    return SecureRandom(hashlib.sha256(request.node.nodeid.encode()).digest())
 
 
 def pmf(s2: float, reach: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,37 +61,43 @@ def chi_square(samples: np.ndarray, s2: float) -> float:
 
 
 @pytest.mark.parametrize("s2", [Fraction(1, 4), 2, Fraction(7, 3), 50, 900])
-def test_samples_follow_the_pmf(s2: Fraction | int) -> None:
-    samples = DiscreteGaussian(s2).sample(120_000)
+def test_samples_follow_the_pmf(s2: Fraction | int, rng: SecureRandom) -> None:
+    samples = DiscreteGaussian(s2, rng).sample(120_000)
     assert samples.dtype == np.int64
     assert chi_square(samples, float(s2)) > P_MIN
 
 
-def test_the_scalar_reference_follows_the_pmf_and_agrees_with_the_vectorised_sampler() -> None:
-    g = DiscreteGaussian(Fraction(9, 2))
+def test_the_scalar_reference_follows_the_pmf_and_agrees_with_the_vectorised_sampler(
+    rng: SecureRandom,
+) -> None:
+    g = DiscreteGaussian(Fraction(9, 2), rng)
     reference, vectorised = g.sample_reference(4000), g.sample(40_000)
     assert chi_square(reference, 4.5) > P_MIN
     assert stats.ks_2samp(reference, vectorised).pvalue > P_MIN
 
 
-def test_the_far_tail_path_in_python_integers_is_exact_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    g = DiscreteGaussian(16)
+def test_the_far_tail_path_in_python_integers_is_exact_too(
+    monkeypatch: pytest.MonkeyPatch, rng: SecureRandom
+) -> None:
+    g = DiscreteGaussian(16, rng)
     monkeypatch.setattr(g, "_y_max", 3)  # send every |Y| > 3 through the exact scalar path
     assert chi_square(g.sample(30_000), 16.0) > P_MIN
 
 
 @pytest.mark.parametrize("gamma", [Fraction(0), Fraction(1, 3), Fraction(1), Fraction(5, 2), 7])
-def test_bernoulli_exp_has_probability_exp_minus_gamma(gamma: Fraction | int) -> None:
+def test_bernoulli_exp_has_probability_exp_minus_gamma(
+    gamma: Fraction | int, rng: SecureRandom
+) -> None:
     gamma = Fraction(gamma)
     n = 200_000
     num = np.full(n, gamma.numerator, dtype=np.int64)
-    hits = int(bernoulli_exp(SecureRandom(), num, gamma.denominator).sum())
+    hits = int(bernoulli_exp(rng, num, gamma.denominator).sum())
     assert stats.binomtest(hits, n, math.exp(-gamma)).pvalue > P_MIN
 
 
-def test_discrete_laplace_follows_its_pmf() -> None:
+def test_discrete_laplace_follows_its_pmf(rng: SecureRandom) -> None:
     t, n = 3, 100_000
-    samples = dg._laplace(SecureRandom(), t, n)
+    samples = dg._laplace(rng, t, n)
     x = np.arange(-25, 26)
     p = np.exp(-np.abs(x) / t) * (1 - math.exp(-1 / t)) / (1 + math.exp(-1 / t))
     observed = np.array([np.count_nonzero(samples == v) for v in x], dtype=np.float64)
@@ -93,9 +107,9 @@ def test_discrete_laplace_follows_its_pmf() -> None:
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
-def test_tails_beyond_k_sigma_have_the_exact_probability(k: int) -> None:
+def test_tails_beyond_k_sigma_have_the_exact_probability(k: int, rng: SecureRandom) -> None:
     s2, n = 100, 400_000
-    samples = DiscreteGaussian(s2).sample(n)
+    samples = DiscreteGaussian(s2, rng).sample(n)
     x, p = pmf(s2, 400)
     want = float(p[np.abs(x) >= k * 10].sum())
     got = int(np.count_nonzero(np.abs(samples) >= k * 10))
@@ -103,11 +117,13 @@ def test_tails_beyond_k_sigma_have_the_exact_probability(k: int) -> None:
     assert np.abs(samples).max() < 10 * 10  # P(|X| >= 10 sigma) ~ 1e-22 per draw
 
 
-def test_the_sum_of_n_sites_noise_has_the_variance_the_accountant_assumes() -> None:
+def test_the_sum_of_n_sites_noise_has_the_variance_the_accountant_assumes(
+    rng: SecureRandom,
+) -> None:
     # Distributed DP (Kairouz, Liu, Steinke 2021): n sites each add N_Z(0, s2); the accountant
     # charges the sum as n independent discrete Gaussians, of variance n Var[N_Z(0, s2)] <= n s2.
     n_sites, s2, coords = 8, 9, 200_000
-    total = sum(DiscreteGaussian(s2).sample(coords) for _ in range(n_sites))
+    total = sum(DiscreteGaussian(s2, rng).sample(coords) for _ in range(n_sites))
     var = n_sites * discrete_gaussian_variance(s2)
     assert var <= n_sites * s2 * (1 + 1e-12)
     assert abs(var - n_sites * s2) / (n_sites * s2) < 1e-6  # s2 = 9: the sum is ~ N_Z(0, 72)
