@@ -146,6 +146,8 @@ class FederatedRun:
             state, final, first, elapsed = self._restore(ckpt, keys, privacy)
             set_state(model, state)
         self.server_opt = ServerOptimizer(self.cfg.federation)
+        if ckpt:  # the step count drives `server_schedule`, stateful or not
+            self.server_opt.steps = ckpt.server_optimizer_steps
         if ckpt and self.server_opt.stateful:
             self.server_opt.load_arrays(
                 checkpoint.load_optimizer(self.out, ckpt.round), ckpt.server_optimizer_steps, keys

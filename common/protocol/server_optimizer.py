@@ -9,6 +9,11 @@ arXiv:2003.00295, Algorithm 2), with ``η = federation.server_lr``:
 - ``fedadam``: ``m = β1 m + (1 - β1) Δ``; ``v = β2 v + (1 - β2) Δ²``; ``x += η m / (√v + τ)``;
 - ``fedyogi``: as fedadam but ``v = v - (1 - β2) Δ² sign(v - Δ²)``.
 
+``federation.server_schedule`` scales ``η`` by the step count ``s`` (0 for round 1) over the
+run's ``rounds``: 1 (``constant``), ``1 - s / rounds`` (``linear``) or
+``(1 + cos(π s / rounds)) / 2`` (``cosine``); the count is checkpointed, so a resumed run continues
+the same schedule.
+
 No bias correction, as in the paper (Flower's own FedAdam rescales η by it; the paper's
 ``τ`` = 1e-3 default keeps early steps bounded instead). Every rule acts on the aggregate alone,
 so it composes with secure aggregation (only the sum is known) and with both DP levels (a
@@ -18,6 +23,7 @@ is per exchanged tensor, float64, and goes into the checkpoint so that a resumed
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -32,7 +38,8 @@ class ServerOptimizer:
 
     def __init__(self, cfg: FederationConfig) -> None:
         self.kind = cfg.server_optimizer
-        self.lr = cfg.server_lr
+        self.base_lr = self.lr = cfg.server_lr
+        self.schedule, self.rounds = cfg.server_schedule, cfg.rounds
         self.momentum = cfg.server_momentum
         self.beta1, self.beta2 = cfg.server_betas
         self.tau = cfg.server_tau
@@ -48,12 +55,22 @@ class ServerOptimizer:
         self, state: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray]
     ) -> OrderedDict[str, np.ndarray]:
         """The new global adapter (float32) from the old one and the round's average."""
+        self.lr = self.lr_at(self.steps)
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for k, x in state.items():
             d = np.asarray(average[k], dtype=np.float64)
             out[k] = (np.asarray(x, dtype=np.float64) + self._direction(k, d)).astype(np.float32)
         self.steps += 1
         return out
+
+    def lr_at(self, step: int) -> float:
+        """The step size of the ``step``-th step (0-based) under ``server_schedule``."""
+        done = min(step, self.rounds) / self.rounds
+        if self.schedule == "linear":
+            return self.base_lr * (1.0 - done)
+        if self.schedule == "cosine":
+            return self.base_lr * (1.0 + math.cos(math.pi * done)) / 2.0
+        return self.base_lr
 
     def _direction(self, key: str, d: np.ndarray) -> np.ndarray:
         if self.kind == "fedavg":

@@ -121,3 +121,45 @@ def test_a_stateful_rule_without_the_runs_optimizer_is_refused():
         apply_sum(cfg, x0, summed, expected=1)
     stepped = apply_sum(cfg, x0, summed, expected=1, optimizer=ServerOptimizer(cfg.federation))
     assert set(stepped) == set(x0)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "factors"),
+    [
+        ("constant", [1.0, 1.0, 1.0, 1.0]),
+        ("linear", [1.0, 0.75, 0.5, 0.25]),
+        ("cosine", [1.0, (1 + 2**-0.5) / 2, 0.5, (1 - 2**-0.5) / 2]),
+    ],
+)
+def test_a_server_schedule_scales_each_step_and_survives_a_resume(schedule, factors):
+    x0, deltas = _rounds(3)
+    cfg = FederationConfig(server_optimizer="fedavg", server_lr=0.1, server_schedule=schedule,
+                           rounds=4)  # fmt: skip
+    x = {k: v.astype(np.float64) for k, v in x0.items()}
+    for f, d in zip(factors, deltas, strict=True):  # fedavg: x += lr_s * delta, by hand
+        x = {k: x[k] + 0.1 * f * d[k].astype(np.float64) for k in x}
+    first = ServerOptimizer(cfg)
+    y = x0
+    for d in deltas[:2]:
+        y = first.step(y, d)
+    second = ServerOptimizer(cfg)  # a resumed run: the step count restored, as run.py does
+    second.steps = first.steps
+    for d in deltas[2:]:
+        y = second.step(y, d)
+    for k in x:
+        np.testing.assert_allclose(y[k], x[k], rtol=1e-6, atol=1e-6)
+    assert second.lr == pytest.approx(0.1 * factors[-1])
+
+
+def test_an_adaptive_rule_under_a_decaying_schedule_steps_less_each_round():
+    x0, deltas = _rounds(4, n=6)
+    same = [deltas[0]] * 6  # the same average every round: only the schedule changes the step
+    opt = ServerOptimizer(FederationConfig(server_optimizer="fedadam", server_lr=0.1,
+                                           server_schedule="linear", rounds=6))  # fmt: skip
+    sizes, x = [], x0
+    for d in same:
+        y = opt.step(x, d)
+        sizes.append(max(np.abs(y[k] - x[k]).max() for k in x))
+        x = y
+    assert sizes[-1] < sizes[0] / 2
+    assert opt.lr == pytest.approx(0.1 / 6)

@@ -23,9 +23,12 @@ def setup(tiny_cfg, tmp_path: Path, **federation):
     return setup_run(tiny_cfg, tmp_path, {"rounds": 3, **federation})
 
 
-# fedadam: its moments must come back from the checkpoint, or round 3's step differs.
+# fedadam: its moments must come back from the checkpoint, or round 3's step differs; a linear
+# server schedule: its step count must, or round 3 steps by server_lr instead of a third of it.
 @pytest.mark.parametrize(
-    "server", [{}, {"server_optimizer": "fedadam", "server_lr": 0.05}], ids=["fedavg", "fedadam"]
+    "server",
+    [{}, {"server_optimizer": "fedadam", "server_lr": 0.05}, {"server_schedule": "linear"}],
+    ids=["fedavg", "fedadam", "fedavg-linear"],
 )
 def test_resume_continues_after_the_last_completed_round(tiny_cfg, tmp_path: Path, server):
     cfg, nodes = setup(tiny_cfg, tmp_path, **server)
@@ -43,7 +46,7 @@ def test_resume_continues_after_the_last_completed_round(tiny_cfg, tmp_path: Pat
     assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["round"] == 2
     assert not (tmp_path / "run" / "summary.json").exists()
     states = sorted(p.name for p in (tmp_path / "run" / "server-optimizer").glob("*"))
-    assert states == (["2.safetensors"] if server else [])  # only the checkpointed round's
+    assert states == (["2.safetensors"] if "server_optimizer" in server else [])  # only the checkpointed round's
 
     resumed_grid = InProcessGrid(client_app, nodes)
     summary = FederatedRun(cfg, tmp_path / "run", resumed_grid, resume=True).execute()

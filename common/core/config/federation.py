@@ -43,6 +43,16 @@ class FederationConfig(Section):
             "only, so it works with secure aggregation and both DP levels."
         ),
     )
+    server_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description=(
+            "Server step size over the rounds: `constant`, or decayed from `server_lr` in round 1 "
+            "towards 0 after the last round (`linear`: server_lr * (1 - s / rounds) at the s-th "
+            "step, `cosine`: server_lr * (1 + cos(pi s / rounds)) / 2). Under DP a decaying step "
+            "stops the last rounds' noise from moving the model as far as the first rounds' "
+            "signal did (post-processing: no privacy cost)."
+        ),
+    )
     server_momentum: float = Field(0.9, ge=0, lt=1, description="Server momentum (`fedavgm`).")
     server_betas: tuple[float, float] = Field(
         (0.9, 0.99), description="First- and second-moment decay (`fedadam`, `fedyogi`)."
