@@ -58,3 +58,18 @@ class InProcessGrid:
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+class ServerKilled(Exception):
+    """The coordinator dying mid-run (raised from a grid fault)."""
+
+
+def kill_in_round(round_no: int) -> Callable[[int, Message], Message | None]:
+    """A grid fault that kills the coordinator as it sends round ``round_no``'s training."""
+
+    def fault(node: int, msg: Message) -> Message | None:
+        if msg.metadata.message_type == "train" and msg.metadata.group_id == str(round_no):
+            raise ServerKilled("coordinator killed")
+        return None
+
+    return fault

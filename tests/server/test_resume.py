@@ -11,12 +11,8 @@ from safetensors.numpy import load_file
 from client.app import app as client_app
 from common.core.errors import FedtuneError
 from server.run import FederatedRun
-from tests.server.inprocess import InProcessGrid
+from tests.server.inprocess import InProcessGrid, ServerKilled, kill_in_round
 from tests.server.test_run import setup_run
-
-
-class ServerKilled(Exception):
-    pass
 
 
 def setup(tiny_cfg, tmp_path: Path, **federation):
@@ -33,20 +29,16 @@ def setup(tiny_cfg, tmp_path: Path, **federation):
 def test_resume_continues_after_the_last_completed_round(tiny_cfg, tmp_path: Path, server):
     cfg, nodes = setup(tiny_cfg, tmp_path, **server)
     reference = FederatedRun(cfg, tmp_path / "ref", InProcessGrid(client_app, nodes)).execute()
-
-    def kill_in_round_3(node, msg):
-        if msg.metadata.message_type == "train" and msg.metadata.group_id == "3":
-            raise ServerKilled("coordinator killed")
-        return None
-
     grid = InProcessGrid(client_app, nodes)
-    grid.fault = kill_in_round_3
+    grid.fault = kill_in_round(3)
     with pytest.raises(ServerKilled):
         FederatedRun(cfg, tmp_path / "run", grid).execute()
     assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["round"] == 2
     assert not (tmp_path / "run" / "summary.json").exists()
     states = sorted(p.name for p in (tmp_path / "run" / "server-optimizer").glob("*"))
-    assert states == (["2.safetensors"] if "server_optimizer" in server else [])  # only the checkpointed round's
+    assert states == (
+        ["2.safetensors"] if "server_optimizer" in server else []
+    )  # only the checkpointed round's
 
     resumed_grid = InProcessGrid(client_app, nodes)
     summary = FederatedRun(cfg, tmp_path / "run", resumed_grid, resume=True).execute()

@@ -17,9 +17,8 @@ from common.core.models import load_base
 from common.core.tasks import encode
 from server.run import FederatedRun
 from tests.client.test_train import records
-from tests.server.inprocess import InProcessGrid
+from tests.server.inprocess import InProcessGrid, ServerKilled, kill_in_round
 from tests.server.test_methods import _with
-from tests.server.test_resume import ServerKilled
 from tests.server.test_run import setup_run
 
 # The head first; the top layer from round 2 at half the rate; everything from round 3.
@@ -91,14 +90,8 @@ def test_federated_rounds_follow_the_schedule_and_resume_continues_it(tiny_cfg, 
     cfg, nodes = setup_run(_cfg(tiny_cfg), tmp_path, {"rounds": 3})
     base = {k: p.detach().numpy() for k, p in load_base(cfg.model, cfg.data.labels)
             .model.named_parameters()}  # fmt: skip
-
-    def killed_in_round_3(node, msg):
-        if msg.metadata.message_type == "train" and msg.metadata.group_id == "3":
-            raise ServerKilled("coordinator killed")
-        return None
-
     grid = InProcessGrid(client_app, nodes)
-    grid.fault = killed_in_round_3
+    grid.fault = kill_in_round(3)
     with pytest.raises(ServerKilled):
         FederatedRun(cfg, tmp_path / "run", grid).execute()
     FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes), resume=True).execute()
