@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +31,9 @@ from common.core.tasks import Encoded, batch_loss, collate
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+# Input-side embeddings by name (llama/qwen `embed_tokens`, BERT `embeddings.*`, GPT-2 `wte`/`wpe`).
+EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embeddings|wte|wpe)(?:\.|$)")
+NO_DECAY_MARKERS = ("norm", "ia3_l", "lora_magnitude_vector", "prompt_encoder")
 
 
 @dataclass
@@ -56,14 +60,42 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 def layer_lr_scales(model: nn.Module, decay: float) -> dict[str, float]:
     """`train.layer_lr_decay`: each trainable weight's multiple of `train.lr`. A weight in layer
     ``i`` of ``n`` gets ``decay ** (n - 1 - i)``; the top layer and weights in no layer (the
-    head) get 1. ``n`` is the model's `num_hidden_layers` (else the highest layer seen + 1)."""
+    head, the final norm) get 1; the input embeddings, below every layer, get ``decay ** n``
+    (unless tied to the output head, which keeps the head's rate). ``n`` is the model's
+    `num_hidden_layers` (else the highest layer seen + 1)."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     found = {name: int(m.group(1)) for name in names if (m := LAYER_INDEX.search(name))}
     config = getattr(model, "config", None)
     n = getattr(config, "num_hidden_layers", None)
     if not isinstance(n, int) or n <= 0:
         n = max(found.values(), default=-1) + 1
-    return {name: decay ** max(0, n - 1 - found[name]) if name in found else 1.0 for name in names}
+    below = _input_embedding_names(model)
+    return {
+        name: decay ** max(0, n - 1 - found[name])
+        if name in found
+        else (decay**n if name in below else 1.0)
+        for name in names
+    }
+
+
+def _input_embedding_names(model: nn.Module) -> set[str]:
+    """Names of the input-side embedding weights (token, position, token type): in no layer,
+    below all of them. A token embedding tied to the output head counts as the head."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    tied = getattr(head, "weight", None)
+    return {
+        name
+        for name, p in model.named_parameters()
+        if EMBEDDING.search(name) and not LAYER_INDEX.search(name) and p is not tied
+    }
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    """No weight decay for biases and norm weights (1-D), nor for PEFT's multiplicative or
+    learned-input vectors (IA3's scalings start at 1, prompt tuning's virtual tokens are
+    inputs): decay would pull them towards 0, not towards the base model."""
+    return p.ndim < 2 or any(marker in name.lower() for marker in NO_DECAY_MARKERS)
 
 
 def _top_first(item: tuple[tuple[float, bool], list[nn.Parameter]]) -> tuple[float, bool]:
@@ -87,7 +119,7 @@ def make_optimizer(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2 or "norm" in name.lower()
+        no_decay = _no_decay(name, p)
         grouped.setdefault((scales[name], no_decay), []).append(p)
     groups = [
         {

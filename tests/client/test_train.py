@@ -145,6 +145,58 @@ def test_layer_wise_rates_and_no_decay_groups_match_the_config(tiny_cfg, monkeyp
         assert group["lr"] == pytest.approx(0.1 * 0.5 * group["lr_scale"])
 
 
+def test_full_fine_tuning_rates_run_from_the_embeddings_to_the_head():
+    """`full` on a BERT classifier with `train.layer_lr_decay`: the head and the top layer at
+    `train.lr`, layer i of n at decay^(n-1-i), the embeddings (below every layer) at decay^n;
+    biases and LayerNorm weights (BERT names them `LayerNorm`) without weight decay."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from common.core.config import LoraConfig, ModelConfig
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                   intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    )  # fmt: skip
+    model = attach_lora(bert, LoraConfig(method="full"), ModelConfig(source="tiny:bert"))
+    opt = make_optimizer(model, TrainConfig(lr=1.0, layer_lr_decay=0.5, weight_decay=0.01))
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert len(rate) == len(params)
+    expected = {
+        "classifier.weight": 1.0,
+        "bert.pooler.dense.weight": 1.0,
+        "bert.encoder.layer.2.attention.self.query.weight": 1.0,
+        "bert.encoder.layer.0.output.dense.weight": 0.25,
+        "bert.embeddings.word_embeddings.weight": 0.125,
+        "bert.embeddings.position_embeddings.weight": 0.125,
+    }
+    for name, lr in expected.items():
+        assert rate[id(params[name])] == pytest.approx(lr), name
+    for name, p in params.items():
+        bias_or_norm = name.endswith(".bias") or "LayerNorm" in name
+        assert decay[id(p)] == (0.0 if bias_or_norm else 0.01), name
+
+
+def test_peft_scaling_vectors_and_virtual_tokens_get_no_weight_decay(tiny_cfg):
+    """IA3's scalings start at 1 and prompt tuning's virtual tokens are inputs: decaying them
+    towards 0 would not pull the model towards its base."""
+    from common.core.config import LoraConfig
+
+    loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+    ia3 = attach_lora(loaded.model, LoraConfig(method="ia3"), tiny_cfg.model)
+    opt = make_optimizer(ia3, TrainConfig(weight_decay=0.1))
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) > 0
+
+    loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+    prompt = attach_lora(loaded.model, LoraConfig(method="prompt"), tiny_cfg.model)
+    opt = make_optimizer(prompt, TrainConfig(weight_decay=0.1))
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
+
+
 def test_gradient_checkpointing_trains_the_same_and_is_switched_off_after(tiny_cfg):
     import torch
 
@@ -261,6 +313,33 @@ def test_two_gloo_workers_train_as_one_process_on_the_same_batches(tiny_cfg, gra
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     assert parallel.loss == pytest.approx(single.loss, rel=1e-5)
     assert parallel.steps == single.steps == 3 and parallel.examples == single.examples
+
+
+def test_a_worker_that_dies_without_reporting_fails_the_round_instead_of_hanging(
+    tiny_cfg, monkeypatch
+):
+    """Rank 1 dies before it joins the process group (as if killed for memory): rank 0 would
+    wait for it there for torch's default 30 minutes; the site's round fails at once instead,
+    naming the worker and its exit code."""
+    import os
+
+    import client.parallel as cp
+    from common.core.errors import ModelError
+
+    real = cp.dist.init_process_group
+
+    def dies_on_rank_1(*args, rank: int, **kwargs):
+        if rank == 1:
+            os._exit(9)
+        return real(*args, rank=rank, **kwargs)
+
+    monkeypatch.setattr(cp.dist, "init_process_group", dies_on_rank_1)  # the forks inherit it
+    loaded = load_base(tiny_cfg.model, tiny_cfg.data.labels)
+    model = attach_lora(loaded.model, tiny_cfg.lora, tiny_cfg.model)
+    enc = encode(records(8), loaded.tokenizer, tiny_cfg)
+    cfg = TrainConfig(local_steps=2, batch_size=4, workers=2, threads=1)
+    with pytest.raises(ModelError, match="worker 1 exited with code 9"):
+        cp.train_site_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=0)
 
 
 def test_workers_with_record_level_dp_are_refused_naming_the_fields():
