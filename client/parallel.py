@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,24 @@ def _worker(
         results.put(("error", traceback.format_exc(), None))
 
 
+def _first_report(results: Any, procs: list[Any]) -> tuple[str, Any, Any]:
+    """Rank 0's result, or the first error a worker reports. A worker that dies without
+    reporting (killed for memory, a crash in native code) is an error too, never a hang: the
+    others would wait for it in an all-reduce forever."""
+    while True:
+        if not results.empty():
+            return results.get()
+        dead = next((p for p in procs if p.exitcode not in (None, 0)), None)
+        if dead is not None:
+            time.sleep(0.5)  # its own report may still be on its way
+            if not results.empty():
+                return results.get()
+            rank = procs.index(dead)
+            why = f"worker {rank} exited with code {dead.exitcode} without reporting"
+            return "error", why, None
+        time.sleep(0.02)
+
+
 def train_round_parallel(
     model: nn.Module, examples: list[Encoded], cfg: TrainConfig, **kwargs: Any
 ) -> TrainResult:
@@ -117,7 +136,7 @@ def train_round_parallel(
         ]
         for proc in procs:
             proc.start()
-        status, payload, result = results.get()  # rank 0's result, or the first error
+        status, payload, result = _first_report(results, procs)
         for proc in procs:
             if status != "ok":  # the others wait for it in an all-reduce: stop them
                 proc.kill()

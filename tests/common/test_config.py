@@ -71,6 +71,8 @@ def test_cross_field_rule():
         load_config(None, ["federation.sites_per_round=2", "federation.min_sites=3"])
     with pytest.raises(ConfigError, match="data.labels"):
         load_config(None, ["model.task='seq-cls'"])
+    with pytest.raises(ConfigError, match="federation.evaluate_every"):
+        load_config(None, ["federation.early_stop.patience=3", "federation.evaluate_every=0"])
 
 
 def test_bad_files_are_named(tmp_path: Path):

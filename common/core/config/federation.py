@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from common.core.config.section import Section
 
@@ -79,6 +79,16 @@ class FederationConfig(Section):
             "summary.json and `fedtune publish` defaults to it."
         ),
     )
+
+    @model_validator(mode="after")
+    def _early_stop_needs_evaluations(self) -> FederationConfig:
+        if self.early_stop.patience and not self.evaluate_every:
+            raise ValueError(
+                f"`federation.early_stop.patience` = {self.early_stop.patience} needs the "
+                "coordinator to evaluate during the run: `federation.evaluate_every` is 0 "
+                "(only the last round is evaluated, so the run could never stop early)"
+            )
+        return self
 
     @field_validator("server_betas")
     @classmethod
