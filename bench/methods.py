@@ -8,10 +8,10 @@
 Scenario: bank-complaints (real CFPB complaint narratives, five non-IID banks, all-MiniLM-L6-v2
 with a classification head): a real task where a 22M-parameter encoder makes `full` fine-tuning
 affordable on 2 cores, so every method runs on the same records. Its quick size is the default
-(`--set` adds to it; 1,500 records, 12 rounds). Every arm but `lora_fedadam` uses the same local
-recipe (AdamW, 8 steps of 32 records per round, constant rate, plain FedAvg: server step 1) with a rate per method
-(adapters 2e-2, `partial` 2e-4, `full` 1e-4, in the guides' ranges for adapters and full
-fine-tuning); `lora_fedadam` is the scenario's own recipe (16 rounds).
+(`--set` adds to it; 1,500 records, 12 rounds). Every arm but `lora_fedadam` uses the same
+local recipe (AdamW, 8 steps of 32 records per round, constant rate, plain FedAvg: server step
+1) with a rate per method (adapters 2e-2, `partial` 2e-4, `full` 1e-4, in the guides' ranges for
+adapters and full fine-tuning); `lora_fedadam` is the scenario's own recipe (16 rounds).
 
 Per method: held-out accuracy, bytes up per round (all sites), seconds per round (mean), and peak
 memory per site (a fresh process training one site's round: its peak RSS, and what training

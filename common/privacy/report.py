@@ -345,10 +345,14 @@ def _too_loud(cfg: Config, site: str, n: int, noise: StepNoise, trained: int | N
         what = f"noise per step ({noise.per_coordinate:.3f} C, above {NOISE_TOO_LOUD} C)"
     head = f"WARNING: site {site}'s {what} is too loud to learn from: "
     batch = quieter_batch(cfg, n, trained)
+    # The DP recipe trains few parameters in few large steps: the first thing to try
+    recipe = "" if cfg.recipe == "dp" else "; `--set recipe=dp` sets the DP fine-tuning recipe"
     if batch is None:
         return head + (
             f"no `train.batch_size` below its {n} records gets it under at this epsilon and "
             "number of steps; it needs more records, fewer steps, fewer trained parameters or a "
-            "larger epsilon"
+            f"larger epsilon{recipe}"
         )
-    return head + f"`train.batch_size` = {batch} (same steps and epsilon) would bring it under"
+    return head + (
+        f"`train.batch_size` = {batch} (same steps and epsilon) would bring it under{recipe}"
+    )

@@ -238,3 +238,36 @@ def test_record_weighting_is_refused_under_either_dp_level() -> None:
     with pytest.raises(ConfigError, match=r"`federation\.weighting` must be .* record-level DP"):
         load_config(None, [*record_dp, "federation.weighting='records'"])
     assert load_config(None).site_weighting == "records"
+
+
+def test_the_dp_recipe_fills_the_groups_a_config_leaves_unset() -> None:
+    """`recipe = "dp"`: every group the config does not touch gets the recipe's values; a group
+    with any field set stays the user's, whole (the rest of it keeps its defaults)."""
+    default = load_config(None)
+    cfg = load_config(None, ["recipe='dp'"])
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.local_steps, cfg.train.batch_size) == (
+        "sgd",
+        1.0,
+        1,
+        256,
+    )
+    assert cfg.train.schedule == "constant"
+    assert (cfg.federation.server_optimizer, cfg.federation.server_lr) == ("fedadam", 0.12)
+    assert cfg.federation.server_schedule == "linear"
+    assert (cfg.lora.r, cfg.lora.layers) == (2, [-1])
+    assert cfg.privacy.record.accountant == "prv"
+
+    mine = load_config(None, ["recipe='dp'", "train.lr=0.5", "lora.r=4"])
+    assert (mine.train.lr, mine.train.optimizer, mine.train.local_steps) == (
+        0.5,
+        default.train.optimizer,
+        default.train.local_steps,
+    )
+    assert (mine.lora.r, mine.lora.layers) == (4, default.lora.layers)
+    assert mine.federation.server_optimizer == "fedadam"  # untouched group: the recipe's
+
+    # The resolved config holds every value: it loads back as itself, recipe and all.
+    again = build_config(tomllib.loads(to_toml(mine)))
+    assert again.model_dump(mode="json") == mine.model_dump(mode="json")
+    with pytest.raises(ConfigError, match="`recipe`"):
+        load_config(None, ["recipe='fast'"])

@@ -64,6 +64,7 @@ def test_with_the_trained_parameter_count_the_noise_is_judged_by_its_norm():
     # per coordinate this plan passes the old rule; in norm it is too loud, and the warning says so
     assert _noise(text, "a") <= NOISE_TOO_LOUD < 1 and norm > NOISE_NORM_TOO_LOUD
     assert "WARNING: site a's noise per step" in text and "in norm" in text
+    assert "`--set recipe=dp`" in text  # the recipe is named where it is not in use
     batch = int(re.search(r"`train.batch_size` = (\d+)", text).group(1))
     trial = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": batch})})
     quiet = noise_outlook(trial, {"a": 2000}, trained)

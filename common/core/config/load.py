@@ -5,15 +5,20 @@ Invalid input is reported all at once, each problem naming its dotted field path
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from common.core.config.recipes import apply_recipe
 from common.core.config.tree import Config
 from common.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -56,7 +61,18 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def build_config(tree: dict[str, Any], source: str = "config") -> Config:
-    """Validate a nested dict into a :class:`Config`; every error at once, as ConfigError."""
+    """Validate a nested dict into a :class:`Config`; every error at once, as ConfigError.
+    ``recipe`` fills in the groups of settings the tree leaves unset (:mod:`.recipes`)."""
+    tree = copy.deepcopy(tree)
+    applied, kept = apply_recipe(tree)
+    if applied or kept:
+        logger.info(
+            "%s: recipe `%s`: filled in %s; your own values kept for %s",
+            source,
+            tree.get("recipe"),
+            ", ".join(applied) or "nothing",
+            ", ".join(kept) or "nothing",
+        )
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

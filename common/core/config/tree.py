@@ -28,6 +28,16 @@ class Config(Section):
     """The whole run: one tree shared by the ServerApp, the ClientApp and the CLI."""
 
     name: str = Field("run", description="Run name, shown in logs and summaries.")
+    recipe: Literal["none", "dp"] = Field(
+        "none",
+        description=(
+            "A named set of training settings: `dp` is the DP fine-tuning recipe (one large-batch "
+            "SGD step per site and round, FedAdam at the coordinator with a decaying step, "
+            "rank-2 FFA-LoRA on the top layer, the PRV accountant). Each of its groups is filled "
+            "in only where the config sets none of the group's fields; see "
+            "common/core/config/recipes.py."
+        ),
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
     data: DataConfig = Field(default_factory=DataConfig, description="Site data.")
