@@ -113,7 +113,9 @@ def main() -> None:
         for name in chosen:
             arms[name] = run_arm(scenario, plans[name], Path(tmp) / name)
             final = arms[name]["summary"]["final"]["accuracy"]
+            curve = " ".join(f"{r}:{acc:.3f}" for r, acc in arms[name]["curve"])
             print(f"{name}: accuracy {final:.4f} in {arms[name]['wall_s']} s", flush=True)
+            print(f"{name} accuracy by round: {curve}", flush=True)
     if set(chosen) == set(ARMS):
         print(json.dumps({"scenario": base.name, **result(arms)}))
     else:

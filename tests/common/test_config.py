@@ -257,14 +257,17 @@ def test_the_dp_recipe_fills_the_groups_a_config_leaves_unset() -> None:
     assert (cfg.lora.r, cfg.lora.layers) == (2, [-1])
     assert cfg.privacy.record.accountant == "prv"
 
-    mine = load_config(None, ["recipe='dp'", "train.lr=0.5", "lora.r=4"])
-    assert (mine.train.lr, mine.train.optimizer, mine.train.local_steps) == (
+    mine = load_config(None, ["recipe='dp'", "train.lr=0.5", "federation.server_lr=0.3"])
+    # a touched group is the user's, whole: their rate with the default optimizer and schedule
+    assert (mine.train.lr, mine.train.optimizer, mine.train.schedule) == (
         0.5,
         default.train.optimizer,
-        default.train.local_steps,
+        default.train.schedule,
     )
-    assert (mine.lora.r, mine.lora.layers) == (4, default.lora.layers)
-    assert mine.federation.server_optimizer == "fedadam"  # untouched group: the recipe's
+    assert mine.federation.server_lr == 0.3
+    assert mine.federation.server_optimizer == default.federation.server_optimizer
+    # untouched groups: the recipe's
+    assert (mine.train.local_steps, mine.train.batch_size, mine.lora.r) == (1, 256, 2)
 
     # The resolved config holds every value: it loads back as itself, recipe and all.
     again = build_config(tomllib.loads(to_toml(mine)))

@@ -3,7 +3,7 @@
 A recipe is applied to the raw tree, before validation. Each of its groups is filled in only
 when the config (file and ``--set``) sets none of that group's fields: a group the user touched
 is the user's, whole, because half a group is incoherent (SGD's rate of 1.0 with AdamW, a server
-step meant for FedAdam under FedAvg). The resolved config then holds every value explicitly, so a
+step meant for FedAdam under FedAvg). Settings that stand alone are groups of one. The resolved config then holds every value explicitly, so a
 config survives dump -> load unchanged, and a run folder's `config.toml` says what ran.
 """
 
@@ -27,17 +27,22 @@ class Group:
 # FedAdam (Reddi et al. 2021). Measured on bank-complaints (README, bench/utility.py).
 DP = (
     Group(
-        "local step",
-        "one large Poisson batch per site and round, taken by plain SGD: DP-SGD's noise is divided "
-        "by the batch while every step costs epsilon, and with one local step the sites' skewed "
-        "label mixes cannot pull the model apart between averages (no client drift)",
-        {
-            "train.optimizer": "sgd",
-            "train.lr": 1.0,
-            "train.local_steps": 1,
-            "train.batch_size": 256,
-            "train.schedule": "constant",
-        },
+        "local optimizer",
+        "plain SGD at a constant rate at the sites; the adaptivity is the coordinator's",
+        {"train.optimizer": "sgd", "train.lr": 1.0, "train.schedule": "constant"},
+    ),
+    Group(
+        "local steps",
+        "one step per site and round: with one local step the sites' skewed label mixes cannot "
+        "pull the model apart between averages (no client drift), and the average is a gradient "
+        "of all the sites' records",
+        {"train.local_steps": 1},
+    ),
+    Group(
+        "batch",
+        "a large Poisson batch: DP-SGD's noise is divided by the batch while every step costs "
+        "epsilon (for sites of about 1,000 records; larger sites can take more)",
+        {"train.batch_size": 256},
     ),
     Group(
         "server optimizer",
@@ -51,10 +56,14 @@ DP = (
         },
     ),
     Group(
-        "adapters",
-        "few trained parameters (FFA-LoRA of rank 2 on the top layer): the noise's norm grows with "
-        "the square root of their number, and backward passes stop at the top layer",
-        {"lora.r": 2, "lora.layers": [-1]},
+        "adapter rank",
+        "rank-2 FFA-LoRA: the noise's norm grows with the square root of the trained parameters",
+        {"lora.r": 2},
+    ),
+    Group(
+        "adapted layers",
+        "the top layer only: fewer trained parameters, and backward passes stop there",
+        {"lora.layers": [-1]},
     ),
     Group(
         "accountant",
