@@ -117,3 +117,26 @@ def test_a_schedule_that_trains_nothing_or_narrows_is_refused_naming_the_field(t
     )  # fmt: skip
     with pytest.raises(ModelError, match=r"`train.unfreeze\[1\].layers` = `top:1` trains less"):
         stage_scales(keys, narrowing.train.unfreeze, 2, 2)
+
+
+def test_the_coordinator_holds_back_what_a_stage_freezes_under_institution_level_noise(
+    tiny_cfg, tmp_path
+):
+    """Institution-level DP adds Gaussian noise to every coordinate of the sum, frozen ones
+    included: the coordinator must keep what the stage holds back exactly as it was, or the
+    noise alone would move weights the schedule has not unfrozen yet."""
+    noisy = _with(
+        _cfg(tiny_cfg),
+        **{"privacy.institution": {"enabled": True, "noise_multiplier": 1.0, "clip_norm": 1.0,
+                                   "noise_at": "server"}},
+    )  # fmt: skip
+    cfg, nodes = setup_run(noisy, tmp_path, {"rounds": 2, "min_sites": 3})
+    base = {k: p.detach().numpy() for k, p in load_base(cfg.model, cfg.data.labels)
+            .model.named_parameters()}  # fmt: skip
+    FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes)).execute()
+    previous = base
+    for round_no, moving in [(1, {"head"}), (2, {"head", "top"})]:
+        state = _saved(tmp_path / "run", round_no)
+        moved = {_part(k) for k in state if not np.array_equal(state[k], previous[k])}
+        assert moved == moving, round_no
+        previous = state
