@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from common.core.adapters import LAYER_INDEX, num_layers, stage_scales
+from common.core.adapters import EMBEDDING, LAYER_INDEX, num_layers, stage_scales
 from common.core.config import TrainConfig
 from common.core.errors import ModelError
 from common.core.tasks import Encoded, batch_loss, collate
@@ -31,8 +30,6 @@ from common.core.tasks import Encoded, batch_loss, collate
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
-# Input-side embeddings by name (llama/qwen `embed_tokens`, BERT `embeddings.*`, GPT-2 `wte`/`wpe`).
-EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embeddings|wte|wpe)(?:\.|$)")
 NO_DECAY_MARKERS = ("norm", "ia3_l", "lora_magnitude_vector", "prompt_encoder")
 
 

@@ -353,3 +353,34 @@ def test_workers_with_record_level_dp_are_refused_naming_the_fields():
                 "privacy": {"record": {"enabled": True, "target_epsilon": 8.0}},
             }
         )
+
+
+def test_partial_by_fraction_trains_the_fewest_top_layers_holding_it():
+    """`lora.method = "partial"` with `lora.fraction`: the head and final norm, then whole
+    layers from the top until the trained weights reach the fraction of the model's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.core.config import LoraConfig, ModelConfig
+
+    def trained_layers(fraction: float) -> tuple[set[int], float]:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4, intermediate_size=64, vocab_size=128,
+                          tie_word_embeddings=False)  # fmt: skip
+        model = attach_lora(LlamaForCausalLM(cfg), LoraConfig(method="partial", fraction=fraction),
+                            ModelConfig(source="tiny:llama"))  # fmt: skip
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
+        layers = {int(k.split(".layers.")[1].split(".")[0]) for k in names if ".layers." in k}
+        total = sum(p.numel() for p in model.parameters())
+        share = sum(p.numel() for p in model.parameters() if p.requires_grad) / total
+        assert "lm_head.weight" in names and "model.norm.weight" in names
+        assert "model.embed_tokens.weight" not in names
+        return layers, share
+
+    # head + norm alone hold 4,128 of 49,440 weights (8%); each layer 10,304 (21%)
+    assert trained_layers(0.05) == (set(), pytest.approx(4128 / 49440))
+    layers, share = trained_layers(0.25)
+    assert layers == {3} and share >= 0.25
+    layers, share = trained_layers(0.5)
+    assert layers == {2, 3} and share >= 0.5
