@@ -9,9 +9,13 @@ process takes on the whole micro-batch: the same batches, the same mean loss, th
 and optimizer; every worker steps identically. Rank 0 hands the trained weights and the round's
 losses back to the site process, which loads them into its own model.
 
+With `train.device` = "cuda" (experimental: no GPU machine was available to run it, so no test
+here has run it) each worker moves its copy of the model to its own GPU (``cuda:rank``) and the
+sums go over NCCL instead of gloo; the site process itself stays on CPU. DeepSpeed ZeRO is not
+built.
+
 Not with record-level DP (refused by the config): DP-SGD over workers needs Opacus' distributed
-optimizer and one noise draw per step across them, which is not built. NCCL and DeepSpeed on
-GPUs are not built either (no GPU machine was available to test them).
+optimizer and one noise draw per step across them, which is not built.
 """
 
 from __future__ import annotations
@@ -40,19 +44,21 @@ logger = logging.getLogger(__name__)
 class DataParallelStepper(PlainStepper):
     """:class:`client.train.PlainStepper` with each micro-batch split over the workers."""
 
-    def __init__(self, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int, device: torch.device | None = None) -> None:
         self.rank, self.world = rank, world
+        self.device = device or torch.device("cpu")
 
     def step(self) -> list[float]:
         micro_batches = next(self.steps)
         losses = []
         for mb in micro_batches:
-            shard = {k: v[self.rank :: self.world] for k, v in mb.items()}
+            shard = {k: v[self.rank :: self.world].to(self.device) for k, v in mb.items()}
             if len(shard["labels"]):
                 loss, count = batch_loss(self.model, shard)
             else:  # fewer rows than workers: this one has nothing to add
-                loss, count = torch.zeros(()), 0
-            counts = torch.tensor([float(count), float(loss.detach()) * count])
+                loss, count = torch.zeros((), device=self.device), 0
+            # NCCL sums CUDA tensors only
+            counts = torch.tensor([float(count), float(loss.detach()) * count], device=self.device)
             dist.all_reduce(counts)  # the micro-batch's targets, and its summed loss
             total = max(float(counts[0]), 1.0)
             if count:
@@ -80,12 +86,15 @@ def _worker(
 ) -> None:
     try:
         torch.set_num_threads(max(1, cfg.threads))
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        backend, device = worker_device(cfg, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            model.to(device)
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
         try:
             one = cfg.model_copy(update={"workers": 1})
-            result = train_round(
-                model, examples, one, stepper=DataParallelStepper(rank, world), **kwargs
-            )
+            stepper = DataParallelStepper(rank, world, device)
+            result = train_round(model, examples, one, stepper=stepper, **kwargs)
         finally:
             dist.destroy_process_group()
         if rank == 0:
@@ -97,6 +106,27 @@ def _worker(
             results.put(("ok", trained, result))
     except BaseException:  # reported to the site process, which raises it with the cause
         results.put(("error", traceback.format_exc(), None))
+
+
+def worker_device(cfg: TrainConfig, rank: int) -> tuple[str, torch.device]:
+    """The process-group backend and the device of worker ``rank``: gloo on CPU, or NCCL with
+    one GPU per worker (`train.device` = "cuda", experimental)."""
+    if cfg.device == "cuda":
+        return "nccl", torch.device(f"cuda:{rank}")
+    return "gloo", torch.device("cpu")
+
+
+def check_devices(cfg: TrainConfig) -> None:
+    """Refuse, naming the fields, a multi-GPU round on a site without a GPU per worker (before
+    any process starts: a worker would fail on a missing device in the middle of the group)."""
+    if cfg.device != "cuda":
+        return
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found < cfg.workers:
+        raise ModelError(
+            f'`train.device` = "cuda" with `train.workers` = {cfg.workers} needs a GPU per worker; '
+            f"this site has {found}"
+        )
 
 
 def _first_report(results: Any, procs: list[Any]) -> tuple[str, Any, Any]:
@@ -122,6 +152,7 @@ def train_round_parallel(
 ) -> TrainResult:
     """:func:`client.train.train_round` over `train.workers` forked processes (gloo)."""
     world = cfg.workers
+    check_devices(cfg)
     ctx = mp.get_context("fork")
     results = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory(prefix="fedtune-gloo-") as tmp:

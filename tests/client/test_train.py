@@ -267,6 +267,8 @@ def test_bf16_runs_the_passes_in_bfloat16_and_keeps_weights_and_loss_float32(tin
 
 
 def test_fp16_on_cpu_and_mixed_precision_with_record_level_dp_are_refused(tiny_cfg):
+    import torch
+
     from common.core.config import build_config
     from common.core.errors import ConfigError, ModelError
 
@@ -278,6 +280,16 @@ def test_fp16_on_cpu_and_mixed_precision_with_record_level_dp_are_refused(tiny_c
         train_round(model, enc, cfg, pad_id=0, round_idx=0, total_rounds=1, seed=0)
     with pytest.raises((ConfigError, ValueError), match='`train.device` = "cuda" is not supported'):
         build_config({"train": {"device": "cuda"}})  # never a silent fall-back to CPU
+    # the experimental multi-GPU path: refused at a site without a GPU per worker, before any
+    # worker starts
+    from client.parallel import train_site_round, worker_device
+
+    gpus = TrainConfig(local_steps=1, batch_size=4, workers=2, device="cuda")
+    assert worker_device(gpus, 1) == ("nccl", torch.device("cuda:1"))
+    assert worker_device(TrainConfig(workers=2), 1) == ("gloo", torch.device("cpu"))
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ModelError, match=r'`train.device` = "cuda" with `train.workers` = 2'):
+            train_site_round(model, enc, gpus, pad_id=0, round_idx=0, total_rounds=1, seed=0)
     with pytest.raises((ConfigError, ValueError), match='`train.precision` = "bf16" is not'):
         build_config(
             {

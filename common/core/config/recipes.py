@@ -3,8 +3,9 @@
 A recipe is applied to the raw tree, before validation. Each of its groups is filled in only
 when the config (file and ``--set``) sets none of that group's fields: a group the user touched
 is the user's, whole, because half a group is incoherent (SGD's rate of 1.0 with AdamW, a server
-step meant for FedAdam under FedAvg). Settings that stand alone are groups of one. The resolved config then holds every value explicitly, so a
-config survives dump -> load unchanged, and a run folder's `config.toml` says what ran.
+step meant for FedAdam under FedAvg). Settings that stand alone are groups of one. The resolved
+config then holds every value explicitly, so a config survives dump -> load unchanged, and a run
+folder's `config.toml` says what ran.
 """
 
 from __future__ import annotations

@@ -154,8 +154,9 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description=(
-            "Where to train. Sites train on CPU today (`auto` = `cpu`); `cuda` is refused "
-            "until the GPU path is built and tested."
+            "Where to train: `auto` = `cpu`. `cuda` (experimental, never run on a GPU by this "
+            "project's tests) only with `train.workers` > 1: each worker trains on its own GPU "
+            "over NCCL; the site process, its evaluation and DP stay on CPU."
         ),
     )
     threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")

@@ -91,10 +91,11 @@ class Config(Section):
                 "(`privacy.record.enabled`): DP-SGD over several processes needs one noise draw "
                 "per step across them (Opacus' distributed optimizer), which is not built"
             )
-        if self.train.device == "cuda":
+        if self.train.device == "cuda" and self.train.workers < 2:
             problems.append(
-                '`train.device` = "cuda" is not supported yet: sites train on CPU (`auto` or '
-                "`cpu`); the GPU path has not been built and tested"
+                '`train.device` = "cuda" is not supported with `train.workers` = 1: sites train '
+                "on CPU (`auto` or `cpu`); the only GPU path is the experimental multi-GPU one, "
+                "`train.workers` > 1 (one GPU per worker, NCCL)"
             )
         if self.model.quantization != "none" and self.lora.method in ("partial", "full"):
             problems.append(
