@@ -255,7 +255,9 @@ def test_the_dp_recipe_fills_the_groups_a_config_leaves_unset() -> None:
     assert (cfg.federation.server_optimizer, cfg.federation.server_lr) == ("fedadam", 0.12)
     assert cfg.federation.server_schedule == "linear"
     assert (cfg.lora.r, cfg.lora.layers) == (2, [-1])
-    assert cfg.privacy.record.accountant == "prv"
+    # the accountant stays the one the sites' ledgers charge with (RDP): calibrating the noise
+    # with a tighter one would have the ledgers record more than the target
+    assert cfg.privacy.record.accountant == default.privacy.record.accountant == "rdp"
 
     mine = load_config(None, ["recipe='dp'", "train.lr=0.5", "federation.server_lr=0.3"])
     # a touched group is the user's, whole: their rate with the default optimizer and schedule

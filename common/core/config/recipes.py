@@ -66,12 +66,6 @@ DP = (
         "the top layer only: fewer trained parameters, and backward passes stop there",
         {"lora.layers": [-1]},
     ),
-    Group(
-        "accountant",
-        "the PRV accountant (Gopi et al. 2021): a tighter epsilon than RDP for the same noise, so "
-        "less noise for the same target epsilon",
-        {"privacy.record.accountant": "prv"},
-    ),
 )
 
 RECIPES: dict[str, tuple[Group, ...]] = {"none": (), "dp": DP}

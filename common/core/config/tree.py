@@ -33,7 +33,7 @@ class Config(Section):
         description=(
             "A named set of training settings: `dp` is the DP fine-tuning recipe (one large-batch "
             "SGD step per site and round, FedAdam at the coordinator with a decaying step, "
-            "rank-2 FFA-LoRA on the top layer, the PRV accountant). Each of its groups is filled "
+            "rank-2 FFA-LoRA on the top layer). Each of its groups is filled "
             "in only where the config sets none of the group's fields; see "
             "common/core/config/recipes.py."
         ),
