@@ -276,3 +276,11 @@ def test_the_dp_recipe_fills_the_groups_a_config_leaves_unset() -> None:
     assert again.model_dump(mode="json") == mine.model_dump(mode="json")
     with pytest.raises(ConfigError, match="`recipe`"):
         load_config(None, ["recipe='fast'"])
+
+
+def test_record_level_prv_is_refused_as_the_ledgers_charge_rdp() -> None:
+    """A site's ledger charges rounds with RDP: noise calibrated to epsilon 8 by PRV would be
+    recorded above 8 (9.15 on bank-complaints), so the run could not keep the target it states."""
+    with pytest.raises(ConfigError, match=r'`privacy.record.accountant` = "prv" is not supported'):
+        load_config(None, ["privacy.enabled=true", "privacy.record.accountant='prv'"])
+    assert load_config(None, ["privacy.record.accountant='prv'"]).privacy.record.accountant == "prv"

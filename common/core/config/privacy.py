@@ -33,7 +33,14 @@ class RecordDPConfig(Section):
     budget_epsilon: float | None = Field(
         None, gt=0, description="A site declines a round that would take it past this epsilon."
     )
-    accountant: Literal["rdp", "prv"] = Field("rdp", description="Privacy accountant.")
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp",
+        description=(
+            "Privacy accountant: `rdp`, the one each site's ledger charges rounds with (`prv` is "
+            "refused with record-level DP on: noise calibrated by PRV would be recorded above "
+            "the target)."
+        ),
+    )
     grad_sample_mode: Literal["hooks", "ghost"] = Field(
         "hooks", description="Opacus per-sample gradient mode; `ghost` = fast gradient clipping."
     )
@@ -42,6 +49,13 @@ class RecordDPConfig(Section):
     def _noise_xor_target(self) -> RecordDPConfig:
         if not self.enabled:
             return self
+        if self.accountant != "rdp":
+            raise ValueError(
+                f'`privacy.record.accountant` = "{self.accountant}" is not supported: each '
+                "site's ledger charges every round with RDP (one accountant over all of the "
+                "site's runs), so noise calibrated by PRV would be recorded above the target "
+                '(epsilon 8 by PRV was 9.15 in the ledger); use "rdp"'
+            )
         has_noise, has_target = self.noise_multiplier is not None, self.target_epsilon is not None
         if has_noise == has_target:
             got = "both" if has_noise else "neither"
