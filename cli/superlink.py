@@ -169,14 +169,22 @@ class LocalSuperLink:
             self._gone(5.0)
         for proc in self.started:
             proc.wait()
-        # A process spawned while the others stopped (Ray's agents start late) is caught here.
-        for _ in range(5):
-            time.sleep(0.3)
-            if not tagged_pids(self.tag):
+        # A process spawned while the others stopped (Ray's dashboard and runtime-env agents
+        # start late) is caught here: done only once no tagged process has been seen for a
+        # whole second (one empty scan was not enough: an agent appeared after it, in CI).
+        quiet_since: float | None = None
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            if tagged_pids(self.tag):
+                quiet_since = None
+                logger.debug("started during shutdown, killing: %s", self._names())
+                self._signal(signal.SIGKILL)
+                self._gone(2.0)
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 1.0:
                 break
-            logger.debug("started during shutdown, killing: %s", self._names())
-            self._signal(signal.SIGKILL)
-            self._gone(2.0)
+            time.sleep(0.1)
         for pid in tagged_pids(self.tag):
             logger.warning("process %d is still alive after SIGKILL", pid)
         if self.home is not None:
