@@ -271,6 +271,9 @@ def test_the_dp_recipe_fills_the_groups_a_config_leaves_unset() -> None:
     # untouched groups: the recipe's
     assert (mine.train.local_steps, mine.train.batch_size, mine.lora.r) == (1, 256, 2)
 
+    raw = {"recipe": "dp"}
+    build_config(raw)
+    assert raw == {"recipe": "dp"}  # the caller's tree is not filled in
     # The resolved config holds every value: it loads back as itself, recipe and all.
     again = build_config(tomllib.loads(to_toml(mine)))
     assert again.model_dump(mode="json") == mine.model_dump(mode="json")

@@ -63,9 +63,10 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def build_config(tree: dict[str, Any], source: str = "config") -> Config:
     """Validate a nested dict into a :class:`Config`; every error at once, as ConfigError.
     ``recipe`` fills in the groups of settings the tree leaves unset (:mod:`.recipes`)."""
-    tree = copy.deepcopy(tree)
+    if tree.get("recipe", "none") != "none":
+        tree = copy.deepcopy(tree)  # the caller's tree stays as it was
     applied, kept = apply_recipe(tree)
-    if applied or kept:
+    if applied:  # a resolved tree (a run folder's config, Flower's run config) fills nothing
         logger.info(
             "%s: recipe `%s`: filled in %s; your own values kept for %s",
             source,
