@@ -7,6 +7,8 @@ serves many rounds; in deployment each message is a new process and loads it onc
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -104,9 +106,24 @@ class SiteModel:
     tokenizer: PreTrainedTokenizerBase
     keys: list[str]
     fingerprint: str
+    encoded: dict[str, list[Encoded]] = field(default_factory=dict)
+
+    def encode(self, records: list[Record], cfg: Config) -> list[Encoded]:
+        """:func:`encode`, once per process for the same records and data settings: tokenizing
+        a site's records every round cost more than a round's step with `train.cache_frozen`."""
+        h = hashlib.blake2b(repr(cfg.data.model_dump()).encode(), digest_size=16)
+        for r in records:
+            h.update(json.dumps([r.messages, r.answer, r.label]).encode())
+        key = h.hexdigest()
+        if key not in self.encoded:
+            if len(self.encoded) >= ENCODED_KEPT:
+                self.encoded.pop(next(iter(self.encoded)))
+            self.encoded[key] = encode(records, self.tokenizer, cfg)
+        return self.encoded[key]
 
 
 _MODELS: dict[str, SiteModel] = {}
+ENCODED_KEPT = 8  # record sets whose encoding a site process keeps (the sites it serves)
 
 
 def _model_key(cfg: Config) -> str:
@@ -223,7 +240,7 @@ def run_local_round(
     set_state(sm.model, global_state)
     train, held = split_eval(load_records(site, cfg), cfg, cfg.train.seed + site.index)
     evaluation = evaluate_held(sm, cfg, held)
-    examples: list[Encoded] = encode(train, sm.tokenizer, cfg)
+    examples = sm.encode(train, cfg)
     pad = int(sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0)
     seed = cfg.train.seed + 1000 * round_idx + site.index
     privacy: dict[str, float] = {}

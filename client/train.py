@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from common.core.adapters import EMBEDDING, LAYER_INDEX, num_layers, stage_scales
 from common.core.config import TrainConfig
 from common.core.errors import ModelError
+from common.core.frozen import skipping, with_cache
 from common.core.tasks import Encoded, batch_loss, collate
 
 logger = logging.getLogger(__name__)
@@ -335,16 +336,23 @@ def train_round(
     if checkpointing:  # non-reentrant: no input that requires grad is needed (frozen embeddings)
         _call(model, "gradient_checkpointing_enable", {"use_reentrant": False})
     precision = autocast(model, cfg)
-    stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)
+    skip: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     try:
-        for s in range(cfg.local_steps):
-            factor = lr_factor(round_idx * cfg.local_steps + s, total, cfg)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * factor * group.get("lr_scale", 1.0)
-            with precision:
-                losses += stepper.step()
+        if cfg.cache_frozen:
+            examples, prefix = with_cache(model, examples, pad_id, thawed.frozen)
+            skip = skipping(model, prefix) if prefix is not None else skip
+        with skip:
+            stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)
+            try:
+                for s in range(cfg.local_steps):
+                    factor = lr_factor(round_idx * cfg.local_steps + s, total, cfg)
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.lr * factor * group.get("lr_scale", 1.0)
+                    with precision:
+                        losses += stepper.step()
+            finally:
+                stepper.close()
     finally:
-        stepper.close()
         for p in thawed.frozen:  # what the stage held back trains again in a later stage
             p.requires_grad_(True)
         if prox is not None:

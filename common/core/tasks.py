@@ -7,6 +7,7 @@ tokens (and the end-of-turn token) only. Classification data on a causal LM beco
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from common.core.records import Record
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
+FROZEN_HIDDEN = "frozen_hidden"  # a batch's cached hidden states (`train.cache_frozen`)
 
 
 @dataclass
@@ -111,11 +113,20 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         mask[i, span] = 1
         if labels is not None and isinstance(e.labels, list):
             labels[i, span] = torch.tensor(e.labels)
+    out = {"input_ids": ids, "attention_mask": mask}
     if labels is None:
-        labels = torch.tensor([int(e.labels) for e in batch])  # type: ignore[arg-type]
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+        out["labels"] = torch.tensor([int(e.labels) for e in batch])  # type: ignore[arg-type]
+    else:
+        out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        out["labels"] = labels
+    hidden = getattr(batch[0], "hidden", None)
+    if hidden is not None:  # `train.cache_frozen` (client.frozen): padded like the ids, zeros
+        states = torch.zeros((len(batch), width, hidden.size(-1)), dtype=hidden.dtype)
+        for i, e in enumerate(batch):
+            n = len(e.input_ids)
+            states[i, slice(width - n, width) if causal else slice(0, n)] = e.hidden  # type: ignore[attr-defined]
+        out[FROZEN_HIDDEN] = states
+    return out
 
 
 def input_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -165,28 +176,18 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return loss, count
 
 
-@torch.no_grad()
-def evaluate(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    records: list[Record],
+def _scored(
+    model: nn.Module,
+    encoded: list[Encoded],
     cfg: Config,
-    batch_size: int = 16,
-    predictions: list[int] | None = None,
-) -> dict[str, float]:
-    """Loss on the answers and, for labelled records, accuracy of the highest-scored label
-    (each record's label index is appended to ``predictions`` when given).
-
-    One forward pass per batch gives both when the labels' first tokens differ (the usual case):
-    the logits that predict the answer's first token rank the labels.
-    """
-    model.eval()
-    labelled = bool(cfg.data.labels) and all(r.label is not None for r in records)
-    firsts = _label_first_tokens(tok, cfg) if labelled and cfg.model.task != "seq-cls" else []
-    encoded = encode(records, tok, cfg)
+    batch_size: int,
+    pad: int,
+    firsts: list[int],
+) -> tuple[float, int, list[int]]:
+    """Summed loss, its count, and the predicted label indices (seq-cls, or ``firsts``)."""
     total, count, preds = 0.0, 0, []
     for i in range(0, len(encoded), batch_size):
-        batch = collate(encoded[i : i + batch_size], _pad(tok))
+        batch = collate(encoded[i : i + batch_size], pad)
         if cfg.model.task == "seq-cls":
             logits = _forward(model, batch, 0).float()
             loss, n = nn.functional.cross_entropy(logits, batch["labels"]), len(logits)
@@ -201,6 +202,38 @@ def evaluate(
                 at_start = logits[torch.arange(len(start)), start][:, firsts]
                 preds += at_start.argmax(-1).tolist()
         total, count = total + float(loss) * n, count + n
+    return total, count, preds
+
+
+@torch.no_grad()
+def evaluate(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    records: list[Record],
+    cfg: Config,
+    batch_size: int = 16,
+    predictions: list[int] | None = None,
+) -> dict[str, float]:
+    """Loss on the answers and, for labelled records, accuracy of the highest-scored label
+    (each record's label index is appended to ``predictions`` when given).
+
+    One forward pass per batch gives both when the labels' first tokens differ (the usual case):
+    the logits that predict the answer's first token rank the labels. With `train.cache_frozen`
+    the layers below the lowest trained one run once for these records (the same eval-mode pass,
+    so the same figures), not at every evaluation.
+    """
+    model.eval()
+    labelled = bool(cfg.data.labels) and all(r.label is not None for r in records)
+    firsts = _label_first_tokens(tok, cfg) if labelled and cfg.model.task != "seq-cls" else []
+    encoded = encode(records, tok, cfg)
+    skip: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if cfg.train.cache_frozen:
+        from common.core.frozen import skipping, with_cache  # frozen builds on this module
+
+        encoded, prefix = with_cache(model, encoded, _pad(tok), [])
+        skip = skipping(model, prefix) if prefix is not None else skip
+    with skip:
+        total, count, preds = _scored(model, encoded, cfg, batch_size, _pad(tok), firsts)
     metrics = {"loss": total / max(count, 1), "examples": float(len(records))}
     if labelled:
         if not preds:  # labels share a first token: score each label in full

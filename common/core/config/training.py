@@ -159,6 +159,16 @@ class TrainConfig(Section):
             "over NCCL; the site process, its evaluation and DP stay on CPU."
         ),
     )
+    cache_frozen: bool = Field(
+        False,
+        description=(
+            "When only the top of the model trains (e.g. `lora.layers` = [-1]), run the frozen "
+            "layers below the lowest trained one once per record and keep their output for "
+            "every later step and round, instead of at every step: each step then costs only "
+            "the trained layers. Those frozen layers run without dropout (eval mode). Privacy is "
+            "unchanged. Not with `train.workers` > 1."
+        ),
+    )
     threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")
 
     @field_validator("unfreeze")

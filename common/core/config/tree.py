@@ -91,6 +91,12 @@ class Config(Section):
                 "(`privacy.record.enabled`): DP-SGD over several processes needs one noise draw "
                 "per step across them (Opacus' distributed optimizer), which is not built"
             )
+        if self.train.cache_frozen and self.train.workers > 1:
+            problems.append(
+                f"`train.cache_frozen` is not supported with `train.workers` = "
+                f"{self.train.workers}: the cached states stay in the site process; use one "
+                "worker (the cache makes each step cheaper than several workers would)"
+            )
         if self.train.device == "cuda" and self.train.workers < 2:
             problems.append(
                 '`train.device` = "cuda" is not supported with `train.workers` = 1: sites train '

@@ -1,0 +1,252 @@
+"""`train.cache_frozen`: run the frozen layers below the lowest trained one once per record, not
+once per step.
+
+When only the top of a model trains (the DP recipe's `lora.layers = [-1]`, `partial`), the hidden
+states entering the lowest trained layer are a fixed function of each record: the layers below
+hold no trained weight. A site computes them once (:func:`prefix_states`, in eval mode, so without
+the frozen layers' dropout), keeps them in memory across rounds (:data:`_CACHE`, keyed by the
+records, the layer and the weights below it), and every step then runs only the embeddings
+lookup, the layers from the lowest trained one up and the head (:func:`skipping`).
+
+Privacy is unchanged: each record still enters each step once, through the same function; DP-SGD
+clips and noises the same per-record gradients (the trained weights are all above the cache).
+What changes is the frozen layers' dropout (none: the cache is the eval-mode pass) and the cost.
+
+How it runs, for any model whose layers are one ``nn.ModuleList`` and return their hidden
+states as a tensor (BERT and Llama families in transformers 5): the skipped layers are swapped
+for :class:`PassThrough` during the round, the last of them returns the cached states of the
+batch, which ``common.core.tasks.collate`` pads like the input ids (``frozen_hidden``) and a
+pre-hook on the model takes out of the forward call. Evaluation uses the same cache. Before the
+cache is used, it is checked: a few records' logits through the cache must equal the full
+model's; otherwise the site trains without it and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from common.core.adapters import EMBEDDING, LAYER_INDEX
+from common.core.tasks import FROZEN_HIDDEN as KEY
+from common.core.tasks import Encoded, collate
+
+logger = logging.getLogger(__name__)
+
+CACHE_BYTES = 4 << 30  # at most this much cached per process (least recently used goes first)
+CHECK_RECORDS = 8
+
+
+@dataclass
+class Cached(Encoded):
+    """A record with the hidden states its frozen layers produce: (tokens, hidden) float32."""
+
+    hidden: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Prefix:
+    layers: nn.ModuleList  # the model's stack of layers
+    skip: int  # layers[:skip] are frozen and skipped: layers[skip] is the lowest trained one
+
+
+class PassThrough(nn.Module):
+    """A skipped layer: returns the hidden states it is given (the last one: the cached ones)."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+
+def _stack(model: nn.Module) -> nn.ModuleList | None:
+    """The model's one stack of layers (`...layer`, `...layers`, `...h`, `...blocks`)."""
+    found = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and name.rsplit(".", 1)[-1] in ("layer", "layers", "h", "blocks")
+        and len(module) > 0
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def plan(model: nn.Module) -> tuple[Prefix | None, str]:
+    """Which layers a round may skip, or why none (the reason is logged)."""
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not trained:
+        return None, "nothing trains"
+    below = [n for n in trained if EMBEDDING.search(n) and not LAYER_INDEX.search(n)]
+    if below or any("prompt_encoder" in n for n in trained):
+        return None, "input-side weights train (embeddings or virtual tokens)"
+    layers = _stack(model)
+    if layers is None:
+        return None, "the model's layers are not one stack"
+    indices = [int(m.group(1)) for n in trained if (m := LAYER_INDEX.search(n))]
+    skip = min(indices) if indices else len(layers)
+    if skip == 0:
+        return None, "the lowest layer trains"
+    return Prefix(layers, skip), ""
+
+
+def _fingerprint(examples: list[Encoded], frozen: list[Tensor], skip: int) -> str:
+    """The records, the skipped layer count and the weights below that could change between
+    rounds (those a `train.unfreeze` stage holds back): what the cached states depend on."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(skip).encode())
+    for e in examples:
+        h.update(len(e.input_ids).to_bytes(4, "little"))
+        h.update(torch.tensor(e.input_ids, dtype=torch.int64).numpy().tobytes())
+    for t in frozen:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing above the skipped layers needs to run."""
+
+
+def _padded_span(e: Encoded, width: int) -> slice:
+    n = len(e.input_ids)
+    return slice(width - n, width) if isinstance(e.labels, list) else slice(0, n)
+
+
+@torch.no_grad()
+def prefix_states(
+    model: nn.Module, prefix: Prefix, examples: list[Encoded], pad_id: int, batch_size: int = 64
+) -> list[Tensor]:
+    """Each record's hidden states out of ``layers[skip - 1]`` (eval mode): (tokens, hidden)."""
+    captured: list[Tensor] = []
+
+    def capture(_m: nn.Module, _args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    was_training = model.training
+    model.eval()
+    handle = prefix.layers[prefix.skip - 1].register_forward_hook(capture)
+    out: list[Tensor] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate(chunk, pad_id)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            captured.clear()
+            with contextlib.suppress(_Stop):
+                model(**inputs)
+            states = captured[0].float()
+            width = states.size(1)
+            out += [states[i, _padded_span(e, width)].clone() for i, e in enumerate(chunk)]
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return out
+
+
+@contextlib.contextmanager
+def skipping(model: nn.Module, prefix: Prefix) -> Iterator[None]:
+    """Within: the model runs from the cache; every call must carry ``frozen_hidden``."""
+    slot: dict[str, Tensor] = {}
+
+    def take(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if KEY not in kwargs:
+            raise RuntimeError(f"the frozen layers are skipped: the batch must carry `{KEY}`")
+        slot["states"] = kwargs.pop(KEY)
+        return args, kwargs
+
+    def give(_m: nn.Module, _args: Any, _output: Any) -> Tensor:
+        return slot.pop("states")
+
+    originals = [prefix.layers[i] for i in range(prefix.skip)]
+    for i in range(prefix.skip):
+        prefix.layers[i] = PassThrough()
+    handles = [
+        model.register_forward_pre_hook(take, with_kwargs=True),
+        prefix.layers[prefix.skip - 1].register_forward_hook(give),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for i, layer in enumerate(originals):
+            prefix.layers[i] = layer
+
+
+def _logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits.float()
+
+
+@torch.no_grad()
+def _agrees(model: nn.Module, prefix: Prefix, cached: list[Cached], pad_id: int) -> bool:
+    """The cache's logits equal the full model's on a few records (both in eval mode)."""
+    sample = cached[:CHECK_RECORDS]
+    was_training = model.training
+    model.eval()
+    try:
+        full = _logits(model, collate([Encoded(e.input_ids, e.labels) for e in sample], pad_id))
+        with skipping(model, prefix):
+            fast = _logits(model, collate(sample, pad_id))
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(fast, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()) + 1e-5))
+
+
+_CACHE: OrderedDict[str, list[Tensor]] = OrderedDict()
+_SAID: set[str] = set()
+
+
+def _remember(key: str, states: list[Tensor]) -> None:
+    _CACHE[key] = states
+    _CACHE.move_to_end(key)
+    total = sum(t.numel() * t.element_size() for v in _CACHE.values() for t in v)
+    while len(_CACHE) > 1 and total > CACHE_BYTES:
+        _, dropped = _CACHE.popitem(last=False)
+        total -= sum(t.numel() * t.element_size() for t in dropped)
+
+
+def with_cache(
+    model: nn.Module, examples: list[Encoded], pad_id: int, held_back: list[nn.Parameter]
+) -> tuple[list[Encoded], Prefix | None]:
+    """The round's records with their cached states and the layers to skip; the records as they
+    are and None where the model cannot skip (logged, with the reason)."""
+    prefix, why = plan(model)
+    if prefix is None or not examples:
+        why = why or "no records"
+        # once per reason and process: evaluation asks every round
+        (logger.debug if why in _SAID else logger.info)("`train.cache_frozen`: not used (%s)", why)
+        _SAID.add(why)
+        return examples, None
+    below = {id(p) for layer in list(prefix.layers)[: prefix.skip] for p in layer.parameters()}
+    frozen = [p for p in held_back if id(p) in below]
+    key = _fingerprint(examples, frozen, prefix.skip)
+    states = _CACHE.get(key)
+    fresh = states is None
+    if states is None:
+        states = prefix_states(model, prefix, examples, pad_id)
+    cached = [
+        Cached(e.input_ids, e.labels, hidden=s) for e, s in zip(examples, states, strict=True)
+    ]
+    if fresh:
+        if not _agrees(model, prefix, cached, pad_id):
+            logger.warning(
+                "`train.cache_frozen`: the cached layers' output does not reproduce this model's "
+                "(its layers may depend on more than their input): training without the cache"
+            )
+            return examples, None
+        _remember(key, states)
+        logger.info(
+            "`train.cache_frozen`: the %d frozen layers below the lowest trained one run once "
+            "for these %d records, not at every step",
+            prefix.skip,
+            len(examples),
+        )
+    else:
+        _CACHE.move_to_end(key)
+    return cached, prefix

@@ -1,0 +1,223 @@
+"""`train.cache_frozen`: the frozen layers run once per record, and training through the cache is
+the training without it (plain and DP-SGD, encoder classifier and causal LM), reused across rounds
+only while what it depends on is unchanged."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import common.core.frozen as frozen
+from client.dp import DPTrainer
+from client.train import train_round
+from common.core.adapters import attach_lora
+from common.core.config import Config, RecordDPConfig, load_config
+from common.core.models import load_base
+from common.core.records import Record
+from common.core.tasks import Encoded, collate, encode, evaluate
+from common.privacy.accounting import GaussianAccountant, RecordPlan
+from simulations.corpora import synthetic
+from tests.conftest import SCENARIOS
+
+LABELS = ["red", "green", "blue"]
+# (architecture, task): an encoder classifier (padded right, pooled at [CLS]) and a causal LM
+# (padded left, rotary positions): the two ways a batch is laid out.
+MODELS = [("bert", "seq-cls"), ("llama", "causal-lm")]
+
+
+def config(arch: str, task: str, *extra: str) -> Config:
+    return load_config(
+        SCENARIOS / "tiny.toml",
+        [
+            f"model.source=tiny:{arch}",
+            f"model.task={task}",
+            "model.tiny.num_layers=3",
+            f"data.labels={LABELS}",
+            "lora.layers=[-1]",
+            "lora.target_modules=['query','value']"
+            if arch == "bert"
+            else "lora.target_modules=['q_proj','v_proj']",
+            "train.optimizer=sgd",
+            "train.lr=0.5",
+            "train.batch_size=8",
+            "train.local_steps=3",
+            *extra,
+        ],
+    )
+
+
+def model_for(cfg: Config) -> nn.Module:
+    loaded = load_base(cfg.model, cfg.data.labels)
+    model = attach_lora(loaded.model, cfg.lora, cfg.model)
+    for m in model.modules():  # the cache is the eval-mode pass: compare without dropout
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@functools.cache
+def examples(arch: str, task: str) -> list[Encoded]:
+    cfg = config(arch, task)
+    rows = synthetic(n_train=24, n_test=1, seed=3).train
+    recs = [
+        Record([{"role": "user", "content": r["text"]}], r["label"], r["label"], "t") for r in rows
+    ]
+    return encode(recs, load_base(cfg.model, cfg.data.labels).tokenizer, cfg)
+
+
+def trained(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_rounds(cfg: Config, model: nn.Module, data: list[Encoded], rounds: int = 2) -> None:
+    for r in range(rounds):
+        train_round(model, data, cfg.train, pad_id=0, round_idx=r, total_rounds=rounds, seed=r)
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    frozen._CACHE.clear()
+    yield
+    frozen._CACHE.clear()
+
+
+@pytest.mark.parametrize(("arch", "task"), MODELS)
+def test_training_through_the_cache_is_training_without_it(arch, task, monkeypatch, caplog):
+    data = examples(arch, task)
+    calls = []
+    real = frozen.prefix_states
+    monkeypatch.setattr(frozen, "prefix_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain, cached = model_for(config(arch, task)), model_for(config(arch, task))
+    start = trained(plain)
+    run_rounds(config(arch, task), plain, data)
+    with caplog.at_level(logging.INFO, logger="common.core.frozen"):
+        run_rounds(config(arch, task, "train.cache_frozen=true"), cached, data)
+    want, got = trained(plain), trained(cached)
+    assert any(not torch.equal(want[k], start[k]) for k in want)  # it trained
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    # the 2 frozen layers ran once for both rounds; the model is whole again afterwards
+    assert calls == [1]
+    assert "the 2 frozen layers below the lowest trained one run once" in caplog.text
+    assert not any(isinstance(m, frozen.PassThrough) for m in cached.modules())
+
+
+@pytest.mark.parametrize(("arch", "task"), MODELS)
+def test_dp_sgd_through_the_cache_is_dp_sgd_without_it(arch, task):
+    """Same Poisson draws and noise (a test seed), clipping active: every record's gradient goes
+    through the cache exactly as it would without it."""
+    data = examples(arch, task)
+    cfg = config(arch, task, "train.cache_frozen=true")
+    dp_cfg = RecordDPConfig(enabled=True, noise_multiplier=0.7, max_grad_norm=0.05)
+    models = {}
+    for use_cache in (False, True):
+        model = models[use_cache] = model_for(cfg)
+        records: list[Encoded] = data
+        prefix = None
+        if use_cache:
+            records, prefix = frozen.with_cache(model, data, 0, [])
+            assert prefix is not None and prefix.skip == 2
+        plan = RecordPlan(len(data), 0.5, 12, 1, 1, 0.7, dp_cfg.max_grad_norm, 1e-5, 0.0)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        skip = frozen.skipping(model, prefix) if prefix else contextlib.nullcontext()
+        with (
+            skip,
+            DPTrainer(
+                model, opt, dp_cfg, plan, GaussianAccountant(), physical_batch_size=5, seed=11
+            ) as dp,
+        ):
+            for _ in range(2):
+                dp.step(records, functools.partial(collate, pad_id=0))
+    want, got = trained(models[False]), trained(models[True])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_the_cache_is_rebuilt_when_a_held_back_weight_below_changes(monkeypatch):
+    """A `train.unfreeze` stage holds back a lower layer's adapter (trained in an earlier stage,
+    exchanged every round): when the coordinator's model changes it, the cache must follow."""
+    data = examples("llama", "causal-lm")
+    model = model_for(config("llama", "causal-lm", "lora.layers=[]"))
+    held = [p for n, p in model.named_parameters() if p.requires_grad and ".layers.2." not in n]
+    for p in held:  # the stage trains layer 2 only
+        p.requires_grad_(False)
+    calls = []
+    real = frozen.prefix_states
+    monkeypatch.setattr(frozen, "prefix_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    below = next(p for n, p in model.named_parameters() if ".layers.0." in n and "lora_B" in n)
+    old, _ = frozen.with_cache(model, data, 0, held)
+    frozen.with_cache(model, data, 0, held)
+    assert calls == [1]
+    with torch.no_grad():
+        below.add_(0.5)
+    records, prefix = frozen.with_cache(model, data, 0, held)
+    assert calls == [1, 1] and prefix is not None
+    # and the new states are the new model's
+    fresh = frozen.prefix_states(model, prefix, data[:2], 0)
+    for a, b, was in zip(fresh, records[:2], old[:2], strict=True):
+        torch.testing.assert_close(b.hidden, a, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(b.hidden, was.hidden, atol=1e-3)
+
+
+def test_not_used_when_the_lowest_layer_trains(caplog):
+    cfg = config("llama", "causal-lm", "lora.layers=[]", "train.cache_frozen=true")
+    model = model_for(cfg)
+    data = examples("llama", "causal-lm")
+    with caplog.at_level(logging.INFO, logger="common.core.frozen"):
+        out, prefix = frozen.with_cache(model, data, 0, [])
+    assert prefix is None and out is data
+    assert "not used (the lowest layer trains)" in caplog.text
+
+
+def test_a_cache_that_does_not_reproduce_the_model_is_not_used(monkeypatch, caplog):
+    """The self-check: states that do not give the full model's logits are refused, and the round
+    trains without them (here: the same as without the cache at all)."""
+    data = examples("bert", "seq-cls")
+    real = frozen.prefix_states
+    monkeypatch.setattr(frozen, "prefix_states", lambda *a, **k: [s + 1.0 for s in real(*a, **k)])
+    plain, cached = model_for(config("bert", "seq-cls")), model_for(config("bert", "seq-cls"))
+    run_rounds(config("bert", "seq-cls"), plain, data, rounds=1)
+    with caplog.at_level(logging.WARNING, logger="common.core.frozen"):
+        run_rounds(config("bert", "seq-cls", "train.cache_frozen=true"), cached, data, rounds=1)
+    assert "does not reproduce this model's" in caplog.text
+    assert not frozen._CACHE
+    want, got = trained(plain), trained(cached)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cache_frozen_with_several_workers_is_refused():
+    with pytest.raises(
+        Exception, match=r"`train.cache_frozen` is not supported with `train.workers` = 2"
+    ):
+        config("llama", "causal-lm", "train.cache_frozen=true", "train.workers=2")
+
+
+@pytest.mark.parametrize(("arch", "task"), MODELS)
+def test_evaluation_through_the_cache_gives_the_same_figures(arch, task, monkeypatch):
+    rows = synthetic(n_train=1, n_test=20, seed=4).test
+    recs = [
+        Record([{"role": "user", "content": r["text"]}], r["label"], r["label"], "t") for r in rows
+    ]
+    cfg = config(arch, task)
+    loaded = load_base(cfg.model, cfg.data.labels)
+    model = attach_lora(loaded.model, cfg.lora, cfg.model)
+    with torch.no_grad():  # a trained-looking adapter and head, so the figures mean something
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    want = evaluate(model, loaded.tokenizer, recs, cfg, 7)
+    calls = []
+    real = frozen.prefix_states
+    monkeypatch.setattr(frozen, "prefix_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = config(arch, task, "train.cache_frozen=true")
+    for _ in range(2):  # the second evaluation reuses the states
+        got = evaluate(model, loaded.tokenizer, recs, fast, 7)
+        assert got["accuracy"] == want["accuracy"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert calls == [1]
