@@ -255,6 +255,7 @@ def test_the_dp_recipe_fills_the_groups_a_config_leaves_unset() -> None:
     assert (cfg.federation.server_optimizer, cfg.federation.server_lr) == ("fedadam", 0.12)
     assert cfg.federation.server_schedule == "linear"
     assert (cfg.lora.r, cfg.lora.layers) == (2, [-1])
+    assert cfg.train.cache_frozen and not default.train.cache_frozen
     # the accountant stays the one the sites' ledgers charge with (RDP): calibrating the noise
     # with a tighter one would have the ledgers record more than the target
     assert cfg.privacy.record.accountant == default.privacy.record.accountant == "rdp"

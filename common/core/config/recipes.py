@@ -66,6 +66,13 @@ DP = (
         "the top layer only: fewer trained parameters, and backward passes stop there",
         {"lora.layers": [-1]},
     ),
+    Group(
+        "frozen-layer cache",
+        "the frozen layers below the adapted ones run once per record, not at every step: "
+        "the steps cost only the trained layers, so larger batches and more rounds fit the "
+        "same time (the frozen layers then run without dropout)",
+        {"train.cache_frozen": True},
+    ),
 )
 
 RECIPES: dict[str, tuple[Group, ...]] = {"none": (), "dp": DP}
