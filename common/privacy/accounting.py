@@ -23,6 +23,7 @@ Nothing here touches torch models; vectors are numpy arrays.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -185,6 +186,15 @@ def calibrate_noise(
     """Smallest noise multiplier (to 0.01 in epsilon) that keeps ``steps`` steps within budget."""
     _check_delta(delta)
     _check_step(0.0, sample_rate, steps)
+    return _calibrated(target_epsilon, delta, sample_rate, steps, mechanism)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: Mechanism
+) -> float:
+    # A pure function of its arguments, and a bisection of about 16 accountings (2.4 s for a
+    # bank-complaints site): a site plans the same mechanism every round, so it is remembered.
     try:
         return float(
             get_noise_multiplier(
