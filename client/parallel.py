@@ -194,5 +194,6 @@ def train_site_round(
     """A site's local round: over `train.workers` processes when there are several (plain
     training only; DP-SGD's stepper runs in this process), else :func:`train_round`."""
     if cfg.workers > 1 and stepper is None:
+        kwargs.pop("cache_dir", None)  # `train.cache_frozen` is refused with workers
         return train_round_parallel(model, examples, cfg, **kwargs)
     return train_round(model, examples, cfg, stepper=stepper, **kwargs)

@@ -123,6 +123,7 @@ class SiteModel:
 
 
 _MODELS: dict[str, SiteModel] = {}
+FROZEN_CACHE = "frozen-cache"  # `train.cache_frozen`'s files, in the site's state folder
 ENCODED_KEPT = 8  # record sets whose encoding a site process keeps (the sites it serves)
 
 
@@ -259,6 +260,7 @@ def run_local_round(
     result = train_site_round(
         sm.model, examples, cfg.train, pad_id=pad, round_idx=round_idx,
         total_rounds=cfg.federation.rounds, seed=seed, stepper=stepper,
+        cache_dir=site.ledger_dir / FROZEN_CACHE,
     )  # fmt: skip
     if plan is not None:
         _check_charged(site, plan, taken)

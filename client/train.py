@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -302,8 +303,12 @@ def train_round(
     total_rounds: int,
     seed: int,
     stepper: Stepper | None = None,
+    cache_dir: Path | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` optimizer steps; the schedule spans all planned rounds.
+
+    ``cache_dir``: where `train.cache_frozen` keeps its states between processes (the site's
+    state folder); without it they live in this process only.
 
     ``stepper`` takes each step (default :class:`PlainStepper`; ``DPStepper`` for record-level
     DP). Every ``train`` field means the same in both, except where said:
@@ -339,7 +344,7 @@ def train_round(
     skip: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     try:
         if cfg.cache_frozen:
-            examples, prefix = with_cache(model, examples, pad_id, thawed.frozen)
+            examples, prefix = with_cache(model, examples, pad_id, thawed.frozen, cache_dir)
             skip = skipping(model, prefix) if prefix is not None else skip
         with skip:
             stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)

@@ -26,12 +26,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from common.core.adapters import EMBEDDING, LAYER_INDEX
@@ -94,10 +97,14 @@ def plan(model: nn.Module) -> tuple[Prefix | None, str]:
     return Prefix(layers, skip), ""
 
 
-def _fingerprint(examples: list[Encoded], frozen: list[Tensor], skip: int) -> str:
-    """The records, the skipped layer count and the weights below that could change between
-    rounds (those a `train.unfreeze` stage holds back): what the cached states depend on."""
+def _fingerprint(model: nn.Module, examples: list[Encoded], frozen: list[Tensor], skip: int) -> str:
+    """The model's kind, the records, the skipped layer count and the weights below that could
+    change between rounds (those a `train.unfreeze` stage holds back): what the cached states
+    depend on. (A base model swapped for another of the same kind is caught by the check
+    against the full model's logits.)"""
     h = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    h.update(repr((type(model).__name__, getattr(config, "to_json_string", str)())).encode())
     h.update(str(skip).encode())
     for e in examples:
         h.update(len(e.input_ids).to_bytes(4, "little"))
@@ -211,11 +218,53 @@ def _remember(key: str, states: list[Tensor]) -> None:
         total -= sum(t.numel() * t.element_size() for t in dropped)
 
 
+FILES_KEPT = 4  # cache files a site folder keeps (the newest): one per record set and layer
+
+
+def _load(folder: Path | None, key: str, examples: list[Encoded]) -> list[Tensor] | None:
+    path = folder / f"{key}.safetensors" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = load_file(path)
+        lengths = saved["lengths"].tolist()
+        if lengths != [len(e.input_ids) for e in examples]:
+            return None
+        os.utime(path)  # recently used: kept when older files are pruned
+        return list(torch.split(saved["states"], lengths))
+    except Exception as err:  # a torn or foreign file is rebuilt, never trusted
+        logger.warning("`train.cache_frozen`: %s unreadable (%s): rebuilding it", path, err)
+        return None
+
+
+def _save(folder: Path, key: str, states: list[Tensor]) -> None:
+    """Next to the site's ledger, readable by the site's user only (the states are derived from
+    its records, and protected like them); written whole or not at all."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / f"{key}.safetensors"
+    tmp = folder / f".{key}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    lengths = torch.tensor([len(t) for t in states], dtype=torch.int64)
+    save_file({"states": torch.cat(states).contiguous(), "lengths": lengths}, tmp)
+    os.replace(tmp, path)
+    files = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in files[FILES_KEPT:]:
+        old.unlink(missing_ok=True)
+
+
 def with_cache(
-    model: nn.Module, examples: list[Encoded], pad_id: int, held_back: list[nn.Parameter]
+    model: nn.Module,
+    examples: list[Encoded],
+    pad_id: int,
+    held_back: list[nn.Parameter],
+    folder: Path | None = None,
 ) -> tuple[list[Encoded], Prefix | None]:
     """The round's records with their cached states and the layers to skip; the records as they
-    are and None where the model cannot skip (logged, with the reason)."""
+    are and None where the model cannot skip (logged, with the reason).
+
+    Kept in this process's memory and, with ``folder`` (a site's state folder), on disk, so a
+    site whose every round is a new process (Flower's Deployment Engine) builds it once too."""
     prefix, why = plan(model)
     if prefix is None or not examples:
         why = why or "no records"
@@ -225,28 +274,34 @@ def with_cache(
         return examples, None
     below = {id(p) for layer in list(prefix.layers)[: prefix.skip] for p in layer.parameters()}
     frozen = [p for p in held_back if id(p) in below]
-    key = _fingerprint(examples, frozen, prefix.skip)
+    key = _fingerprint(model, examples, frozen, prefix.skip)
     states = _CACHE.get(key)
-    fresh = states is None
+    if states is not None:
+        _CACHE.move_to_end(key)
+        return _attach(examples, states), prefix
+    states = _load(folder, key, examples)
+    built = states is None
     if states is None:
         states = prefix_states(model, prefix, examples, pad_id)
-    cached = [
-        Cached(e.input_ids, e.labels, hidden=s) for e, s in zip(examples, states, strict=True)
-    ]
-    if fresh:
-        if not _agrees(model, prefix, cached, pad_id):
-            logger.warning(
-                "`train.cache_frozen`: the cached layers' output does not reproduce this model's "
-                "(its layers may depend on more than their input): training without the cache"
-            )
-            return examples, None
-        _remember(key, states)
-        logger.info(
-            "`train.cache_frozen`: the %d frozen layers below the lowest trained one run once "
-            "for these %d records, not at every step",
-            prefix.skip,
-            len(examples),
+    cached = _attach(examples, states)
+    if not _agrees(model, prefix, cached, pad_id):
+        logger.warning(
+            "`train.cache_frozen`: the cached layers' output does not reproduce this model's "
+            "(its layers may depend on more than their input): training without the cache"
         )
-    else:
-        _CACHE.move_to_end(key)
+        return examples, None
+    _remember(key, states)
+    if built and folder is not None:
+        _save(folder, key, states)
+    logger.info(
+        "`train.cache_frozen`: the %d frozen layers below the lowest trained one %s for these "
+        "%d records, not at every step",
+        prefix.skip,
+        "ran once" if built else "were read from the site's cache",
+        len(examples),
+    )
     return cached, prefix
+
+
+def _attach(examples: list[Encoded], states: list[Tensor]) -> list[Encoded]:
+    return [Cached(e.input_ids, e.labels, hidden=h) for e, h in zip(examples, states, strict=True)]

@@ -103,7 +103,7 @@ def test_training_through_the_cache_is_training_without_it(arch, task, monkeypat
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
     # the 2 frozen layers ran once for both rounds; the model is whole again afterwards
     assert calls == [1]
-    assert "the 2 frozen layers below the lowest trained one run once" in caplog.text
+    assert "the 2 frozen layers below the lowest trained one ran once" in caplog.text
     assert not any(isinstance(m, frozen.PassThrough) for m in cached.modules())
 
 
@@ -221,3 +221,37 @@ def test_evaluation_through_the_cache_gives_the_same_figures(arch, task, monkeyp
         assert got["accuracy"] == want["accuracy"]
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert calls == [1]
+
+
+def test_the_cache_outlives_the_process_in_the_sites_folder(tmp_path, monkeypatch, caplog):
+    """Flower's Deployment Engine runs every round in a new process: the states are kept in the
+    site's state folder (its user only), read back instead of recomputed, and a torn file is
+    rebuilt, never trusted."""
+    data = examples("bert", "seq-cls")
+    model = model_for(config("bert", "seq-cls"))
+    folder = tmp_path / "frozen-cache"
+    built, prefix = frozen.with_cache(model, data, 0, [], folder)
+    assert prefix is not None
+    (saved,) = folder.glob("*.safetensors")
+    assert folder.stat().st_mode & 0o777 == 0o700 and saved.stat().st_mode & 0o777 == 0o600
+
+    calls = []
+    monkeypatch.setattr(frozen, "prefix_states", lambda *a, **k: calls.append(1) or [])
+    frozen._CACHE.clear()  # a new process
+    with caplog.at_level(logging.INFO, logger="common.core.frozen"):
+        again, prefix = frozen.with_cache(model, data, 0, [], folder)
+    assert calls == [] and prefix is not None
+    assert "were read from the site's cache" in caplog.text
+    assert all(torch.equal(a.hidden, b.hidden) for a, b in zip(again, built, strict=True))
+
+    saved.write_bytes(saved.read_bytes()[:100])  # torn
+    frozen._CACHE.clear()
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="common.core.frozen"):
+        rebuilt, prefix = frozen.with_cache(model, data, 0, [], folder)
+    assert "unreadable" in caplog.text and prefix is not None
+    assert all(torch.equal(a.hidden, b.hidden) for a, b in zip(rebuilt, built, strict=True))
+    # one file per record set, the newest few kept
+    for n in range(frozen.FILES_KEPT + 2):
+        frozen.with_cache(model, data[: n + 2], 0, [], folder)
+    assert len(list(folder.glob("*.safetensors"))) == frozen.FILES_KEPT
