@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from common.core.config.simulation import default_site_state
 from tests.conftest import SCENARIOS
 from tests.e2e.conftest import fedtune
 
@@ -51,6 +52,10 @@ def test_bank_complaints_five_banks_route_complaints_to_products(tmp_path):
         "student loan",
         "money transfer",
     }
+    # the recipe's frozen-layer cache ran in every bank, kept in its own state folder
+    for i in range(5):
+        folder = default_site_state() / "bank-complaints" / f"site-{i}" / "frozen-cache"
+        assert list(folder.glob("*.safetensors")), folder
 
 
 def test_hospital_coding_names_the_chapter_under_record_level_dp(tmp_path):
