@@ -49,7 +49,7 @@ CHECK_RECORDS = 8
 
 @dataclass
 class Cached(Encoded):
-    """A record with the hidden states its frozen layers produce: (tokens, hidden) float32."""
+    """A record with the hidden states its frozen layers produce: (tokens, hidden)."""
 
     hidden: Tensor | None = None
 
@@ -146,7 +146,7 @@ def prefix_states(
             captured.clear()
             with contextlib.suppress(_Stop):
                 model(**inputs)
-            states = captured[0].float()
+            states = captured[0]  # the model's own dtype (float32, or bfloat16 weights)
             width = states.size(1)
             out += [states[i, _padded_span(e, width)].clone() for i, e in enumerate(chunk)]
     finally:
@@ -202,7 +202,9 @@ def _agrees(model: nn.Module, prefix: Prefix, cached: list[Cached], pad_id: int)
             fast = _logits(model, collate(sample, pad_id))
     finally:
         model.train(was_training)
-    return bool(torch.allclose(fast, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()) + 1e-5))
+    # float32: the same numbers up to summation order; 16-bit weights round every layer
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    return bool(torch.allclose(fast, full, rtol=tol, atol=tol * float(full.abs().max()) + 1e-5))
 
 
 _CACHE: OrderedDict[str, list[Tensor]] = OrderedDict()

@@ -255,3 +255,14 @@ def test_the_cache_outlives_the_process_in_the_sites_folder(tmp_path, monkeypatc
     for n in range(frozen.FILES_KEPT + 2):
         frozen.with_cache(model, data[: n + 2], 0, [], folder)
     assert len(list(folder.glob("*.safetensors"))) == frozen.FILES_KEPT
+
+
+def test_a_bfloat16_model_caches_in_its_own_dtype():
+    cfg = config("llama", "causal-lm", "model.dtype=bfloat16", "train.cache_frozen=true")
+    model = model_for(cfg)
+    data = examples("llama", "causal-lm")
+    records, prefix = frozen.with_cache(model, data, 0, [])
+    assert prefix is not None and records[0].hidden.dtype == torch.bfloat16
+    start = trained(model)
+    run_rounds(cfg, model, data, rounds=1)
+    assert any(not torch.equal(p, start[k]) for k, p in trained(model).items())
