@@ -15,7 +15,7 @@ What changes is the frozen layers' dropout (none: the cache is the eval-mode pas
 How it runs, for any model whose layers are one ``nn.ModuleList`` and return their hidden
 states as a tensor (BERT and Llama families in transformers 5): the skipped layers are swapped
 for :class:`PassThrough` during the round, the last of them returns the cached states of the
-batch, which ``common.core.tasks.collate`` pads like the input ids (``frozen_hidden``) and a
+batch, which ``common.core.batches.collate`` pads like the input ids (``frozen_hidden``) and a
 pre-hook on the model takes out of the forward call. Evaluation uses the same cache. Before the
 cache is used, it is checked: a few records' logits through the cache must equal the full
 model's; otherwise the site trains without it and says so.
@@ -28,7 +28,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from common.core.adapters import EMBEDDING, LAYER_INDEX
-from common.core.tasks import FROZEN_HIDDEN as KEY
-from common.core.tasks import Encoded, collate
+from common.core.batches import FROZEN_HIDDEN as KEY
+from common.core.batches import Encoded, collate
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ def plan(model: nn.Module) -> tuple[Prefix | None, str]:
     return Prefix(layers, skip), ""
 
 
-def _fingerprint(model: nn.Module, examples: list[Encoded], frozen: list[Tensor], skip: int) -> str:
+def _fingerprint(
+    model: nn.Module, examples: list[Encoded], frozen: Sequence[Tensor], skip: int
+) -> str:
     """The model's kind, the records, the skipped layer count and the weights below that could
     change between rounds (those a `train.unfreeze` stage holds back): what the cached states
     depend on. (A base model swapped for another of the same kind is caught by the check
@@ -191,7 +193,7 @@ def _logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def _agrees(model: nn.Module, prefix: Prefix, cached: list[Cached], pad_id: int) -> bool:
+def _agrees(model: nn.Module, prefix: Prefix, cached: list[Encoded], pad_id: int) -> bool:
     """The cache's logits equal the full model's on a few records (both in eval mode)."""
     sample = cached[:CHECK_RECORDS]
     was_training = model.training

@@ -10,26 +10,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from common.core.batches import IGNORE, Encoded, collate
 from common.core.config import Config
 from common.core.errors import DataError
+from common.core.frozen import skipping, with_cache
 from common.core.records import Record
 
 logger = logging.getLogger(__name__)
-IGNORE = -100
-FROZEN_HIDDEN = "frozen_hidden"  # a batch's cached hidden states (`train.cache_frozen`)
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int] | int  # per-token targets (causal LM) or class index (seq-cls)
 
 
 def prepare_prompt(record: Record, cfg: Config) -> list[dict[str, str]]:
@@ -91,41 +84,6 @@ def encode(records: list[Record], tok: PreTrainedTokenizerBase, cfg: Config) -> 
         ans = answer_ids(tok, r.answer)[: max_len // 2]
         prompt = prompt_ids(tok, prepare_prompt(r, cfg), max_len - len(ans))
         out.append(Encoded(prompt + ans, [IGNORE] * len(prompt) + ans))
-    return out
-
-
-def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence of the batch.
-
-    Causal LMs are padded on the left (the answer ends every row, so its logits are the last
-    positions) with position ids that start at each row's first real token. Classifiers are padded
-    on the right: encoders pool position 0 (`[CLS]`).
-    """
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    causal = isinstance(batch[0].labels, list)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long) if causal else None
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        span = slice(width - n, width) if causal else slice(0, n)
-        ids[i, span] = torch.tensor(e.input_ids)
-        mask[i, span] = 1
-        if labels is not None and isinstance(e.labels, list):
-            labels[i, span] = torch.tensor(e.labels)
-    out = {"input_ids": ids, "attention_mask": mask}
-    if labels is None:
-        out["labels"] = torch.tensor([int(e.labels) for e in batch])  # type: ignore[arg-type]
-    else:
-        out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        out["labels"] = labels
-    hidden = getattr(batch[0], "hidden", None)
-    if hidden is not None:  # `train.cache_frozen` (client.frozen): padded like the ids, zeros
-        states = torch.zeros((len(batch), width, hidden.size(-1)), dtype=hidden.dtype)
-        for i, e in enumerate(batch):
-            n = len(e.input_ids)
-            states[i, slice(width - n, width) if causal else slice(0, n)] = e.hidden  # type: ignore[attr-defined]
-        out[FROZEN_HIDDEN] = states
     return out
 
 
@@ -228,8 +186,6 @@ def evaluate(
     encoded = encode(records, tok, cfg)
     skip: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if cfg.train.cache_frozen:
-        from common.core.frozen import skipping, with_cache  # frozen builds on this module
-
         encoded, prefix = with_cache(model, encoded, _pad(tok), [])
         skip = skipping(model, prefix) if prefix is not None else skip
     with skip:
