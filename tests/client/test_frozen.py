@@ -266,3 +266,17 @@ def test_a_bfloat16_model_caches_in_its_own_dtype():
     start = trained(model)
     run_rounds(cfg, model, data, rounds=1)
     assert any(not torch.equal(p, start[k]) for k, p in trained(model).items())
+
+
+def test_the_check_ignores_a_causal_lms_padding():
+    """Left padding: the full model runs the pad tokens through every layer, the cache holds
+    zeros there; those positions' logits are nobody's and must not fail the check (they did
+    on SmolLM2, which then trained without the cache)."""
+    cfg = config("llama", "causal-lm")
+    model = model_for(cfg)
+    with torch.no_grad():  # a pad token whose states differ wildly from the cache's zeros
+        model.get_input_embeddings().weight[0].fill_(5.0)
+    data = examples("llama", "causal-lm")
+    assert len({len(e.input_ids) for e in data[: frozen.CHECK_RECORDS]}) > 1
+    _, prefix = frozen.with_cache(model, data, 0, [])
+    assert prefix is not None

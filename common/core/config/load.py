@@ -68,11 +68,11 @@ def build_config(tree: dict[str, Any], source: str = "config") -> Config:
     applied, kept = apply_recipe(tree)
     if applied:  # a resolved tree (a run folder's config, Flower's run config) fills nothing
         logger.info(
-            "%s: recipe `%s`: filled in %s; your own values kept for %s",
+            "%s: recipe `%s`: filled in %s%s",
             source,
             tree.get("recipe"),
-            ", ".join(applied) or "nothing",
-            ", ".join(kept) or "nothing",
+            ", ".join(applied),
+            f"; your own values kept for {', '.join(kept)}" if kept else "",
         )
     try:
         return Config.model_validate(tree)
