@@ -67,6 +67,8 @@ AUTO_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"],
 }
 HEAD_NAMES = ("classifier", "score")
+# The norm after the last layer, by model family (`lora.train_final_norm`).
+FINAL_NORM = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layer_?norm)$")
 # Methods that train the model's own weights (no PEFT wrapper), and the files of their rounds.
 WEIGHT_METHODS = ("partial", "full")
 TRAINED_FILE = "trained_weights.safetensors"
@@ -134,7 +136,9 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> 
     weights left trainable."""
     if lora.method in WEIGHT_METHODS:
         return _train_weights(model, lora)
-    heads = [n for n in HEAD_NAMES if hasattr(model, n)] if mcfg.task == "seq-cls" else None
+    heads = [n for n in HEAD_NAMES if hasattr(model, n)] if mcfg.task == "seq-cls" else []
+    if lora.train_final_norm:
+        heads.append(final_norm(model))
     task = TaskType.SEQ_CLS if mcfg.task == "seq-cls" else TaskType.CAUSAL_LM
     peft_cfg: PeftLoraConfig | IA3Config | PromptTuningConfig
     if lora.method == "ia3":
@@ -145,7 +149,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> 
             )
         peft_cfg = IA3Config(
             target_modules=targets, feedforward_modules=feedforward, task_type=task,
-            modules_to_save=heads,
+            modules_to_save=heads or None,
         )  # fmt: skip
         return get_peft_model(model, peft_cfg)  # scaling vectors start at 1: no seed involved
     if lora.method == "prompt":
@@ -156,7 +160,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> 
             )
         peft_cfg = PromptTuningConfig(
             task_type=task, num_virtual_tokens=lora.virtual_tokens,
-            prompt_tuning_init=PromptTuningInit.RANDOM, modules_to_save=heads,
+            prompt_tuning_init=PromptTuningInit.RANDOM, modules_to_save=heads or None,
         )  # fmt: skip
     else:
         peft_cfg = PeftLoraConfig(
@@ -167,7 +171,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> 
             lora_dropout=lora.dropout,
             target_modules=target_modules(lora, model),
             task_type=task,
-            modules_to_save=heads,
+            modules_to_save=heads or None,
         )
     # The shared seed makes every party's A (and the head's copy) identical without sending it.
     with torch.random.fork_rng(devices=[]):
@@ -290,6 +294,24 @@ def stage_scales(
 def num_layers(model: nn.Module) -> int:
     """The model's transformer layers (its config's `num_hidden_layers`, else those seen)."""
     return _num_layers(model, [k for k, _ in model.named_parameters()])
+
+
+def final_norm(model: nn.Module) -> str:
+    """The dotted name of the norm after the last layer (`lora.train_final_norm`)."""
+    found = [
+        name
+        for name, module in model.named_modules()
+        if FINAL_NORM.search(name) and _layer_of(name + ".") is None and not EMBEDDING.search(name)
+        and any(True for _ in module.parameters(recurse=False))
+    ]  # fmt: skip
+    if len(found) != 1:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ModelError(
+            f"`lora.train_final_norm`: a {kind} model has "
+            + ("no norm after its last layer" if not found else f"several ({', '.join(found)})")
+            + " (post-norm models such as BERT normalise inside each layer)"
+        )
+    return found[0]
 
 
 def trains_weights(model: nn.Module) -> bool:

@@ -19,7 +19,7 @@ from common.core.adapters import attach_lora
 from common.core.config import Config, RecordDPConfig, load_config
 from common.core.models import load_base
 from common.core.records import Record
-from common.core.tasks import Encoded, collate, encode, evaluate
+from common.core.tasks import Encoded, batch_loss, collate, encode, evaluate
 from common.privacy.accounting import GaussianAccountant, RecordPlan
 from simulations.corpora import synthetic
 from tests.conftest import SCENARIOS
@@ -280,3 +280,39 @@ def test_the_check_ignores_a_causal_lms_padding():
     assert len({len(e.input_ids) for e in data[: frozen.CHECK_RECORDS]}) > 1
     _, prefix = frozen.with_cache(model, data, 0, [])
     assert prefix is not None
+
+
+def test_the_final_norm_trains_under_dp_sgd_through_the_cache():
+    """`lora.train_final_norm`: the norm sits above every layer, so the layers below the adapted
+    one are still skipped; its per-record gradients are clipped with the adapter's (no noise
+    here, so the step's size shows the clipping: a norm left out of it would step far past the
+    bound, as the plain step below does)."""
+    data = examples("llama", "causal-lm")
+    cfg = config("llama", "causal-lm", "train.cache_frozen=true", "lora.train_final_norm=true")
+    clip, lr = 0.05, 0.5
+    steps = {}
+    for private in (False, True):
+        model = model_for(cfg)
+        records, prefix = frozen.with_cache(model, data, 0, [])
+        assert prefix is not None and prefix.skip == 2
+        before = trained(model)
+        norm = next(k for k in before if k.endswith("model.norm.modules_to_save.default.weight"))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+        with frozen.skipping(model, prefix):
+            if private:
+                dp_cfg = RecordDPConfig(enabled=True, noise_multiplier=0.0, max_grad_norm=clip)
+                plan = RecordPlan(len(data), 1.0, len(data), 1, 1, 0.0, clip, 1e-5, 0.0)
+                with DPTrainer(
+                    model, opt, dp_cfg, plan, GaussianAccountant(), physical_batch_size=5, seed=1
+                ) as dp:
+                    dp.step(records, functools.partial(collate, pad_id=0))
+            else:
+                loss, _ = batch_loss(model, collate(records, pad_id=0))
+                loss.backward()
+                opt.step()
+        after = trained(model)
+        assert not torch.equal(after[norm], before[norm])
+        steps[private] = torch.cat([(after[k] - before[k]).flatten() for k in before]).norm()
+    # sampling rate 1: every record in the batch; the mean of clipped gradients is within clip
+    assert steps[True] <= lr * clip * (1 + 1e-4)
+    assert steps[False] > 4 * lr * clip

@@ -151,3 +151,32 @@ def test_lora_layers_out_of_range_name_the_field(tiny_cfg):
     lora = tiny_cfg.lora.model_copy(update={"layers": [n]})
     with pytest.raises(ModelError, match=rf"`lora.layers`: \[{n}\] out of range"):
         attach_lora(model, lora, tiny_cfg.model)
+
+
+def test_train_final_norm_trains_and_sends_the_norm_after_the_last_layer_only(tiny_cfg):
+    cfg = tiny_cfg.model_copy(
+        update={"lora": tiny_cfg.lora.model_copy(update={"train_final_norm": True})}
+    )
+    model = peft_model(cfg)
+    keys = exchanged_keys(model, cfg.lora)
+    norms = [k for k in keys if "lora_" not in k]
+    assert norms == ["base_model.model.model.norm.weight"]  # no layer's own norms
+    plain = peft_model(tiny_cfg)
+    assert all("lora_" in k for k in exchanged_keys(plain, tiny_cfg.lora))
+    # it round-trips like the adapter, and a changed norm changes the model's output
+    state = get_state(model, keys)
+    ids = torch.tensor([[5, 6, 7]])
+    before = model(input_ids=ids).logits
+    state[norms[0]] = state[norms[0]] * 2.0
+    set_state(model, state)
+    np.testing.assert_array_equal(get_state(model, keys)[norms[0]], state[norms[0]])
+    assert not torch.allclose(model(input_ids=ids).logits, before)
+
+
+def test_train_final_norm_on_a_post_norm_model_names_the_field(tiny_cfg):
+    cfg = tiny_cfg.model_copy(
+        update={"lora": tiny_cfg.lora.model_copy(update={"train_final_norm": True})}
+    )
+    bert, _ = build_tiny("bert", cfg.model.tiny)
+    with pytest.raises(ModelError, match=r"`lora.train_final_norm`: a bert model has no norm"):
+        attach_lora(bert, cfg.lora, cfg.model)
