@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +32,15 @@ def fedtune(
     cmd = [sys.executable, "-m", "cli.main", *args]
     env = cli_env(mark or uuid.uuid4().hex)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def left_running(mark: str, grace_s: float = 15.0) -> list[str]:
+    """:func:`marked` once every process started under ``mark`` has exited, or after ``grace_s``
+    (Ray's agents notice their raylet's death a moment after it, under load a few seconds)."""
+    deadline = time.monotonic() + grace_s
+    while (found := marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
 
 
 def marked(mark: str) -> list[str]:

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from common.core.config import load_config
 from tests.conftest import ROOT, SCENARIOS
-from tests.e2e.conftest import TINY_MARK, cli_env, fedtune, marked
+from tests.e2e.conftest import TINY_MARK, cli_env, fedtune, left_running, marked
 
 pytestmark = pytest.mark.slow
 
@@ -222,7 +222,7 @@ def test_ctrl_c_stops_the_superlink_and_everything_it_started(tmp_path, sig):
             proc.kill()
     assert proc.returncode != 0 and "interrupted: stopping the run" in rest
     assert not (tmp_path / "summary.json").exists()
-    assert marked(mark) == []
+    assert left_running(mark) == []
 
 
 def test_resume_runs_the_rounds_after_the_checkpoint_again(tiny_run, tmp_path):
