@@ -302,16 +302,20 @@ def final_norm(model: nn.Module) -> str:
         name
         for name, module in model.named_modules()
         if FINAL_NORM.search(name) and _layer_of(name + ".") is None and not EMBEDDING.search(name)
-        and any(True for _ in module.parameters(recurse=False))
+        and next(module.parameters(recurse=False), None) is not None
     ]  # fmt: skip
-    if len(found) != 1:
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise ModelError(
-            f"`lora.train_final_norm`: a {kind} model has "
-            + ("no norm after its last layer" if not found else f"several ({', '.join(found)})")
-            + " (post-norm models such as BERT normalise inside each layer)"
+    if len(found) == 1:
+        return found[0]
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise ModelError(
+        f"`lora.train_final_norm`: a {kind} model has "
+        + (
+            f"several norms after its last layer ({', '.join(found)})"
+            if found
+            else "no norm after its last layer (post-norm models such as BERT normalise "
+            "inside each layer)"
         )
-    return found[0]
+    )
 
 
 def trains_weights(model: nn.Module) -> bool:

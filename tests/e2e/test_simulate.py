@@ -189,7 +189,7 @@ def test_a_user_error_in_the_serverapp_is_one_paragraph_and_stops_everything(tmp
     assert len(errors) == 1 and "`model.source`: `/nonexistent/model` is neither" in errors[0]
     assert "Traceback" not in proc.stderr and "Exit Code" not in proc.stderr
     assert "ModelError" in (tmp_path / "logs" / "run.log").read_text()  # all of it kept
-    assert marked(mark) == []
+    assert left_running(mark) == []
     assert third_party_warnings(proc.stderr + proc.stdout) == []
 
 
