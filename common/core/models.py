@@ -49,6 +49,9 @@ class ModelSource(Protocol):
     def load(self, cfg: ModelConfig, labels: list[str]) -> LoadedModel: ...
 
 
+HEAD_SEED = 0  # seeds a new classification head's initialisation
+
+
 def _torch_dtype(cfg: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
@@ -94,7 +97,11 @@ def _from_folder(path: Path, cfg: ModelConfig, labels: list[str]) -> PreTrainedM
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
         )
-        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        # A new head is drawn from a fixed seed: the same in every process (the coordinator's
+        # base-model evaluation, each bench arm), so runs start from one head, not from chance.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(HEAD_SEED)
+            return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 

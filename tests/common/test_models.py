@@ -52,6 +52,24 @@ def test_local_folder_source(tmp_path: Path):
     torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
 
 
+def test_a_new_classification_head_is_the_same_in_every_load(tmp_path: Path):
+    """A base model read as a classifier gets a new head: drawn from a fixed seed, so every
+    process (the coordinator's base evaluation, each bench arm) starts from the same one, and
+    the caller's random stream is left as it was."""
+    model, tok = build_tiny("llama", TinyModelConfig())
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = ModelConfig(source=str(tmp_path), task="seq-cls")
+    torch.manual_seed(1)
+    first = load_base(cfg, ["a", "b", "c"]).model.score.weight
+    after_first = torch.rand(1)
+    torch.manual_seed(2)
+    second = load_base(cfg, ["a", "b", "c"]).model.score.weight
+    assert torch.equal(first, second) and first.abs().sum() > 0
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_first)  # loading drew nothing from the caller's stream
+
+
 def test_unknown_sources_are_named(tmp_path: Path):
     with pytest.raises(ModelError, match="never fetched from a hub"):
         resolve_source("HuggingFaceTB/SmolLM2-135M")
