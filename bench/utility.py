@@ -1,7 +1,12 @@
 """Utility of federation and of privacy, side by side on one scenario: held-out accuracy of
 
-- ``central``: one site holding every record, no DP, as many optimizer steps per round as the
-  sampled sites take together (so both see the same number of steps);
+- ``central``: one site holding every record, no DP. ``--central pooled`` (default): each round
+  the scenario's local steps, each over the records that all the sampled sites take in that step
+  together (``batch_size`` x sites): the federated run with its sites' records in one place. With
+  the DP recipe (one step per site and round) this is one step of the pooled batch.
+  ``--central summed``: the sites' steps one after another (``local_steps`` x sites steps of
+  ``batch_size``): more steps, but with a recipe made for one step (SGD at rate 1.0 under
+  FedAdam) the later steps start from a point the first step overshot;
 - ``federated``: the scenario as it is, no DP;
 - ``federated_dp``: record-level DP-SGD at every site at ``--epsilon`` (default 8), with the
   scenario's own `[privacy.record]` settings (its DP recipe);
@@ -35,18 +40,27 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("central", "federated", "federated_dp", "federated_dp_both")
 
 
-def arm_overrides(base: Config, overrides: list[str], epsilon: float) -> dict[str, list[str]]:
+def arm_overrides(
+    base: Config, overrides: list[str], epsilon: float, central: str = "pooled"
+) -> dict[str, list[str]]:
     """Each arm's `--set` list on top of the scenario."""
-    fed = base.federation
+    fed, train = base.federation, base.train
     sites = fed.sites_per_round or base.simulation.partition.num_sites
     dp = ["privacy.record.enabled=true", f"privacy.record.target_epsilon={epsilon}"]
+    if central == "pooled":  # micro-batches stay the size one site's are
+        steps = [
+            f"train.batch_size={train.batch_size * sites}",
+            f"train.grad_accum={train.grad_accum * sites}",
+        ]
+    else:
+        steps = [f"train.local_steps={train.local_steps * sites}"]
     return {
         "central": [
             *overrides,
             "simulation.partition.num_sites=1",
             "federation.min_sites=1",
             "federation.sites_per_round=0",
-            f"train.local_steps={base.train.local_steps * sites}",
+            *steps,
         ],
         "federated": list(overrides),
         "federated_dp": [*overrides, *dp],
@@ -100,13 +114,17 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset")
+    parser.add_argument(
+        "--central", choices=("pooled", "summed"), default="pooled",
+        help="the central arm's steps: pooled batches (default) or the sites' steps in a row",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     scenario = Path(args.scenario)
     if not scenario.is_file():
         scenario = ROOT / "simulations" / "scenarios" / f"{args.scenario}.toml"
     base = load_config(scenario, args.overrides)
-    plans = arm_overrides(base, args.overrides, args.epsilon)
+    plans = arm_overrides(base, args.overrides, args.epsilon, args.central)
     chosen = [a for a in ARMS if a in args.arms.split(",")]
     arms: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
