@@ -34,9 +34,10 @@ def fedtune(
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def left_running(mark: str, grace_s: float = 15.0) -> list[str]:
+def left_running(mark: str, grace_s: float = 60.0) -> list[str]:
     """:func:`marked` once every process started under ``mark`` has exited, or after ``grace_s``
-    (Ray's agents notice their raylet's death a moment after it, under load a few seconds)."""
+    (Ray's agents notice their raylet's death a moment after it: a clean-clone run saw them
+    outlive it by more than 15 s, and exit later on their own)."""
     deadline = time.monotonic() + grace_s
     while (found := marked(mark)) and time.monotonic() < deadline:
         time.sleep(0.5)
