@@ -239,6 +239,17 @@ def load_base(cfg: ModelConfig, labels: list[str] | None = None) -> LoadedModel:
     loaded.model.config.use_cache = False
     if loaded.model.config.pad_token_id is None:
         loaded.model.config.pad_token_id = loaded.tokenizer.pad_token_id
+    if cfg.head_input == "without-label-mean":
+        from common.core import headinput
+
+        if cfg.task != "seq-cls":
+            raise ModelError(
+                '`model.head_input` = "without-label-mean" needs `model.task` = "seq-cls"'
+            )
+        try:
+            headinput.install(loaded.model, loaded.tokenizer, list(labels or []))
+        except ValueError as err:
+            raise ModelError(str(err)) from None
     return loaded
 
 

@@ -283,6 +283,9 @@ def _check_out_dir(out: Path) -> None:
 def _fill_folder(tmp: Path, merged: Any, tokenizer: Any, info: RunInfo, card: str) -> None:
     """Standard HF layout (weights, config, generation config, tokenizer) + adapter + card."""
     merged.config.use_cache = True  # training turns the KV cache off; serving needs it
+    from common.core.headinput import fold
+
+    fold(merged)  # `model.head_input`: into the head's weights, so any loader reads it as is
     merged.save_pretrained(str(tmp))
     if not (tmp / "generation_config.json").exists():
         merged.generation_config.save_pretrained(str(tmp))

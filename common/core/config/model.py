@@ -44,6 +44,17 @@ class ModelConfig(Section):
             "Needs `pip install bitsandbytes` (its CPU backend works here)."
         ),
     )
+    head_input: Literal["as-is", "without-label-mean"] = Field(
+        "as-is",
+        description=(
+            "`seq-cls` only. `without-label-mean`: the classification head reads its input "
+            "without its component along the mean of the label names' own features (the base "
+            "model run on each of `data.labels` alone: no record involved, no privacy cost). "
+            "That component is common to every input and carries no class, but sets most of "
+            "a per-record gradient's length, and so the clip bound and the noise under DP. "
+            "`publish` folds it into the head's weights: a published model is a plain model."
+        ),
+    )
     max_length: int = Field(128, gt=8, le=8192, description="Tokens per example after truncation.")
     cache_dir: str = Field(
         "~/.cache/fedtune/models",
