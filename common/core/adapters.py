@@ -3,7 +3,8 @@ state as numpy arrays, save a round and apply a saved round to a base model.
 
 Adapters (LoRA, DoRA, IA3, prompt tuning) go through PEFT: the PEFT adapter state dict is the
 unit that crosses the wire and a round is saved in PEFT's format. The model's own weights
-(``partial``: the chosen top layers, final norm and head; ``full``: every weight) are trained in
+(``partial``: the chosen top layers, final norm and head; ``head``: the final norm and head
+alone; ``full``: every weight) are trained in
 place: the trained parameters (by their names in the model) cross the wire, and a round is saved
 as those tensors alone (``trained_weights.safetensors``, with ``trained_weights.json`` naming the
 method), never a whole model copy per round for ``partial``. Averaging weights is averaging the
@@ -70,7 +71,7 @@ HEAD_NAMES = ("classifier", "score")
 # The norm after the last layer, by model family (`lora.train_final_norm`).
 FINAL_NORM = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layer_?norm)$")
 # Methods that train the model's own weights (no PEFT wrapper), and the files of their rounds.
-WEIGHT_METHODS = ("partial", "full")
+WEIGHT_METHODS = ("partial", "head", "full")
 TRAINED_FILE = "trained_weights.safetensors"
 TRAINED_META = "trained_weights.json"
 # A transformer layer's index in a parameter name (llama/qwen2 `layers`, bert `layer`, gpt2 `h`).
@@ -197,7 +198,7 @@ def _num_layers(model: nn.Module, names: list[str]) -> int:
 
 
 def _train_weights(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
-    """`partial` / `full`: freeze every weight but the trained ones, in place.
+    """`partial` / `head` / `full`: freeze every weight but the trained ones, in place.
 
     ``partial`` trains the chosen layers, and the weights in no layer that are not input
     embeddings (final norm, pooler, task head; a causal LM's output layer when it is not tied
@@ -211,7 +212,14 @@ def _train_weights(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
     names = list(params)
     n = _num_layers(model, names)
     top = [k for k in names if _layer_of(k) is None and not EMBEDDING.search(k)]
-    if lora.layers:
+    if lora.method == "head":
+        if lora.layers or lora.fraction is not None:
+            raise ModelError(
+                '`lora.method` = "head" trains no layer: leave `lora.layers` and `lora.fraction` '
+                "unset (or use `partial`)"
+            )
+        chosen: set[int] = set()
+    elif lora.layers:
         if lora.fraction is not None:
             raise ModelError(
                 '`lora.method` = "partial": set `lora.layers` or `lora.fraction`, not both'

@@ -36,6 +36,7 @@ METHOD_TITLE = {
     "ia3": "IA3 fine-tune",
     "prompt": "prompt tuning",
     "partial": "partial fine-tune",
+    "head": "classification head fine-tune (linear probe)",
     "full": "full fine-tune",
 }
 
@@ -49,6 +50,8 @@ def _method_line(cfg: Config) -> str:
         what = (f"layers {lora.layers}" if lora.layers
                 else f"the top layers holding {lora.fraction} of the weights")  # fmt: skip
         return f"- Method: `partial` ({what}, final norm and head trained; the rest frozen)"
+    if lora.method == "head":
+        return "- Method: `head` (the final norm and head trained; every layer frozen)"
     return f"- Method: `{lora.method}`"
 
 
@@ -200,7 +203,7 @@ def _limitations(cfg: Config, evaluated: bool = False) -> str:
 
 
 def _files(method: str) -> str:
-    adapter = method not in ("partial", "full")
+    adapter = method not in ("partial", "head", "full")
     return "\n".join(
         [
             "## Files\n",

@@ -287,8 +287,9 @@ def _fill_folder(tmp: Path, merged: Any, tokenizer: Any, info: RunInfo, card: st
 
     fold(merged)  # `model.head_input`: into the head's weights, so any loader reads it as is
     merged.save_pretrained(str(tmp))
-    if not (tmp / "generation_config.json").exists():
-        merged.generation_config.save_pretrained(str(tmp))
+    generation = getattr(merged, "generation_config", None)  # a classifier has none
+    if generation is not None and not (tmp / "generation_config.json").exists():
+        generation.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     from common.core.adapters import is_adapter
 

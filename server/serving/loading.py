@@ -90,8 +90,8 @@ def adapter_dir(path: Path, public_key: str | Path | None) -> Path:
         last = max(rounds, key=lambda p: int(p.name))
         if not (last / "adapter_config.json").is_file():
             raise ModelError(
-                f"run `{path}` trained the model's own weights (`lora.method` `partial` or "
-                "`full`), not an adapter: publish it and serve the published folder"
+                f"run `{path}` trained the model's own weights (`lora.method` `partial`, "
+                "`head` or `full`), not an adapter: publish it and serve the published folder"
             )
         logger.warning("serving unsigned adapter of run `%s`, round %s", path, last.name)
         return last

@@ -396,3 +396,21 @@ def test_partial_by_fraction_trains_the_fewest_top_layers_holding_it():
     assert layers == {3} and share >= 0.25
     layers, share = trained_layers(0.5)
     assert layers == {2, 3} and share >= 0.5
+
+
+def test_head_trains_the_head_and_final_norm_alone_and_refuses_layers():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.core.config import LoraConfig, ModelConfig
+    from common.core.errors import ModelError
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=64, vocab_size=128,
+                      tie_word_embeddings=False)  # fmt: skip
+    model = attach_lora(LlamaForCausalLM(cfg), LoraConfig(method="head"), ModelConfig())
+    names = sorted(k for k, p in model.named_parameters() if p.requires_grad)
+    assert names == ["lm_head.weight", "model.norm.weight"]
+    with pytest.raises(ModelError, match='"head" trains no layer'):
+        attach_lora(LlamaForCausalLM(cfg), LoraConfig(method="head", layers=[-1]), ModelConfig())

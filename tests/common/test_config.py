@@ -288,3 +288,11 @@ def test_record_level_prv_is_refused_as_the_ledgers_charge_rdp() -> None:
     with pytest.raises(ConfigError, match=r'`privacy.record.accountant` = "prv" is not supported'):
         load_config(None, ["privacy.enabled=true", "privacy.record.accountant='prv'"])
     assert load_config(None, ["privacy.record.accountant='prv'"]).privacy.record.accountant == "prv"
+
+
+def test_the_dp_recipe_gives_layers_only_to_the_methods_that_take_them() -> None:
+    """`lora.method = "head"` trains no layer: the recipe's adapted layers are not filled in
+    (they would contradict it); its other groups are."""
+    head = load_config(None, ["recipe='dp'", "lora.method='head'"])
+    assert head.lora.layers == [] and (head.lora.r, head.train.batch_size) == (2, 256)
+    assert load_config(None, ["recipe='dp'", "lora.method='partial'"]).lora.layers == [-1]

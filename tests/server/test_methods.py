@@ -93,11 +93,12 @@ def test_methods_without_per_record_gradients_are_refused_under_record_level_dp(
 # `partial` and `full` train the model's own weights: what is sent is those weights by name.
 WEIGHTS = {
     "partial": lambda k: k.startswith(("model.layers.1.", "model.norm.", "lm_head.")),
+    "head": lambda k: k.startswith(("model.norm.", "lm_head.")),
     "full": lambda k: True,
 }
 
 
-@pytest.mark.parametrize("method", ["partial", "full"])
+@pytest.mark.parametrize("method", ["partial", "head", "full"])
 def test_weight_methods_round_trip_plain_and_under_secure_aggregation(tiny_cfg, tmp_path, method):
     """The sites train the chosen weights in place; the coordinator averages them (exactly: the
     frozen rest is the same everywhere) and saves only them; secure aggregation sums the same."""
@@ -219,3 +220,51 @@ def test_weight_methods_train_under_both_dp_levels_and_secure_aggregation(
     base = dict(load_base(cfg.model, cfg.data.labels).model.named_parameters())
     assert sorted(sent) == sorted(k for k in base if WEIGHTS[method](k))
     assert all(np.abs(sent[k] - base[k].detach().numpy()).max() > 0 for k in sent)
+
+
+def test_a_head_run_under_dp_with_the_head_input_projection_publishes_a_plain_classifier(
+    tiny_cfg, tmp_path
+):
+    """`lora.method = "head"` on a classifier with `model.head_input = "without-label-mean"`,
+    under record-level DP: the sites send the head and final norm alone; `publish` folds the
+    projection into the head, so the published folder is a plain classifier (loaded with no
+    fedtune code) that computes what the run's model computes, and its head has nothing along
+    the removed direction."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from common.core import headinput
+    from common.core.adapters import TRAINED_FILE, apply_round
+    from common.core.models import load_base
+    from common.identity.signing import generate_keys
+    from server.publishing.publish import publish
+
+    cfg = _with(
+        tiny_cfg,
+        model={"task": "seq-cls", "head_input": "without-label-mean"},
+        lora={"method": "head", "layers": []},
+        train={"batch_size": 8},
+        **{"privacy.record": {"enabled": True, "target_epsilon": 8.0, "max_grad_norm": 1.0}},
+    )
+    summary, sent = _round(cfg, tmp_path, secure=False, file=TRAINED_FILE)
+    assert sorted(sent) == ["model.norm.weight", "score.weight"]
+    assert max(summary["privacy"]["record_epsilon"].values()) <= 8 + 1e-6
+    private_key, _ = generate_keys(tmp_path / "keys")
+    out = tmp_path / "published"
+    publish(tmp_path / "run", out, private_key, force=True)
+    assert "`head` (the final norm and head trained" in (out / "MODEL_CARD.md").read_text()
+
+    ids = torch.tensor([[1, 5, 9, 13, 17], [2, 4, 6, 8, 10]])
+    run_model = apply_round(
+        load_base(cfg.model, cfg.data.labels).model, tmp_path / "run" / "rounds" / "1"
+    )
+    u = getattr(run_model.score, headinput.ATTR)
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        want, got = run_model(input_ids=ids).logits, plain(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not plain.score._forward_pre_hooks  # nothing of fedtune's in the published model
+    assert (plain.score.weight @ u).abs().max().item() < 1e-5
+    assert (
+        torch.as_tensor(sent["score.weight"]) @ u
+    ).abs().max().item() > 1e-4  # folded at publish

@@ -69,7 +69,7 @@ class LoraConfig(Section):
     """What each site trains and sends: an adapter (LoRA, DoRA, IA3, prompt tuning, through PEFT)
     or the model's own weights (`partial`: the top layers and the head; `full`: everything)."""
 
-    method: Literal["lora", "dora", "ia3", "prompt", "partial", "full"] = Field(
+    method: Literal["lora", "dora", "ia3", "prompt", "partial", "head", "full"] = Field(
         "lora",
         description=(
             "What is trained: `lora` (low-rank B·A), `dora` (LoRA with a learned magnitude per "
@@ -77,8 +77,10 @@ class LoraConfig(Section):
             "and values and the feed-forward input, Liu et al. 2022), `prompt` (prompt tuning: "
             "`virtual_tokens` learned input embeddings, Lester et al. 2021), all through PEFT; "
             "`partial` (the layers in `layers`, or the top layers holding `fraction` of the "
-            "weights, plus the final norm and head, trained in full; the rest frozen) or `full` "
-            "(every weight). `r`, `alpha` and `aggregation` apply to `lora` and `dora` only."
+            "weights, plus the final norm and head, trained in full; the rest frozen), `head` "
+            "(the final norm and head alone: a linear probe on the frozen model, the cheapest "
+            "and fewest weights under DP) or `full` (every weight). `r`, `alpha` and "
+            "`aggregation` apply to `lora` and `dora` only."
         ),
     )
     fraction: float | None = Field(

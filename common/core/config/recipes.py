@@ -21,6 +21,7 @@ class Group:
     name: str
     why: str
     values: dict[str, Any]  # dotted field -> value
+    methods: tuple[str, ...] = ()  # the `lora.method`s it applies to (empty: every one)
 
 
 # The DP fine-tuning literature's recipe (Li et al. 2022, "Large language models can be strong
@@ -65,6 +66,7 @@ DP = (
         "adapted layers",
         "the top layer only: fewer trained parameters, and backward passes stop there",
         {"lora.layers": [-1]},
+        methods=("lora", "dora", "partial"),  # IA3 and prompt tuning take no layers, `head` none
     ),
     Group(
         "frozen-layer cache",
@@ -103,7 +105,11 @@ def apply_recipe(tree: Tree) -> tuple[list[str], list[str]]:
     """
     groups = RECIPES.get(str(tree.get("recipe", "none")), ())
     applied, kept = [], []
+    lora = tree.get("lora")
+    method = lora.get("method", "lora") if isinstance(lora, dict) else "lora"
     for group in groups:
+        if group.methods and method not in group.methods:
+            continue
         if any(_has(tree, key) for key in group.values):
             kept.append(group.name)
             continue

@@ -103,7 +103,7 @@ class Config(Section):
                 "on CPU (`auto` or `cpu`); the only GPU path is the experimental multi-GPU one, "
                 "`train.workers` > 1 (one GPU per worker, NCCL)"
             )
-        if self.model.quantization != "none" and self.lora.method in ("partial", "full"):
+        if self.model.quantization != "none" and self.lora.method in ("partial", "head", "full"):
             problems.append(
                 f'`model.quantization` = "{self.model.quantization}" leaves nothing to train with '
                 f'`lora.method` = "{self.lora.method}" (quantized weights are frozen); use an '
