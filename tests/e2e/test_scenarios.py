@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from safetensors.numpy import load_file
 
+from common.core.adapters import TRAINED_FILE
 from common.core.config.simulation import default_site_state
 from tests.conftest import SCENARIOS
 from tests.e2e.conftest import fedtune
@@ -29,7 +31,8 @@ def _run(tmp_path, scenario: str, *overrides: str) -> dict:
         "simulate", "--config", str(SCENARIOS / f"{scenario}.toml"), "--out", str(out), *args
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "rounds" / "1" / "adapter_model.safetensors").is_file()
+    saved = {p.name for p in (out / "rounds" / "1").iterdir()}
+    assert {"adapter_model.safetensors", "trained_weights.safetensors"} & saved, saved
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and 0.0 <= summary["final"]["accuracy"] <= 1.0
     return summary
@@ -67,3 +70,6 @@ def test_hospital_coding_names_the_chapter_under_record_level_dp(tmp_path):
     assert 0 < max(summary["privacy"]["record_epsilon"].values()) <= 8.0
     config = (tmp_path / "hospital-coding" / "config.toml").read_text()
     assert "injury" in config and "special purposes" not in config  # 21 chapters kept
+    # the head alone trains and crosses the wire (the head input's projection is not a weight)
+    sent = load_file(str(tmp_path / "hospital-coding" / "rounds" / "1" / TRAINED_FILE))
+    assert sorted(sent) == ["model.norm.weight", "score.weight"]
