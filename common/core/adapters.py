@@ -3,8 +3,8 @@ state as numpy arrays, save a round and apply a saved round to a base model.
 
 Adapters (LoRA, DoRA, IA3, prompt tuning) go through PEFT: the PEFT adapter state dict is the
 unit that crosses the wire and a round is saved in PEFT's format. The model's own weights
-(``partial``: the chosen top layers, final norm and head; ``head``: the final norm and head
-alone; ``full``: every weight) are trained in
+(``partial``: the chosen top layers, final norm and head; ``head``: a classifier's head alone;
+``full``: every weight) are trained in
 place: the trained parameters (by their names in the model) cross the wire, and a round is saved
 as those tensors alone (``trained_weights.safetensors``, with ``trained_weights.json`` naming the
 method), never a whole model copy per round for ``partial``. Averaging weights is averaging the
@@ -217,6 +217,12 @@ def _train_weights(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
             raise ModelError(
                 '`lora.method` = "head" trains no layer: leave `lora.layers` and `lora.fraction` '
                 "unset (or use `partial`)"
+            )
+        top = [k for k in top if k.split(".")[0] in HEAD_NAMES]
+        if not top:
+            raise ModelError(
+                '`lora.method` = "head" trains a classifier\'s head: use it with `model.task` = '
+                '"seq-cls"'
             )
         chosen: set[int] = set()
     elif lora.layers:

@@ -51,7 +51,7 @@ def _method_line(cfg: Config) -> str:
                 else f"the top layers holding {lora.fraction} of the weights")  # fmt: skip
         return f"- Method: `partial` ({what}, final norm and head trained; the rest frozen)"
     if lora.method == "head":
-        return "- Method: `head` (the final norm and head trained; every layer frozen)"
+        return "- Method: `head` (the classification head trained; everything else frozen)"
     return f"- Method: `{lora.method}`"
 
 

@@ -398,9 +398,9 @@ def test_partial_by_fraction_trains_the_fewest_top_layers_holding_it():
     assert layers == {2, 3} and share >= 0.5
 
 
-def test_head_trains_the_head_and_final_norm_alone_and_refuses_layers():
+def test_head_trains_a_classifiers_head_alone_and_refuses_layers_and_causal_lms():
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from common.core.config import LoraConfig, ModelConfig
     from common.core.errors import ModelError
@@ -408,9 +408,13 @@ def test_head_trains_the_head_and_final_norm_alone_and_refuses_layers():
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, intermediate_size=64, vocab_size=128,
-                      tie_word_embeddings=False)  # fmt: skip
-    model = attach_lora(LlamaForCausalLM(cfg), LoraConfig(method="head"), ModelConfig())
-    names = sorted(k for k, p in model.named_parameters() if p.requires_grad)
-    assert names == ["lm_head.weight", "model.norm.weight"]
+                      tie_word_embeddings=False, num_labels=3, pad_token_id=0)  # fmt: skip
+    seq_cls = ModelConfig(task="seq-cls")
+    model = attach_lora(LlamaForSequenceClassification(cfg), LoraConfig(method="head"), seq_cls)
+    assert sorted(k for k, p in model.named_parameters() if p.requires_grad) == ["score.weight"]
     with pytest.raises(ModelError, match='"head" trains no layer'):
-        attach_lora(LlamaForCausalLM(cfg), LoraConfig(method="head", layers=[-1]), ModelConfig())
+        attach_lora(
+            LlamaForSequenceClassification(cfg), LoraConfig(method="head", layers=[-1]), seq_cls
+        )
+    with pytest.raises(ModelError, match='"head" trains a classifier'):
+        attach_lora(LlamaForCausalLM(cfg), LoraConfig(method="head"), ModelConfig())

@@ -38,16 +38,16 @@ def test_the_shipped_dp_recipes_are_not_too_loud_at_their_site_sizes():
     # in norm too, its smallest bank is under the limit
     cfg = load_config(SCENARIOS / "bank-complaints.toml", ["privacy.enabled=true"])
     assert "WARNING" not in noise_outlook(cfg, {"site-0": 999}, 4616)
-    # hospital-coding trains 12,672 (the 21-way head on SmolLM2's 576 features, the final norm):
+    # hospital-coding trains 12,096 (the 21-way head on SmolLM2's 576 features):
     # its smallest hospital (2,061 of 16,000 descriptions) is under the limit in norm with the
     # scenario's batches of 2,000; at 666 (of 3,200, an earlier size) with the recipe's 256 the
     # noise is too loud, and the report says so
     cfg = load_config(SCENARIOS / "hospital-coding.toml", ["privacy.enabled=true"])
-    assert "WARNING" not in noise_outlook(cfg, {"site-0": 2061}, 12672)
+    assert "WARNING" not in noise_outlook(cfg, {"site-0": 2061}, 12096)
     earlier = load_config(
         SCENARIOS / "hospital-coding.toml", ["privacy.enabled=true", "train.batch_size=256"]
     )
-    text = noise_outlook(earlier, {"site-0": 666}, 12672)
+    text = noise_outlook(earlier, {"site-0": 666}, 12096)
     assert "WARNING: site site-0's noise per step" in text and "in norm" in text
 
 

@@ -78,8 +78,8 @@ class LoraConfig(Section):
             "`virtual_tokens` learned input embeddings, Lester et al. 2021), all through PEFT; "
             "`partial` (the layers in `layers`, or the top layers holding `fraction` of the "
             "weights, plus the final norm and head, trained in full; the rest frozen), `head` "
-            "(the final norm and head alone: a linear probe on the frozen model, the cheapest "
-            "and fewest weights under DP) or `full` (every weight). `r`, `alpha` and "
+            "(a classifier's head alone: a linear probe on the frozen model, the cheapest and "
+            "fewest weights under DP) or `full` (every weight). `r`, `alpha` and "
             "`aggregation` apply to `lora` and `dora` only."
         ),
     )
