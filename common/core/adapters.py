@@ -218,12 +218,14 @@ def _train_weights(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
                 '`lora.method` = "head" trains no layer: leave `lora.layers` and `lora.fraction` '
                 "unset (or use `partial`)"
             )
-        top = [k for k in top if k.split(".")[0] in HEAD_NAMES]
-        if not top:
+        heads = [k for k in top if k.split(".")[0] in HEAD_NAMES]
+        if not heads:
             raise ModelError(
                 '`lora.method` = "head" trains a classifier\'s head: use it with `model.task` = '
                 '"seq-cls"'
             )
+        norm = final_norm(model) + "." if lora.train_final_norm else None
+        top = heads + [k for k in top if norm and k.startswith(norm)]
         chosen: set[int] = set()
     elif lora.layers:
         if lora.fraction is not None:

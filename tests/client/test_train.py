@@ -412,6 +412,10 @@ def test_head_trains_a_classifiers_head_alone_and_refuses_layers_and_causal_lms(
     seq_cls = ModelConfig(task="seq-cls")
     model = attach_lora(LlamaForSequenceClassification(cfg), LoraConfig(method="head"), seq_cls)
     assert sorted(k for k, p in model.named_parameters() if p.requires_grad) == ["score.weight"]
+    with_norm = LoraConfig(method="head", train_final_norm=True)
+    model = attach_lora(LlamaForSequenceClassification(cfg), with_norm, seq_cls)
+    trained = sorted(k for k, p in model.named_parameters() if p.requires_grad)
+    assert trained == ["model.norm.weight", "score.weight"]
     with pytest.raises(ModelError, match='"head" trains no layer'):
         attach_lora(
             LlamaForSequenceClassification(cfg), LoraConfig(method="head", layers=[-1]), seq_cls

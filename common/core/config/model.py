@@ -121,9 +121,9 @@ class LoraConfig(Section):
     train_final_norm: bool = Field(
         False,
         description=(
-            "`lora`, `dora`, `ia3`, `prompt`: also train the model's final norm (its scale, one "
-            "weight per hidden unit: 576 on SmolLM2) in full, sent and averaged with the "
-            "adapter. A causal LM answering with label words reads them off the last hidden "
+            "`lora`, `dora`, `ia3`, `prompt`, `head`: also train the model's final norm (its "
+            "scale, one weight per hidden unit: 576 on SmolLM2) in full, sent and averaged with "
+            "the adapter. A causal LM answering with label words reads them off the last hidden "
             "state through the frozen output layer; the norm's scale re-weights every feature "
             "it reads, which top-layer adapters of low rank cannot (`partial` trains it anyway)."
         ),
