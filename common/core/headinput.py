@@ -5,13 +5,13 @@ Why. A decoder's last hidden state carries a large component common to every inp
 SmolLM2-135M about 39 of its norm of 47 on the ICD-10 descriptions), which says nothing about the
 class. A linear head's per-record gradient is (softmax - one-hot) x input, so that component sets
 most of its length: under DP-SGD it sets the clip bound, and so the noise, while carrying no
-signal. Removing it shortens the per-record gradients (median 47 -> 33 there) and the same
+signal. Removing it shortens the per-record gradients (median 48 -> 34 there) and the same
 epsilon buys a cleaner gradient. Without DP it also conditions the head better.
 
 The direction ``u`` is the mean, over the labels, of the head input the base model gives for each
 label name alone (``data.labels``, encoded as a record's text is): a function of the base
 model and the public configuration, never of a record, so it costs no privacy and every party
-(each site, the coordinator, `publish`, `serve`) computes the same one from what it already
+(each site, the coordinator, `publish`) computes the same one from what it already
 holds. DP-SGD's guarantee is unchanged: it holds for any fixed architecture, and Opacus clips
 and noises the gradients of the weights the head actually has (a forward pre-hook projects the
 input, and Opacus records the projected input the head computes with).
@@ -50,9 +50,6 @@ def head_of(model: nn.Module) -> tuple[str, nn.Linear]:
         head = getattr(model, name, None)
         if isinstance(head, nn.Linear):
             return name, head
-        last = getattr(head, "out_proj", None)
-        if isinstance(last, nn.Linear):
-            return f"{name}.out_proj", last  # RoBERTa-style heads: the last linear
     raise ValueError(
         f"`model.head_input`: {type(model).__name__} has no linear classification head "
         f'({" or ".join(HEAD_NAMES)}); use it with `model.task = "seq-cls"`'

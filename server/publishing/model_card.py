@@ -203,7 +203,9 @@ def _limitations(cfg: Config, evaluated: bool = False) -> str:
 
 
 def _files(method: str) -> str:
-    adapter = method not in ("partial", "head", "full")
+    from common.core.adapters import WEIGHT_METHODS
+
+    adapter = method not in WEIGHT_METHODS
     return "\n".join(
         [
             "## Files\n",
