@@ -129,7 +129,12 @@ def _padded_span(e: Encoded, width: int) -> slice:
 def prefix_states(
     model: nn.Module, prefix: Prefix, examples: list[Encoded], pad_id: int, batch_size: int = 64
 ) -> list[Tensor]:
-    """Each record's hidden states out of ``layers[skip - 1]`` (eval mode): (tokens, hidden)."""
+    """Each record's hidden states out of ``layers[skip - 1]`` (eval mode): (tokens, hidden).
+
+    Records run in batches of similar length (sorted, then put back in order): a batch is padded
+    to its longest record, and on hospital-coding's descriptions (20 to 46 tokens) batches in
+    record order spent about a third of the pass on padding. Padding changes nothing a record's
+    own states see (its attention mask hides it)."""
     captured: list[Tensor] = []
 
     def capture(_m: nn.Module, _args: Any, output: Any) -> None:
@@ -139,10 +144,12 @@ def prefix_states(
     was_training = model.training
     model.eval()
     handle = prefix.layers[prefix.skip - 1].register_forward_hook(capture)
-    out: list[Tensor] = []
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out: dict[int, Tensor] = {}
     try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
+        for start in range(0, len(order), batch_size):
+            picked = order[start : start + batch_size]
+            chunk = [examples[i] for i in picked]
             batch = collate(chunk, pad_id)
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             captured.clear()
@@ -150,11 +157,12 @@ def prefix_states(
                 model(**inputs)
             states = captured[0]  # the model's own dtype (float32, or bfloat16 weights)
             width = states.size(1)
-            out += [states[i, _padded_span(e, width)].clone() for i, e in enumerate(chunk)]
+            for row, (i, e) in enumerate(zip(picked, chunk, strict=True)):
+                out[i] = states[row, _padded_span(e, width)].clone()
     finally:
         handle.remove()
         model.train(was_training)
-    return out
+    return [out[i] for i in range(len(examples))]
 
 
 @contextlib.contextmanager

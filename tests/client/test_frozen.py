@@ -316,3 +316,20 @@ def test_the_final_norm_trains_under_dp_sgd_through_the_cache():
     # sampling rate 1: every record in the batch; the mean of clipped gradients is within clip
     assert steps[True] <= lr * clip * (1 + 1e-4)
     assert steps[False] > 4 * lr * clip
+
+
+@pytest.mark.parametrize(("arch", "task"), MODELS)
+def test_records_run_in_batches_of_similar_length_and_come_back_in_order(arch, task):
+    """The pass sorts records by length (less padding) and puts each one's states back at its
+    own place: the same states as each record run alone."""
+    data = examples(arch, task)
+    lengths = [len(e.input_ids) for e in data]
+    assert len(set(lengths)) > 3 and lengths != sorted(lengths)  # the order does change
+    model = model_for(config(arch, task))
+    prefix, why = frozen.plan(model)
+    assert prefix is not None, why
+    batched = frozen.prefix_states(model, prefix, data, 0, batch_size=5)
+    for e, states in zip(data, batched, strict=True):
+        (alone,) = frozen.prefix_states(model, prefix, [e], 0, batch_size=1)
+        assert states.shape == (len(e.input_ids), alone.size(-1))
+        torch.testing.assert_close(states, alone, rtol=1e-4, atol=1e-5)
