@@ -255,3 +255,106 @@ def test_fedprox_acts_the_same_under_dp_as_without() -> None:
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
     assert max(float((want[k] - free[k]).abs().max()) for k in want) > 1e-4  # the pull is seen
+
+
+# -- privacy.record.adapter_scale: the adapters' part of each record's gradient is multiplied by
+# s inside the clip and divided back after the noise -------------------------------------------
+NORM = "base_model.model.model.norm.weight"  # a trained weight that is not an adapter
+
+
+def with_norm() -> nn.Module:
+    model = tiny_lora()
+    dict(model.named_parameters())[NORM].requires_grad_(True)
+    return model
+
+
+def trained_flat(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def scaled_step(model: nn.Module, chosen: list, *, scale: float, noise: float, clip: float,
+                seed: int = 0) -> dict[str, Tensor]:  # fmt: skip
+    """One DP step; returns each trained weight's step divided by the learning rate (a large
+    one: the clipped steps must stand well above the weights' float32 rounding)."""
+    start, lr = trained_flat(model), 1e4
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    cfg = RecordDPConfig(enabled=True, noise_multiplier=noise, max_grad_norm=clip,
+                         adapter_scale=scale)  # fmt: skip
+    with DPTrainer(model, opt, cfg, plan(noise, clip, max(1, len(chosen))),
+                   GaussianAccountant(), physical_batch_size=4, seed=seed) as dp:  # fmt: skip
+        dp.step_on(chosen, collate)
+    return {n: (start[n].double() - v.double()) / lr for n, v in trained_flat(model).items()}
+
+
+def record_grads(rec: dict[str, Tensor]) -> dict[str, Tensor]:
+    model = with_norm()
+    batch = collate([rec])
+    per_record_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"]).sum().backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_adapter_scale_clips_each_record_in_the_scaled_space():
+    """Each record's gradient is clipped by the norm of (rest, s * adapters), and the step is the
+    mean of the clipped gradients with the adapters' part divided back by s."""
+    scale, clip, chosen = 4.0, 0.01, records()[:6]
+    want: dict[str, Tensor] = {}
+    for rec in chosen:
+        g = record_grads(rec)
+        norm = math.sqrt(
+            sum(float(v.pow(2).sum()) * (scale**2 if "lora_" in n else 1) for n, v in g.items())
+        )
+        assert norm > 10 * clip  # clipping is active
+        for n, v in g.items():
+            want[n] = want.get(n, 0) + v * min(1.0, clip / norm) / len(chosen)
+    got = scaled_step(with_norm(), chosen, scale=scale, noise=0.0, clip=clip)
+    assert set(got) == set(want) and NORM in got
+    for n in want:
+        assert float((got[n] - want[n].double()).norm()) <= 1e-3 * float(want[n].norm()), n
+    # and it is not the unscaled clip: with s = 1 every weight gets a different step
+    plain = scaled_step(with_norm(), chosen, scale=1.0, noise=0.0, clip=clip)
+    for n in want:
+        assert float((plain[n] - want[n]).norm()) > 0.05 * float(want[n].norm()), n
+
+
+@pytest.mark.parametrize("noise_only", [False, True])
+def test_adapter_scale_divides_the_adapters_noise_and_no_other(noise_only: bool):
+    """Same CSPRNG key, same draws: with s = 4 the adapters' noise is a quarter of it with s = 1,
+    the other weights' noise unchanged (an empty Poisson batch releases noise alone)."""
+    chosen = [] if noise_only else records()[:4]
+    # noise std 1,000 C per weight: the records' part (at most C in all) is negligible
+    one = scaled_step(with_norm(), chosen, scale=1.0, noise=1e3, clip=1.0)
+    four = scaled_step(with_norm(), chosen, scale=4.0, noise=1e3, clip=1.0)
+    for n in one:
+        want = one[n] / 4 if "lora_" in n else one[n]
+        assert float((four[n] - want).norm()) <= 1e-3 * float(want.norm()), n
+    assert float(one[NORM].abs().max()) > 0
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_a_coordinators_adapter_scale_does_not_raise_a_records_sensitivity(scale: float):
+    """Adversary: a coordinator sets an extreme `adapter_scale` to let one record weigh more
+    in the adapters than the clip allows. What the site releases is the step plus noise of std
+    sigma*C/B on the other weights and sigma*C/(s*B) on the adapters; in those units one record
+    moves it by at most C/B, whatever s: the guarantee is the one the accountant computed."""
+    clip, chosen = 0.01, records()[:5]
+    full = scaled_step(with_norm(), chosen, scale=scale, noise=0.0, clip=clip)
+    for i in range(len(chosen)):
+        rest = chosen[:i] + chosen[i + 1 :]
+        # the step is a mean over the expected batch (5 here, a fixed public number), so the
+        # record's own part is the difference of the two sums
+        without = scaled_step(with_norm(), rest, scale=scale, noise=0.0, clip=clip)
+        diff = {n: (full[n] * 5 - without[n] * 4) for n in full}
+        moved = math.sqrt(
+            sum(float(v.pow(2).sum()) * (scale**2 if "lora_" in n else 1) for n, v in diff.items())
+        )
+        assert moved <= clip * (1 + 1e-3)
+        assert moved == pytest.approx(clip, rel=1e-2)  # each record's gradient is clipped
+
+
+def test_adapter_scale_must_be_positive_finite_and_is_refused_with_ghost_clipping():
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="adapter_scale"):
+            RecordDPConfig(enabled=True, noise_multiplier=1.0, adapter_scale=bad)
+    with pytest.raises(ValueError, match="adapter_scale.*hooks"):
+        RecordDPConfig(enabled=True, noise_multiplier=1.0, adapter_scale=3.0,
+                       grad_sample_mode="ghost")  # fmt: skip
