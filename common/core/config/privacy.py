@@ -70,7 +70,7 @@ class RecordDPConfig(Section):
             )
         if self.adapter_scale != 1.0 and self.grad_sample_mode == "ghost":
             raise ValueError(
-                '`privacy.record.adapter_scale` needs `grad_sample_mode` = "hooks": ghost '
+                "`privacy.record.adapter_scale` needs `grad_sample_mode` = \"hooks\": ghost "
                 "clipping computes each record's gradient norm without the gradients to scale"
             )
         has_noise, has_target = self.noise_multiplier is not None, self.target_epsilon is not None
