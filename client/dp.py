@@ -57,7 +57,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from client.train import micro_batch_size
-from common.core.adapters import adapter_scales
 from common.core.config import RecordDPConfig, TrainConfig
 from common.core.errors import ModelError, PrivacyError
 from common.core.tasks import Encoded, collate, input_logits
@@ -132,14 +131,6 @@ def secure_optimizer_class(optim_cls: type[DPOptimizer]) -> type[DPOptimizer]:
 
     class SecureDPOptimizer(optim_cls):
         secure_rng: SecureRandom
-        scales: dict[int, float] = {}  # noqa: RUF012  # id(param) -> adapter scale (not 1)
-
-        def _get_flat_grad_sample(self, p: Tensor) -> Tensor:
-            # Opacus reads each record's gradient through here, both for its norm and for the
-            # clipped sum: the scaled gradient is what is clipped and summed.
-            flat = super()._get_flat_grad_sample(p)
-            scale = self.scales.get(id(p))
-            return flat if scale is None else flat * scale
 
         def add_noise(self) -> None:
             multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
@@ -147,7 +138,7 @@ def secure_optimizer_class(optim_cls: type[DPOptimizer]) -> type[DPOptimizer]:
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
                 noise = secure_gaussian(std, p.summed_grad, self.secure_rng)
-                p.grad = (p.summed_grad + noise).view_as(p) / self.scales.get(id(p), 1.0)
+                p.grad = (p.summed_grad + noise).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
     SecureDPOptimizer.__name__ = f"Secure{optim_cls.__name__}"
@@ -176,7 +167,6 @@ def _wrap(
         secure_mode=True,  # what it is; our add_noise does the drawing
     )
     dp_opt.secure_rng = noise_rng
-    dp_opt.scales = adapter_scales(model, cfg.adapter_scale)
     return gsm, dp_opt
 
 
@@ -295,8 +285,7 @@ class DPTrainer:
         opt = self.optimizer
         std = opt.noise_multiplier * opt.max_grad_norm
         for p in opt.params:
-            noise = secure_gaussian(std, p.detach(), self.noise_rng) / opt.scales.get(id(p), 1.0)
-            p.grad = noise / opt.expected_batch_size
+            p.grad = secure_gaussian(std, p.detach(), self.noise_rng) / opt.expected_batch_size
         self.accountant.step(
             noise_multiplier=opt.noise_multiplier, sample_rate=self.plan.sample_rate
         )

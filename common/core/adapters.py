@@ -480,12 +480,3 @@ def unflatten(vec: np.ndarray, like: Mapping[str, np.ndarray]) -> OrderedDict[st
 
 def state_bytes(state: dict[str, np.ndarray]) -> int:
     return int(sum(v.nbytes for v in state.values()))
-
-
-def adapter_scales(model: nn.Module, scale: float) -> dict[int, float]:
-    """``privacy.record.adapter_scale`` per trained adapter matrix (``lora_``: LoRA and DoRA),
-    by ``id`` of the parameter; the head, norms and other trained weights keep 1 (absent).
-    Empty when the scale is 1."""
-    if scale == 1.0:
-        return {}
-    return {id(p): scale for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}

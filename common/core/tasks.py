@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.core.adapters import adapter_scales
 from common.core.batches import IGNORE, Encoded, collate
 from common.core.config import Config
 from common.core.errors import DataError
@@ -237,10 +236,8 @@ def record_grad_norms(
     model: nn.Module, tok: PreTrainedTokenizerBase, records: list[Record], cfg: Config
 ) -> list[float]:
     """Each record's gradient norm over the trained parameters, one record at a time (what
-    DP-SGD clips to `privacy.record.max_grad_norm`, with the adapters' part multiplied by
-    `privacy.record.adapter_scale`); the model's gradients are left cleared."""
+    DP-SGD clips to `privacy.record.max_grad_norm`); the model's gradients are left cleared."""
     params = [p for p in model.parameters() if p.requires_grad]
-    scales = adapter_scales(model, cfg.privacy.record.adapter_scale)
     norms = []
     was_training = model.training
     model.train()
@@ -248,11 +245,7 @@ def record_grad_norms(
         model.zero_grad(set_to_none=True)
         loss, _ = batch_loss(model, collate([e], _pad(tok)))
         loss.backward()
-        sq = sum(
-            float(p.grad.pow(2).sum()) * scales.get(id(p), 1.0) ** 2
-            for p in params
-            if p.grad is not None
-        )
+        sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
         norms.append(math.sqrt(sq))
     model.zero_grad(set_to_none=True)
     model.train(was_training)

@@ -122,38 +122,3 @@ def test_per_record_gradient_norms_are_each_records_own(tiny_cfg):
         expected = torch.sqrt(sum((g**2).sum() for g in grads if g is not None))
         assert norm == pytest.approx(float(expected), rel=1e-4) and norm > 0
     assert len({round(n, 6) for n in norms}) == 3  # three records, three norms
-
-
-def test_per_record_gradient_norms_scale_the_adapters_part_as_dp_sgd_clips_it():
-    """With `privacy.record.adapter_scale` s, the norm the plan reports is the one DP-SGD clips:
-    sqrt(|rest|^2 + s^2 |adapters|^2) (a classifier: adapters and a head)."""
-    import torch
-
-    from common.core.adapters import attach_lora
-    from common.core.models import load_base
-    from common.core.records import Record
-    from common.core.tasks import batch_loss, collate, encode, record_grad_norms
-
-    cfg = load_config(SCENARIOS / "tiny.toml", ["data.labels=['red','green','blue']",
-                      "model.source=tiny:bert", "model.task=seq-cls",
-                      "lora.target_modules=['query','value']",
-                      "privacy.record.adapter_scale=3.0"])  # fmt: skip
-    loaded = load_base(cfg.model, cfg.data.labels)
-    model = attach_lora(loaded.model, cfg.lora, cfg.model)
-    for m in model.modules():  # the norms below are computed twice: the same without dropout
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    tok = loaded.tokenizer
-    records = [Record([{"role": "user", "content": "a red apple"}], "red", "red", "r:0")]
-    (norm,) = record_grad_norms(model, tok, records, cfg)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert {"lora_" in n for n, _ in named} == {True, False}  # adapters and a head
-    model.eval()
-    loss, _ = batch_loss(model, collate(encode(records, tok, cfg), tok.pad_token_id))
-    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-    parts = {True: 0.0, False: 0.0}
-    for (n, _), g in zip(named, grads, strict=True):
-        parts["lora_" in n] += 0.0 if g is None else float((g**2).sum())
-    assert parts[True] > 0 and parts[False] > 0
-    assert norm == pytest.approx((parts[False] + 9 * parts[True]) ** 0.5, rel=1e-4)
-    assert norm != pytest.approx((parts[False] + parts[True]) ** 0.5, rel=1e-3)

@@ -44,18 +44,6 @@ class RecordDPConfig(Section):
     grad_sample_mode: Literal["hooks", "ghost"] = Field(
         "hooks", description="Opacus per-sample gradient mode; `ghost` = fast gradient clipping."
     )
-    adapter_scale: float = Field(
-        1.0,
-        gt=0,
-        allow_inf_nan=False,
-        description=(
-            "Multiplier of each record's adapter gradients (the LoRA/DoRA matrices, not the "
-            "head) inside DP-SGD's clip, divided back after the noise: the adapters take that "
-            "much more of the clip bound and get 1/scale of the noise. Any value gives the same "
-            "guarantee (the clip bounds each record's whole scaled gradient; dividing after the "
-            "noise is post-processing)."
-        ),
-    )
 
     @model_validator(mode="after")
     def _noise_xor_target(self) -> RecordDPConfig:
@@ -67,11 +55,6 @@ class RecordDPConfig(Section):
                 "site's ledger charges every round with RDP (one accountant over all of the "
                 "site's runs), so noise calibrated by PRV would be recorded above the target "
                 '(epsilon 8 by PRV was 9.15 in the ledger); use "rdp"'
-            )
-        if self.adapter_scale != 1.0 and self.grad_sample_mode == "ghost":
-            raise ValueError(
-                "`privacy.record.adapter_scale` needs `grad_sample_mode` = \"hooks\": ghost "
-                "clipping computes each record's gradient norm without the gradients to scale"
             )
         has_noise, has_target = self.noise_multiplier is not None, self.target_epsilon is not None
         if has_noise == has_target:
