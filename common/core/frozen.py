@@ -132,9 +132,9 @@ def prefix_states(
     """Each record's hidden states out of ``layers[skip - 1]`` (eval mode): (tokens, hidden).
 
     Records run in batches of similar length (sorted, then put back in order): a batch is padded
-    to its longest record, and on hospital-coding's descriptions (20 to 46 tokens) batches in
-    record order spent about a third of the pass on padding. Padding changes nothing a record's
-    own states see (its attention mask hides it)."""
+    to its longest record, and on hospital-coding's descriptions (5 to 31 tokens, median 10)
+    batches in record order took twice as long (1,024 through SmolLM2 on one core: 64 s against
+    30.5 s). Padding changes nothing a record's own states see (its attention mask hides it)."""
     captured: list[Tensor] = []
 
     def capture(_m: nn.Module, _args: Any, output: Any) -> None:
