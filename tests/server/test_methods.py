@@ -90,14 +90,16 @@ def test_methods_without_per_record_gradients_are_refused_under_record_level_dp(
         )
 
 
-# `partial` and `full` train the model's own weights: what is sent is those weights by name.
+# `partial`, `head` and `full` train the model's own weights: what is sent is those weights by
+# name (`head` on a classifier: its score layer alone).
 WEIGHTS = {
     "partial": lambda k: k.startswith(("model.layers.1.", "model.norm.", "lm_head.")),
+    "head": lambda k: k.startswith("score."),
     "full": lambda k: True,
 }
 
 
-@pytest.mark.parametrize("method", ["partial", "full"])
+@pytest.mark.parametrize("method", ["partial", "head", "full"])
 def test_weight_methods_round_trip_plain_and_under_secure_aggregation(tiny_cfg, tmp_path, method):
     """The sites train the chosen weights in place; the coordinator averages them (exactly: the
     frozen rest is the same everywhere) and saves only them; secure aggregation sums the same."""
@@ -105,6 +107,8 @@ def test_weight_methods_round_trip_plain_and_under_secure_aggregation(tiny_cfg, 
     from common.core.models import load_base
 
     cfg = _with(tiny_cfg, lora={"method": method, "layers": [-1] if method == "partial" else []})
+    if method == "head":  # a classifier's head
+        cfg = _with(cfg, model={"task": "seq-cls"})
     plain_summary, plain = _round(cfg, tmp_path / "plain", secure=False, file=TRAINED_FILE)
     _, secure = _round(cfg, tmp_path / "secure", secure=True, file=TRAINED_FILE)
     assert (tmp_path / "plain" / "run" / "rounds" / "1" / TRAINED_META).is_file()
