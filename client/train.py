@@ -344,7 +344,9 @@ def train_round(
     skip: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     try:
         if cfg.cache_frozen:
-            examples, prefix = with_cache(model, examples, pad_id, thawed.frozen, cache_dir)
+            examples, prefix = with_cache(
+                model, examples, pad_id, thawed.frozen, cache_dir, cfg.cache_precision
+            )
             skip = skipping(model, prefix) if prefix is not None else skip
         with skip:
             stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)

@@ -186,7 +186,9 @@ def evaluate(
     encoded = encode(records, tok, cfg)
     skip: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if cfg.train.cache_frozen:
-        encoded, prefix = with_cache(model, encoded, _pad(tok), [])
+        encoded, prefix = with_cache(
+            model, encoded, _pad(tok), [], precision=cfg.train.cache_precision
+        )
         skip = skipping(model, prefix) if prefix is not None else skip
     with skip:
         total, count, preds = _scored(model, encoded, cfg, batch_size, _pad(tok), firsts)

@@ -333,3 +333,63 @@ def test_records_run_in_batches_of_similar_length_and_come_back_in_order(arch, t
         (alone,) = frozen.prefix_states(model, prefix, [e], 0, batch_size=1)
         assert states.shape == (len(e.input_ids), alone.size(-1))
         torch.testing.assert_close(states, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "task"), MODELS)
+def test_a_bfloat16_pass_keeps_float32_states_close_to_the_exact_ones(arch, task, caplog):
+    """`train.cache_precision = "bf16"`: the frozen layers run under bfloat16 autocast, the
+    states come back in float32, within the check's bound of the float32 pass and not equal to
+    it (bfloat16 did run); a round through them trains close to one through exact states."""
+    data = examples(arch, task)
+    exact_cfg = config(arch, task, "train.cache_frozen=true")
+    half_cfg = config(arch, task, "train.cache_frozen=true", "train.cache_precision=bf16")
+    model = model_for(exact_cfg)
+    prefix, why = frozen.plan(model)
+    assert prefix is not None, why
+    exact = frozen.prefix_states(model, prefix, data, 0)
+    with caplog.at_level(logging.WARNING, logger="common.core.frozen"):
+        half, used = frozen.with_cache(model, data, 0, [], precision="bf16")
+    assert used is not None and "does not reproduce" not in caplog.text
+    gaps = []
+    for e, want in zip(half, exact, strict=True):
+        assert e.hidden.dtype == torch.float32 and e.hidden.shape == want.shape
+        gaps.append(float((e.hidden - want).norm() / want.norm()))
+    assert 0 < max(gaps) <= frozen.CLOSE["bf16"], gaps
+    # the two precisions never share a cache entry
+    again, _ = frozen.with_cache(model, data, 0, [])
+    assert all(torch.equal(a.hidden, b) for a, b in zip(again, exact, strict=True))
+    assert len(frozen._CACHE) == 2
+
+    steps = {}
+    for name, cfg in (("exact", exact_cfg), ("half", half_cfg)):
+        m = model_for(cfg)
+        start = trained(m)
+        run_rounds(cfg, m, data, rounds=1)
+        steps[name] = torch.cat([(p - start[k]).flatten() for k, p in trained(m).items()])
+    assert steps["exact"].norm() > 0
+    assert (steps["half"] - steps["exact"]).norm() <= 0.1 * steps["exact"].norm()
+
+
+def test_a_saved_file_from_a_bfloat16_pass_is_not_taken_for_an_exact_one(tmp_path, caplog):
+    """A file whose states are not the frozen layers' float32 output (here: a bfloat16 pass's,
+    saved under the float32 cache's name) is refused by the check and rebuilt, never trained
+    on."""
+    data = examples("bert", "seq-cls")
+    model = model_for(config("bert", "seq-cls"))
+    folder = tmp_path / "frozen-cache"
+    frozen.with_cache(model, data, 0, [], folder)
+    (saved,) = folder.glob("*.safetensors")
+    frozen.with_cache(model, data, 0, [], tmp_path / "other", "bf16")
+    (forged,) = (tmp_path / "other").glob("*.safetensors")
+    saved.write_bytes(forged.read_bytes())
+    frozen._CACHE.clear()  # a new process
+    with caplog.at_level(logging.WARNING, logger="common.core.frozen"):
+        records, prefix = frozen.with_cache(model, data, 0, [], folder)
+    assert "does not reproduce this model's output" in caplog.text
+    assert "of their norm away" in caplog.text
+    assert prefix is None and records is data
+
+
+def test_cache_precision_without_the_cache_is_refused():
+    with pytest.raises(Exception, match=r"`train.cache_precision` = \"bf16\" sets the precision"):
+        config("bert", "seq-cls", "train.cache_precision=bf16")
