@@ -388,8 +388,3 @@ def test_a_saved_file_from_a_bfloat16_pass_is_not_taken_for_an_exact_one(tmp_pat
     assert "does not reproduce this model's output" in caplog.text
     assert "of their norm away" in caplog.text
     assert prefix is None and records is data
-
-
-def test_cache_precision_without_the_cache_is_refused():
-    with pytest.raises(Exception, match=r"`train.cache_precision` = \"bf16\" sets the precision"):
-        config("bert", "seq-cls", "train.cache_precision=bf16")

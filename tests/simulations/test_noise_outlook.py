@@ -30,7 +30,7 @@ def test_small_sites_are_warned_and_told_what_would_help():
 
 def test_the_shipped_dp_recipes_are_not_too_loud_at_their_site_sizes():
     # bank-complaints' smallest bank holds 999 complaints (all 10,000, Dirichlet 0.5 over 5 banks)
-    for name, records in (("bank-complaints", 999), ("hospital-coding", 6131)):
+    for name, records in (("bank-complaints", 999), ("hospital-coding", 6716)):
         cfg = load_config(SCENARIOS / f"{name}.toml", ["privacy.enabled=true"])
         text = noise_outlook(cfg, {"site-0": records})
         assert _noise(text, "site-0") <= NOISE_TOO_LOUD and "WARNING" not in text, name
@@ -39,11 +39,11 @@ def test_the_shipped_dp_recipes_are_not_too_loud_at_their_site_sizes():
     cfg = load_config(SCENARIOS / "bank-complaints.toml", ["privacy.enabled=true"])
     assert "WARNING" not in noise_outlook(cfg, {"site-0": 999}, 4616)
     # hospital-coding trains 12,096 (the 21-way head on SmolLM2's 576 features):
-    # its smallest hospital (6,131 of 32,000 descriptions) is under the limit in norm with the
+    # its smallest hospital (6,716 of all 42,189 descriptions) is under the limit in norm with the
     # scenario's batches of 4,000; at 666 (of 3,200, an earlier size) with the recipe's 256 the
     # noise is too loud, and the report says so
     cfg = load_config(SCENARIOS / "hospital-coding.toml", ["privacy.enabled=true"])
-    assert "WARNING" not in noise_outlook(cfg, {"site-0": 6131}, 12096)
+    assert "WARNING" not in noise_outlook(cfg, {"site-0": 6716}, 12096)
     earlier = load_config(
         SCENARIOS / "hospital-coding.toml", ["privacy.enabled=true", "train.batch_size=256"]
     )

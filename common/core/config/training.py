@@ -176,7 +176,8 @@ class TrainConfig(Section):
             "`bf16` runs it under bfloat16 autocast, about twice as fast on a CPU with bfloat16 "
             "instructions (AVX512-BF16, AMX) or a GPU (slower on a CPU without them). The "
             "states differ from float32's by about 1% in norm and are kept in float32; the "
-            "trained layers, the steps and DP-SGD stay float32. Privacy is unchanged."
+            "trained layers, the steps and DP-SGD stay float32. Privacy is unchanged. Without "
+            "`train.cache_frozen` it does nothing."
         ),
     )
     threads: int = Field(0, ge=0, description="torch threads per site; 0 = torch's default.")

@@ -97,12 +97,6 @@ class Config(Section):
                 f"{self.train.workers}: the cached states stay in the site process; use one "
                 "worker (the cache makes each step cheaper than several workers would)"
             )
-        if self.train.cache_precision != "fp32" and not self.train.cache_frozen:
-            problems.append(
-                f'`train.cache_precision` = "{self.train.cache_precision}" sets the precision of '
-                "the frozen-layer cache, which is off: set `train.cache_frozen` = true, or "
-                "`train.precision` for the training steps"
-            )
         if self.train.device == "cuda" and self.train.workers < 2:
             problems.append(
                 '`train.device` = "cuda" is not supported with `train.workers` = 1: sites train '
