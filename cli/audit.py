@@ -56,8 +56,7 @@ def audit_config(cfg: Config, canaries: int | None = None) -> Config:
 
 def analyze(run_dir: Path, round_: int | None = None) -> dict[str, Any]:
     """Score the canaries and members of a finished audit run; the report as a dict."""
-    from common.core.models import load_base
-    from server.publishing.publish import merged_round, read_run
+    from server.publishing.publish import merged_round, read_run, run_base
 
     info = read_run(run_dir, round_)
     cfg = info.cfg
@@ -65,7 +64,7 @@ def analyze(run_dir: Path, round_: int | None = None) -> dict[str, Any]:
     logger.info("audit: scoring %d canaries and up to %d members", len(canaries),
                 cfg.simulation.audit.members)  # fmt: skip
     _, model, tok = merged_round(run_dir, info.round)
-    base = load_base(cfg.model, cfg.data.labels).model.eval()
+    base = run_base(info)[0].eval()  # with the head's whitening map, if the run had one
     batch = cfg.evaluation.batch_size
 
     def scores(records: list[Record]) -> dict[str, np.ndarray]:

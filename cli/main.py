@@ -557,6 +557,14 @@ def _trained_model(cfg: Any) -> tuple[Any, Any] | None:
     from common.core.models import load_base
 
     loaded = load_base(cfg.model, cfg.data.labels)
+    if cfg.model.head_input == "whitened":  # the map the coordinator would send
+        from common.core import headinput
+
+        mcfg = cfg.model
+        whitening = headinput.reference_whitening(
+            loaded.model, loaded.tokenizer, mcfg.head_reference, mcfg.max_length
+        )
+        headinput.set_whitening(loaded.model, whitening)
     return attach_lora(loaded.model, cfg.lora, cfg.model), loaded.tokenizer
 
 

@@ -28,6 +28,7 @@ from client.site import (
     evaluate_global,
     preflight,
     private,
+    receive_whitening,
     run_local_round,
 )
 from common.core.config import Config
@@ -53,6 +54,14 @@ def _site(msg: Message, context: Context) -> SiteInfo:
     conf = msg.content.config_records[keys.CONFIG]
     data_root, run_id = str(conf.get(keys.DATA_ROOT, "")), str(conf.get(keys.RUN_ID, ""))
     return SiteInfo.from_node_config(context.node_config, data_root, run_id)
+
+
+def _round_config(msg: Message) -> tuple[ConfigRecord, Config]:
+    """The message's CONFIG record and its config; the head's whitening map, if any, installed."""
+    conf = msg.content.config_records[keys.CONFIG]
+    cfg = config_from_record(conf)
+    receive_whitening(cfg, conf.get(keys.HEAD_WHITENING))
+    return conf, cfg
 
 
 def _metrics(update: LocalUpdate, cfg: Config, seconds: float) -> MetricRecord:
@@ -97,7 +106,7 @@ def _declined(name: str, reason: str) -> RecordDict:
 
 @app.query(keys.CHECK_QUERY)
 def check(msg: Message, context: Context) -> Message:
-    cfg = config_from_record(msg.content.config_records[keys.CONFIG])
+    _, cfg = _round_config(msg)
     site = _site(msg, context)
     check = preflight(site, cfg)
     reply = RecordDict({keys.SITE: ConfigRecord({keys.NAME: site.name, **check.info})})
@@ -110,8 +119,7 @@ def check(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One local round; the reply is built on one path, the masking step optional."""
     started = time.monotonic()
-    conf = msg.content.config_records[keys.CONFIG]
-    cfg = config_from_record(conf)
+    conf, cfg = _round_config(msg)
     site = _site(msg, context)
     global_state = from_record(msg.content.array_records[keys.ADAPTER])
     plan = None
@@ -158,8 +166,7 @@ def _may_share(cfg: Config, site: SiteInfo) -> bool:
 def evaluate(msg: Message, context: Context) -> Message:
     """The final global model on the site's held-out split. Its figures leave the site only
     where :func:`site_evaluation_shared` allows; otherwise they go to the site's own log."""
-    conf = msg.content.config_records[keys.CONFIG]
-    cfg = config_from_record(conf)
+    conf, cfg = _round_config(msg)
     site = _site(msg, context)
     global_state = from_record(msg.content.array_records[keys.ADAPTER])
     result = evaluate_global(site, cfg, global_state, str(conf.get(keys.FINGERPRINT, "")))

@@ -32,6 +32,7 @@ from client.privacy_site import (
     round_steps,
 )
 from client.train import TrainResult
+from common.core import headinput
 from common.core.adapters import (
     attach_lora,
     exchanged_keys,
@@ -147,6 +148,14 @@ def site_model(cfg: Config) -> SiteModel:
             frozen_fingerprint(peft, cfg.lora),
         )
     return _MODELS[key]
+
+
+def receive_whitening(cfg: Config, raw: object) -> None:
+    """`model.head_input = "whitened"`: the coordinator's map (CONFIG's `head-whitening`) onto
+    this process' model, before anything runs it. Whatever map it sends, DP-SGD clips and
+    noises the head's own gradients (common/core/headinput.py)."""
+    if cfg.model.head_input == "whitened":
+        headinput.receive(site_model(cfg).model, raw)
 
 
 def load_records(site: SiteInfo, cfg: Config) -> list[Record]:

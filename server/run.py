@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.core import headinput
 from common.core.adapters import (
     attach_lora,
     exchanged_keys,
@@ -84,6 +85,7 @@ class FederatedRun:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     resume: bool = False
     expected: int = 0  # sites expected per round (set once preflight is done)
+    whitening: bytes | None = None  # `model.head_input = "whitened"`: the map sent to sites
     monitor: Monitor | None = None  # Prometheus metrics and the status page, if asked for
     status: RunStatus = field(init=False)  # the live state (OUT/status.json), set by `execute`
     _offline: set[int] = field(default_factory=set)
@@ -125,6 +127,7 @@ class FederatedRun:
             (self.out / checkpoint.NAME).unlink(missing_ok=True)
         writer = RunWriter(self.out, self.cfg, keep_rows=ckpt.rows if ckpt else None)
         loaded = load_base(self.cfg.model, self.cfg.data.labels)
+        self.whitening = self._head_whitening(loaded.model, loaded.tokenizer)
         model = attach_lora(loaded.model, self.cfg.lora, self.cfg.model)
         keys = exchanged_keys(model, self.cfg.lora)
         for stage in self.cfg.train.unfreeze:  # a schedule that cannot work fails before round 1
@@ -275,6 +278,29 @@ class FederatedRun:
         return state, ckpt.final, ckpt.round + 1, ckpt.elapsed_s
 
     # -- setup -------------------------------------------------------------------------------
+    def _head_whitening(self, model: Any, tokenizer: Any) -> bytes | None:
+        """`model.head_input = "whitened"`: the map from the public reference texts, installed
+        here and sent to every site with each message (a resumed run sends the saved one)."""
+        mcfg = self.cfg.model
+        if mcfg.head_input != "whitened":
+            return None
+        if self.resume and (self.out / headinput.WHITENING_FILE).is_file():
+            a = headinput.load_whitening(self.out)
+        elif not mcfg.head_reference:
+            raise RoundError(
+                '`model.head_input` = "whitened" needs `model.head_reference` (the coordinator\'s '
+                "public reference texts) or, in a simulation, `simulation.partition."
+                "reference_records`"
+            )
+        else:
+            self.status.phase("whitening the head's input")
+            a = headinput.reference_whitening(
+                model, tokenizer, mcfg.head_reference, mcfg.max_length
+            )
+            headinput.save_whitening(self.out, a)
+        headinput.set_whitening(model, a)
+        return headinput.to_bytes(a)
+
     def _test_records(self) -> list[Record]:
         ev = self.cfg.evaluation
         if not ev.test_dir:
@@ -416,6 +442,7 @@ class FederatedRun:
                 keys.FINGERPRINT: fingerprint,
                 keys.DATA_ROOT: self.data_root,
                 keys.RUN_ID: self.run_id,
+                **({keys.HEAD_WHITENING: self.whitening} if self.whitening else {}),
             },
         )
 

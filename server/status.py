@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 PHASES = (
-    "starting", "evaluating the base model", "waiting for sites", "preflight", "training",
-    "aggregating", "evaluating", "done", "failed",
+    "starting", "whitening the head's input", "evaluating the base model", "waiting for sites",
+    "preflight", "training", "aggregating", "evaluating", "evaluating at the sites", "done",
+    "failed",
 )  # fmt: skip
 SITE_STATES = ("online", "offline", "sampled", "replied", "failed", "declined")
 WRITE_EVERY_S = 1.0

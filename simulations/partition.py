@@ -105,6 +105,26 @@ def select(
     return [train[i] for i in kept], picked, test
 
 
+def reference(test: list[Row], labels: list[str], part: PartitionConfig) -> list[Row]:
+    """`reference_records`: held-out rows after the test records (never trained or tested on),
+    as unlabelled texts: the coordinator's public reference in a simulation."""
+    allowed = set(labels)
+    pool = [r for r in test if not allowed or r.get("label") in allowed]
+    start = part.max_test_records
+    if not start:
+        raise ConfigError(
+            "`simulation.partition.reference_records` takes held-out records after the test "
+            "records: set `max_test_records` below the held-out split's size"
+        )
+    rows = [{"text": str(r["text"])} for r in pool[start : start + part.reference_records]]
+    if len(rows) < part.reference_records:
+        raise ConfigError(
+            f"`simulation.partition.reference_records` = {part.reference_records}: only "
+            f"{len(rows)} held-out records are left after the {start} test records"
+        )
+    return rows
+
+
 def assign(train: list[Row], groups: list[str] | None, part: PartitionConfig) -> list[list[int]]:
     """Indices of ``train`` per site: by the groups the data gives, else by `scheme`."""
     if groups is not None:

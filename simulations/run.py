@@ -15,12 +15,12 @@ from typing import Any
 
 from common.core.config import Config
 from common.core.config.simulation import VIRTUAL_SITE_POLICY, default_site_state
-from common.core.errors import DataError
+from common.core.errors import ConfigError, DataError
 from common.core.records import write_jsonl
 from common.dataprep import check_folder
 from simulations.canaries import INDEX_FILE, write_canaries
 from simulations.corpora import CORPORA, Corpus
-from simulations.partition import assign, select, top_labels
+from simulations.partition import assign, reference, select, top_labels
 from simulations.userdata import user_corpus
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,25 @@ def write_sites(cfg: Config, corpus: Corpus, out: Path) -> dict[str, int]:
             len(canaries), sum(c.included for c in canaries), INDEX_FILE,
         )  # fmt: skip
     return counts
+
+
+def write_reference(cfg: Config, corpus: Corpus, out: Path) -> Config:
+    """`simulation.partition.reference_records`: the coordinator's public reference texts
+    (`OUT/reference/`), named by `model.head_reference` in the config returned."""
+    n = cfg.simulation.partition.reference_records
+    if not n:
+        return cfg
+    if cfg.model.head_input != "whitened" or cfg.model.head_reference:
+        raise ConfigError(
+            '`simulation.partition.reference_records` is for `model.head_input` = "whitened" '
+            "without a `model.head_reference` of its own"
+        )
+    path = out / "reference" / "reference.jsonl"
+    write_jsonl(path, reference(corpus.test, cfg.data.labels, cfg.simulation.partition))
+    logger.info("reference: %d held-out texts for the head's whitening (%s)", n, path)
+    return cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"head_reference": str(path.resolve())})}
+    )
 
 
 def write_policies(cfg: Config, out: Path, sites: list[str]) -> None:
@@ -107,9 +126,10 @@ def prepare(cfg: Config, out: Path) -> Config:
     """Write the virtual sites' folders and check them; return the config the run will use."""
     corpus = load_corpus(cfg)
     cfg = resolve_labels(cfg, corpus)
-    for sub in ("sites", "test", "rounds", "plots", "audit"):
+    for sub in ("sites", "test", "reference", "rounds", "plots", "audit"):
         shutil.rmtree(out / sub, ignore_errors=True)
     write_sites(cfg, corpus, out)
+    cfg = write_reference(cfg, corpus, out)
     check_sites(cfg, out)
     ev = cfg.evaluation.model_copy(update={"test_dir": str(out / "test")})
     return cfg.model_copy(update={"evaluation": ev})

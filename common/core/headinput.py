@@ -20,21 +20,44 @@ The projection is linear and the head is linear, so it folds into the head exact
 ``W (I - u u^T) h = W' h`` with ``W' = W - (W u) u^T``. :func:`fold` does that before `publish`
 writes a model, so a published model is a plain model that any loader reads as is (no hook, no
 extra file); applying the projection again to a folded head changes nothing.
+
+`model.head_input = "whitened"`: the projection, then a fixed linear map ``A`` that whitens what
+is left: ``A = (M + rho I)^(-1/2)`` with ``M`` the second moment of the projected head inputs of
+the coordinator's reference texts (`model.head_reference`: public texts of the domain, no site's
+records) and ``rho`` a small ridge (:data:`SHRINKAGE` of ``M``'s largest eigenvalue). Under
+DP-SGD every direction of the head's input then weighs alike: the few directions of large
+variance no longer set each per-record gradient's length (and so the clip bound and the noise)
+while the class is read off the many small ones. Measured on hospital-coding (README):
+DP 0.798 -> 0.846, central 0.851 -> 0.892.
+
+Privacy: ``A`` is a function of public texts and the base model, chosen by the coordinator like
+the global weights it already sends each round; DP-SGD's guarantee holds for any model the
+coordinator sends, since Opacus clips and noises the gradients of the head's own weight whatever
+its input is (a test has a coordinator send a crafted ``A``). ``A`` never depends on a site's
+records: a site receives it, never computes or returns it. It folds like the projection:
+``W A P h``, so ``W' = (W A) P``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from common.core.adapters import HEAD_NAMES
+from common.core.errors import DataError, ModelError
 
 logger = logging.getLogger(__name__)
 
 ATTR = "_fedtune_head_direction"  # the unit direction a head's input is projected off
+WHITEN = "_fedtune_head_whitening"  # `whitened`: the fixed map applied after the projection
+SHRINKAGE = 0.003  # the ridge added to the second moment, as a fraction of its top eigenvalue
+REFERENCE_BATCH = 64
+WHITENING_FILE = "head-whitening.safetensors"  # in the run folder: the map the sites were sent
 
 
 def _project(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -85,16 +108,171 @@ def label_mean_direction(model: nn.Module, tokenizer: Any, labels: list[str]) ->
     return mean / norm
 
 
-def install(model: nn.Module, tokenizer: Any, labels: list[str]) -> Tensor:
-    """Project the head's input off the label names' mean direction, from now on (in place)."""
+def _whiten(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    a: Tensor | None = getattr(module, WHITEN)
+    if a is None:  # never compute unwhitened by mistake: the map comes from the coordinator
+        raise ModelError(
+            '`model.head_input` = "whitened": the head\'s whitening map is not set (the '
+            "coordinator computes it from `model.head_reference` and sends it with each round)"
+        )
+    x = args[0]
+    return (x @ a.to(device=x.device, dtype=x.dtype), *args[1:])
+
+
+def install(model: nn.Module, tokenizer: Any, labels: list[str], whitened: bool = False) -> Tensor:
+    """Project the head's input off the label names' mean direction, from now on (in place);
+    ``whitened``: then apply the map :func:`set_whitening` gives (none yet: the head refuses)."""
     name, head = head_of(model)
     u = label_mean_direction(model, tokenizer, labels)
     setattr(head, ATTR, u)
     head.register_forward_pre_hook(_project)
+    if whitened:
+        setattr(head, WHITEN, None)
+        head.register_forward_pre_hook(_whiten)
     logger.info(
-        "`model.head_input`: `%s` reads its input without the label names' mean direction", name
-    )
+        "`model.head_input`: `%s` reads its input without the label names' mean direction%s",
+        name, ", whitened" if whitened else "",
+    )  # fmt: skip
     return u
+
+
+def _whitened_heads(model: nn.Module) -> list[nn.Linear]:
+    """Every copy of a whitened head (PEFT keeps the original beside the trained copy)."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(m, WHITEN)]
+    if not heads:
+        raise ModelError('the model\'s head was not loaded with `model.head_input` = "whitened"')
+    return heads
+
+
+def _whitened_head(model: nn.Module) -> nn.Linear:
+    return _whitened_heads(model)[0]
+
+
+def set_whitening(model: nn.Module, a: Tensor) -> None:
+    """Give the whitened head (each copy of it) its map, from the coordinator; checked: square,
+    its input's size, finite."""
+    heads = _whitened_heads(model)
+    size = heads[0].in_features
+    if a.shape != (size, size):
+        raise ModelError(f"head whitening map: expected {size}x{size}, got {tuple(a.shape)}")
+    if not torch.isfinite(a).all():
+        raise ModelError("head whitening map has NaN or Inf values")
+    for head in heads:
+        setattr(head, WHITEN, a.detach().float().cpu())
+
+
+def whitening_of(model: nn.Module) -> Tensor | None:
+    """The map a whitened head applies (None: not set, or not a whitened head)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and hasattr(module, WHITEN):
+            return getattr(module, WHITEN)
+    return None
+
+
+def read_reference(path: str | Path) -> list[str]:
+    """The texts of `model.head_reference` (a file, or a folder of files): each row's `text`."""
+    from common.core.readers import list_files, read_file
+
+    if not str(path):
+        raise DataError(
+            '`model.head_reference` is not set: `head_input` = "whitened" needs the '
+            "coordinator's public reference texts (in a simulation: `simulation.partition."
+            "reference_records`)"
+        )
+    where = Path(path)
+    if not where.exists():
+        raise DataError(
+            f'`model.head_reference`: `{path}` does not exist (`head_input` = "whitened" needs '
+            "the coordinator's public reference texts)"
+        )
+    files = list_files(where)[0] if where.is_dir() else [where]
+    texts: list[str] = []
+    for file in files:
+        rows = read_file(file)
+        if rows.skipped:
+            raise DataError(f"`model.head_reference`: {file}: {rows.skipped}")
+        if rows.issues:
+            first = min(rows.issues, key=lambda issue: issue.line)
+            raise DataError(f"`model.head_reference`: {first.where}: {first.message}")
+        for row in rows.rows:
+            text = row.data.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"`model.head_reference`: {row.where}: no `text` (a string)")
+            texts.append(text)
+    if len(texts) < 2:
+        raise DataError(f"`model.head_reference`: `{path}` holds {len(texts)} text(s), need more")
+    return texts
+
+
+@torch.no_grad()
+def reference_features(
+    model: nn.Module, tokenizer: Any, texts: list[str], max_length: int
+) -> Tensor:
+    """The head inputs the texts give after the label-mean projection (encoded as a record's
+    text is for `seq-cls`: truncated to ``max_length``, the last token's or the pooled one)."""
+    from common.core.batches import Encoded, collate
+
+    head = _whitened_head(model)
+    before = getattr(head, WHITEN)
+    setattr(head, WHITEN, torch.eye(head.in_features))  # the features before any whitening
+    seen: list[Tensor] = []
+
+    def capture(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.append(args[0].detach().float())
+
+    handle = head.register_forward_pre_hook(capture, prepend=True)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[Tensor] = []
+    try:
+        for i in range(0, len(texts), REFERENCE_BATCH):
+            encoded = [
+                Encoded(list(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]), 0)
+                for t in texts[i : i + REFERENCE_BATCH]
+            ]
+            batch = collate(encoded, pad)
+            seen.clear()
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            )
+            x = _project(head, (seen[-1],))[0]  # the capture ran first: project it here
+            if x.dim() == 3:  # a decoder: the last real token of each (right-padded) row
+                last = batch["attention_mask"].sum(-1) - 1
+                x = x[torch.arange(x.size(0)), last.to(x.device)]
+            out.append(x.cpu())
+    finally:
+        handle.remove()
+        setattr(head, WHITEN, before)
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def whitening_map(features: Tensor, shrinkage: float = SHRINKAGE) -> Tensor:
+    """``(M + rho I)^(-1/2)``, ``M`` the features' second moment, ``rho`` = shrinkage x its
+    largest eigenvalue (symmetric, in float32)."""
+    f = features.double()
+    moment = f.T @ f / f.size(0)
+    values, vectors = torch.linalg.eigh(moment)
+    ridge = shrinkage * float(values.max())
+    scale = (values.clamp(min=0.0) + ridge).rsqrt()
+    return ((vectors * scale) @ vectors.T).float()
+
+
+def reference_whitening(
+    model: nn.Module, tokenizer: Any, reference: str, max_length: int
+) -> Tensor:
+    """The coordinator's map: from `model.head_reference`'s texts through the base model."""
+    start = time.monotonic()
+    texts = read_reference(reference)
+    a = whitening_map(reference_features(model, tokenizer, texts, max_length))
+    logger.info(
+        "`model.head_input`: whitening map from %d reference texts (%s) in %.1f s",
+        len(texts), reference, time.monotonic() - start,
+    )  # fmt: skip
+    return a
 
 
 @torch.no_grad()
@@ -109,11 +287,68 @@ def fold(model: nn.Module) -> int:
         if u is None or not isinstance(module, nn.Linear):
             continue
         w = module.weight
+        if hasattr(module, WHITEN):  # W A P: the map first, then the projection
+            a = getattr(module, WHITEN)
+            if a is None:
+                raise ModelError("cannot fold a whitened head whose map was never set")
+            w.copy_(w @ a.to(device=w.device, dtype=w.dtype))
+            delattr(module, WHITEN)
         uu = u.to(device=w.device, dtype=w.dtype)
         w.sub_(torch.outer(w @ uu, uu))
         for key, hook in list(module._forward_pre_hooks.items()):
-            if hook is _project:
+            if hook is _project or hook is _whiten:
                 del module._forward_pre_hooks[key]
         delattr(module, ATTR)
         folded += 1
     return folded
+
+
+def save_whitening(folder: Path, a: Tensor) -> Path:
+    """The run's map into its folder (what `publish` folds and a resumed run sends again)."""
+    from safetensors.torch import save_file
+
+    path = folder / WHITENING_FILE
+    save_file({"whitening": a.detach().float().contiguous()}, str(path))
+    return path
+
+
+def load_whitening(folder: Path) -> Tensor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / WHITENING_FILE
+    if not path.is_file():
+        raise ModelError(
+            f'`{path}` is missing: the run used `model.head_input` = "whitened" and its map is '
+            "written there when the run starts"
+        )
+    try:
+        return load_file(str(path))["whitening"]
+    except (SafetensorError, KeyError, OSError) as err:
+        raise ModelError(f"`{path}` is not a head whitening map ({err})") from None
+
+
+def to_bytes(a: Tensor) -> bytes:
+    """The map on the wire (CONFIG's `head-whitening`): float32, row-major."""
+    return a.detach().float().contiguous().numpy().tobytes()
+
+
+def receive(model: nn.Module, raw: object) -> None:
+    """A site: install the map the coordinator sent (CONFIG's `head-whitening`), checked."""
+    set_whitening(model, from_bytes(raw, _whitened_head(model).in_features))
+
+
+def from_bytes(raw: object, size: int) -> Tensor:
+    """The map a site receives, checked: float32 bytes of a ``size`` x ``size`` matrix."""
+    if not isinstance(raw, bytes):
+        raise ModelError(
+            '`model.head_input` = "whitened": the coordinator sent no whitening map with this '
+            "message"
+        )
+    if len(raw) != 4 * size * size:
+        raise ModelError(
+            f"head whitening map: expected {size}x{size} float32, got {len(raw)} bytes"
+        )
+    import numpy as np
+
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.float32).reshape(size, size).copy())

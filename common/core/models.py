@@ -239,15 +239,16 @@ def load_base(cfg: ModelConfig, labels: list[str] | None = None) -> LoadedModel:
     loaded.model.config.use_cache = False
     if loaded.model.config.pad_token_id is None:
         loaded.model.config.pad_token_id = loaded.tokenizer.pad_token_id
-    if cfg.head_input == "without-label-mean":
+    if cfg.head_input != "as-is":
         from common.core import headinput
 
         if cfg.task != "seq-cls":
             raise ModelError(
-                '`model.head_input` = "without-label-mean" needs `model.task` = "seq-cls"'
+                f'`model.head_input` = "{cfg.head_input}" needs `model.task` = "seq-cls"'
             )
         try:
-            headinput.install(loaded.model, loaded.tokenizer, list(labels or []))
+            whitened = cfg.head_input == "whitened"
+            headinput.install(loaded.model, loaded.tokenizer, list(labels or []), whitened)
         except ValueError as err:
             raise ModelError(str(err)) from None
     return loaded

@@ -53,6 +53,7 @@ SIM_IDENTITY_KEY, SIM_IDENTITY_CERT, SIM_CA_CERT = "sim-identity-key", "sim-iden
 CONFIG_TREE = "fedtune-config"  # the whole resolved config as one JSON string
 ROUND, FINGERPRINT, DATA_ROOT, RUN_ID = "round", "fingerprint", "data-root", "run-id"
 WEIGHT = "secagg-weight"  # the site's public weight (secure path: it pre-multiplies)
+HEAD_WHITENING = "head-whitening"  # `model.head_input = "whitened"`: the coordinator's map
 
 # -- keys inside SITE and DECLINED ------------------------------------------------------------
 NAME, RECORDS, REASON = "name", "records", "reason"

@@ -89,7 +89,7 @@ def publish(
     if audit_report is not None:
         check_audit(audit_report, info.summary)
     eval_report = _read_report(evaluation, info, "evaluation") if evaluation else None
-    model, tokenizer = (load_base or _default_load_base)(info.cfg)
+    model, tokenizer = run_base(info, load_base)
     evaluate = evaluate or _default_evaluate
     before = evaluate(model, tokenizer, info.cfg, info.test_records)
     merged = _merge_adapter(model, info.adapter_dir)
@@ -220,6 +220,21 @@ def _default_load_base(cfg: Config) -> tuple[Any, Any]:
     return loaded.model, loaded.tokenizer
 
 
+def run_base(info: RunInfo, load_base: LoadBaseFn | None = None) -> tuple[Any, Any]:
+    """(base model, tokenizer) as the run's rounds started from: with the head's whitening map
+    (`model.head_input = "whitened"`) the run wrote, which `publish` then folds."""
+    model, tokenizer = (load_base or _default_load_base)(info.cfg)
+    if info.cfg.model.head_input == "whitened":
+        from common.core.errors import ModelError
+        from common.core.headinput import load_whitening, set_whitening
+
+        try:
+            set_whitening(model, load_whitening(info.run_dir))
+        except ModelError as err:
+            raise PublishError(str(err)) from None
+    return model, tokenizer
+
+
 def _default_evaluate(model: Any, tokenizer: Any, cfg: Config, records: list[Any]) -> Metrics:
     """The run loop's own evaluation, so publish-time numbers compare with the run summary."""
     from common.core.tasks import evaluate
@@ -230,7 +245,7 @@ def _default_evaluate(model: Any, tokenizer: Any, cfg: Config, records: list[Any
 def merged_round(run_dir: str | Path, round: int | None = None) -> tuple[Config, Any, Any]:
     """(config, merged model, tokenizer) of a run's round (default as `publish`), for evaluation."""
     info = read_run(run_dir, round)
-    model, tokenizer = _default_load_base(info.cfg)
+    model, tokenizer = run_base(info)
     return info.cfg, _merge_adapter(model, info.adapter_dir), tokenizer
 
 

@@ -11,7 +11,7 @@ from opacus import GradSampleModule
 from common.core import headinput
 from common.core.adapters import attach_lora
 from common.core.config import LoraConfig, ModelConfig
-from common.core.errors import ModelError
+from common.core.errors import DataError, ModelError
 from common.core.models import load_base
 
 LABELS = ["heart", "lung", "skin"]
@@ -110,3 +110,121 @@ def test_only_a_classifier_has_a_head_input():
         load_base(ModelConfig(source="tiny:llama", head_input="without-label-mean"), LABELS)
     with pytest.raises(ModelError, match="data.labels"):
         load_base(ModelConfig(source="tiny:llama", task="seq-cls", head_input="without-label-mean"))
+
+
+# -- `head_input = "whitened"`: the coordinator's map from public reference texts ---------------
+
+REFERENCE = [
+    "a fever and chills", "pain in the left knee", "itching of the scalp", "a broken wrist",
+    "blurred vision at night", "a dry cough", "swelling of the ankle", "loss of appetite",
+    "chest tightness on exertion", "a rash after a new drug", "numbness in two fingers",
+    "ringing in both ears",
+]  # fmt: skip
+
+
+def _whitened(arch: str = "llama"):
+    loaded = _load(arch, "whitened")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    feats = headinput.reference_features(model, tok, REFERENCE, max_length=32)
+    a = headinput.whitening_map(feats)
+    headinput.set_whitening(model, a)
+    return model, tok, feats, a
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_the_map_whitens_the_reference_features(arch):
+    model, tok, feats, a = _whitened(arch)
+    size = headinput.head_of(model)[1].in_features
+    assert feats.shape == (len(REFERENCE), size) and a.shape == (size, size)
+    torch.testing.assert_close(a, a.T)
+    moment = (feats.T @ feats / len(feats)).double()
+    values = torch.linalg.eigvalsh(moment)
+    ridge = headinput.SHRINKAGE * float(values.max())
+    # A (M + rho I) A = I: every direction of the reference weighs alike after the map
+    eye = a.double() @ (moment + ridge * torch.eye(size, dtype=torch.float64)) @ a.double()
+    torch.testing.assert_close(eye, torch.eye(size, dtype=torch.float64), atol=2e-3, rtol=0)
+    # the features are those the head reads after the label-mean projection
+    u = getattr(headinput.head_of(model)[1], headinput.ATTR)
+    assert (feats @ u).abs().max().item() < 1e-4
+    # and the head now reads them through the map: the last token's input is A x
+    x = _head_inputs(model, tok, REFERENCE[:1])
+    last = x[0, -1] if x.dim() == 3 else x[0]
+    torch.testing.assert_close(last, feats[0] @ a, atol=1e-4, rtol=1e-4)
+
+
+def test_a_whitened_head_refuses_to_run_without_its_map():
+    loaded = _load("llama", "whitened")
+    batch = loaded.tokenizer(TEXTS[:1], return_tensors="pt")
+    with pytest.raises(ModelError, match="whitening map is not set"):
+        loaded.model(**batch)
+    with pytest.raises(ModelError, match="expected 64x64"):
+        headinput.set_whitening(loaded.model, torch.eye(3))
+    with pytest.raises(ModelError, match="NaN or Inf"):
+        headinput.set_whitening(loaded.model, torch.full((64, 64), float("nan")))
+    with pytest.raises(ModelError, match="sent no whitening map"):
+        headinput.receive(loaded.model, None)
+    with pytest.raises(ModelError, match="expected 64x64 float32, got 12 bytes"):
+        headinput.receive(loaded.model, b"\0" * 12)
+    a = torch.randn(64, 64)
+    headinput.receive(loaded.model, headinput.to_bytes(a))
+    torch.testing.assert_close(headinput.whitening_of(loaded.model), a)
+
+
+def test_fold_writes_the_map_and_the_projection_into_the_head_exactly(tmp_path):
+    model, tok, _, a = _whitened()
+    with torch.no_grad():
+        model.score.weight.add_(torch.randn_like(model.score.weight))  # a trained head
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hooked = model(**batch).logits
+    headinput.save_whitening(tmp_path, a)
+    torch.testing.assert_close(headinput.load_whitening(tmp_path), a)
+    assert headinput.fold(model) == 1
+    assert not model.score._forward_pre_hooks and headinput.whitening_of(model) is None
+    with torch.no_grad():
+        folded = model(**batch).logits
+    torch.testing.assert_close(folded, hooked, atol=1e-4, rtol=1e-4)
+
+
+def test_the_reference_texts_are_read_with_file_and_line_of_a_bad_row(tmp_path):
+    good = tmp_path / "ref.jsonl"
+    good.write_text("".join(f'{{"text": "{t}"}}\n' for t in REFERENCE[:3]))
+    assert headinput.read_reference(good) == REFERENCE[:3]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.csv").write_text("text\nfirst text\nsecond text\n")
+    assert headinput.read_reference(folder) == ["first text", "second text"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"note": "no text here"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2: no `text`"):
+        headinput.read_reference(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(DataError, match="broken.jsonl:2"):
+        headinput.read_reference(broken)
+    with pytest.raises(DataError, match="does not exist"):
+        headinput.read_reference(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="is not set"):
+        headinput.read_reference("")
+
+
+def test_only_a_whitened_head_takes_a_reference():
+    with pytest.raises(ValueError, match='used only with `head_input = "whitened"`'):
+        ModelConfig(source="tiny:llama", head_reference="/tmp/ref.jsonl")
+
+
+def test_a_peft_copy_of_a_whitened_head_gets_the_map_too():
+    loaded = _load("llama", "whitened")
+    model = attach_lora(loaded.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+                        ModelConfig(source="tiny:llama", task="seq-cls"))  # fmt: skip
+    a = torch.randn(64, 64)
+    headinput.receive(model, headinput.to_bytes(a))
+    heads = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and getattr(m, headinput.WHITEN, None) is not None
+    ]
+    assert len(heads) == 2  # PEFT's frozen original and the trained copy
+    batch = loaded.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()

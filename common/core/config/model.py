@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from common.core.config.section import Section
 
@@ -44,7 +45,7 @@ class ModelConfig(Section):
             "Needs `pip install bitsandbytes` (its CPU backend works here)."
         ),
     )
-    head_input: Literal["as-is", "without-label-mean"] = Field(
+    head_input: Literal["as-is", "without-label-mean", "whitened"] = Field(
         "as-is",
         description=(
             "`seq-cls` only. `without-label-mean`: the classification head reads its input "
@@ -52,7 +53,20 @@ class ModelConfig(Section):
             "model run on each of `data.labels` alone: no record involved, no privacy cost). "
             "That component is common to every input and carries no class, but sets most of "
             "a per-record gradient's length, and so the clip bound and the noise under DP. "
-            "`publish` folds it into the head's weights: a published model is a plain model."
+            "`whitened`: that, then a fixed linear map that whitens the head's input, which the "
+            "coordinator computes from `head_reference` (public texts, no site's records) and "
+            "sends to every site. "
+            "`publish` folds both into the head's weights: a published model is a plain model."
+        ),
+    )
+    head_reference: str = Field(
+        "",
+        description=(
+            '`head_input = "whitened"`: a file or folder of unlabelled texts (JSONL, CSV or '
+            "Parquet with a `text` field) that no site needs protected: public records of the "
+            "domain the coordinator holds. Only the coordinator reads it; the whitening map "
+            "computed from it travels to the sites with each round. A simulation fills it from "
+            "`simulation.partition.reference_records`."
         ),
     )
     max_length: int = Field(128, gt=8, le=8192, description="Tokens per example after truncation.")
@@ -63,6 +77,18 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = Field(
         default_factory=TinyModelConfig, description="Shape used when `source` is `tiny:<arch>`."
     )
+
+    @field_validator("head_reference")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        """Absolute at load time: the ServerApp that reads it runs in another folder."""
+        return str(Path(value).expanduser().resolve()) if value else value
+
+    @model_validator(mode="after")
+    def _reference_use(self) -> ModelConfig:
+        if self.head_reference and self.head_input != "whitened":
+            raise ValueError('`model.head_reference` is used only with `head_input = "whitened"`')
+        return self
 
 
 class LoraConfig(Section):

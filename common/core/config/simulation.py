@@ -82,6 +82,16 @@ class PartitionConfig(Section):
     top_labels: int = Field(0, ge=0, description="Keep only the N most frequent labels; 0 = all.")
     max_train_records: int = Field(0, ge=0, description="Cap on pooled training records; 0 = all.")
     max_test_records: int = Field(0, ge=0, description="Cap on held-out test records; 0 = all.")
+    reference_records: int = Field(
+        0,
+        ge=0,
+        description=(
+            '`model.head_input = "whitened"`: this many held-out records, after the test '
+            "records and never trained on or tested on, become the coordinator's public "
+            "reference texts (their labels dropped), written to `reference/` in the run folder "
+            "and named by `model.head_reference`. 0: use `model.head_reference` as given."
+        ),
+    )
     seed: int = Field(0, description="Seed of the split.")
 
     @field_validator("path", "sites_dir", "test_dir")
