@@ -70,6 +70,12 @@ def test_hospital_coding_names_the_chapter_under_record_level_dp(tmp_path):
     assert 0 < max(summary["privacy"]["record_epsilon"].values()) <= 8.0
     config = (tmp_path / "hospital-coding" / "config.toml").read_text()
     assert "injury" in config and "special purposes" not in config  # 21 chapters kept
-    # the head alone trains and crosses the wire (the head input's projection is not a weight)
+    # the head alone trains and crosses the wire (the head input's projection and whitening
+    # map are not weights); the map came from 1,000 held-out descriptions, labels dropped
     sent = load_file(str(tmp_path / "hospital-coding" / "rounds" / "1" / TRAINED_FILE))
     assert sorted(sent) == ["score.weight"]
+    out = tmp_path / "hospital-coding"
+    reference = (out / "reference" / "reference.jsonl").read_text().splitlines()
+    assert len(reference) == 1000 and all(set(json.loads(r)) == {"text"} for r in reference)
+    (hidden,) = load_file(str(out / "head-whitening.safetensors")).values()
+    assert hidden.shape == (64, 64)  # the tiny llama's hidden size
