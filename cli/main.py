@@ -562,7 +562,7 @@ def _trained_model(cfg: Any) -> tuple[Any, Any] | None:
 
         mcfg = cfg.model
         whitening = headinput.reference_whitening(
-            loaded.model, loaded.tokenizer, mcfg.head_reference, mcfg.max_length
+            loaded.model, loaded.tokenizer, mcfg.head_reference, mcfg.max_length, mcfg.cache_dir
         )
         headinput.set_whitening(loaded.model, whitening)
     return attach_lora(loaded.model, cfg.lora, cfg.model), loaded.tokenizer

@@ -295,7 +295,7 @@ class FederatedRun:
         else:
             self.status.phase("whitening the head's input")
             a = headinput.reference_whitening(
-                model, tokenizer, mcfg.head_reference, mcfg.max_length
+                model, tokenizer, mcfg.head_reference, mcfg.max_length, mcfg.cache_dir
             )
             headinput.save_whitening(self.out, a)
         headinput.set_whitening(model, a)

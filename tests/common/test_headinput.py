@@ -228,3 +228,28 @@ def test_a_peft_copy_of_a_whitened_head_gets_the_map_too():
     batch = loaded.tokenizer(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_the_coordinators_map_is_cached_by_everything_it_depends_on(tmp_path, caplog):
+    loaded = _load("llama", "whitened")
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("".join(f'{{"text": "{t}"}}\n' for t in REFERENCE))
+    first = headinput.reference_whitening(
+        loaded.model, loaded.tokenizer, str(ref), 32, str(tmp_path)
+    )
+    kept = list((tmp_path / "head-whitening").glob(f"*/{headinput.WHITENING_FILE}"))
+    assert len(kept) == 1
+    with caplog.at_level("INFO"):
+        again = headinput.reference_whitening(
+            loaded.model, loaded.tokenizer, str(ref), 32, str(tmp_path)
+        )
+    assert "cached" in caplog.text
+    torch.testing.assert_close(again, first)
+    feats = headinput.reference_features(loaded.model, loaded.tokenizer, REFERENCE, 32)
+    torch.testing.assert_close(first, headinput.whitening_map(feats))
+    ref.write_text("".join(f'{{"text": "{t}"}}\n' for t in REFERENCE[1:]))  # other texts
+    other = headinput.reference_whitening(
+        loaded.model, loaded.tokenizer, str(ref), 32, str(tmp_path)
+    )
+    assert len(list((tmp_path / "head-whitening").iterdir())) == 2
+    assert (other - first).abs().max().item() > 1e-3
