@@ -8,6 +8,7 @@ the run; it never returns as a success.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -86,6 +87,7 @@ class FederatedRun:
     resume: bool = False
     expected: int = 0  # sites expected per round (set once preflight is done)
     whitening: bytes | None = None  # `model.head_input = "whitened"`: the map sent to sites
+    whitening_info: dict[str, str] = field(default_factory=dict)  # its source and sha256
     monitor: Monitor | None = None  # Prometheus metrics and the status page, if asked for
     status: RunStatus = field(init=False)  # the live state (OUT/status.json), set by `execute`
     _offline: set[int] = field(default_factory=set)
@@ -299,7 +301,13 @@ class FederatedRun:
             )
             headinput.save_whitening(self.out, a)
         headinput.set_whitening(model, a)
-        return headinput.to_bytes(a)
+        raw = headinput.to_bytes(a)
+        self.whitening_info = {
+            "reference": mcfg.head_reference,
+            "file": headinput.WHITENING_FILE,
+            "sha256": hashlib.sha256(raw).hexdigest(),
+        }
+        return raw
 
     def _test_records(self) -> list[Record]:
         ev = self.cfg.evaluation
@@ -539,6 +547,7 @@ class FederatedRun:
             "wall_time_s": round(wall, 2),
             "run_id": self.run_id,
             "config_sha256": self.cfg.digest(),
+            **({"head_whitening": self.whitening_info} if self.whitening_info else {}),
         }
 
 

@@ -55,6 +55,20 @@ def _method_line(cfg: Config) -> str:
     return f"- Method: `{lora.method}`"
 
 
+def _head_input_line(cfg: Config, summary: dict[str, Any]) -> list[str]:
+    if cfg.model.head_input == "as-is":
+        return []
+    line = "- Head input: without the label names' mean feature (folded into the head)"
+    if cfg.model.head_input == "whitened":
+        info = summary.get("head_whitening") or {}
+        line += (
+            ", then whitened by a map from the coordinator's public reference texts "
+            f"(`{info.get('reference', 'unknown')}`; map sha256 `{info.get('sha256', 'unknown')}`)"
+            "; no site's records were used for it"
+        )
+    return [line]
+
+
 def _provenance(cfg: Config, summary: dict[str, Any], round: int) -> str:
     sites = summary.get("sites") or {}
     lines = [
@@ -65,6 +79,7 @@ def _provenance(cfg: Config, summary: dict[str, Any], round: int) -> str:
         f"- Rounds run: {summary.get('rounds', 'unknown')}; published from round {round}",
         f"- Run id: `{summary.get('run_id', 'unknown')}`; config sha256: `{cfg.digest()}`",
         f"- Secure aggregation: {'on' if cfg.secagg.enabled else 'off'}",
+        *_head_input_line(cfg, summary),
         f"- Sites: {len(sites)}",
         "",
         "| site | training records |",

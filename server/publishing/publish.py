@@ -8,6 +8,7 @@ sign it, and only then rename it into place. A crash at any point leaves either 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -226,12 +227,19 @@ def run_base(info: RunInfo, load_base: LoadBaseFn | None = None) -> tuple[Any, A
     model, tokenizer = (load_base or _default_load_base)(info.cfg)
     if info.cfg.model.head_input == "whitened":
         from common.core.errors import ModelError
-        from common.core.headinput import load_whitening, set_whitening
+        from common.core.headinput import WHITENING_FILE, load_whitening, set_whitening, to_bytes
 
         try:
-            set_whitening(model, load_whitening(info.run_dir))
+            whitening = load_whitening(info.run_dir)
         except ModelError as err:
             raise PublishError(str(err)) from None
+        expected = (info.summary.get("head_whitening") or {}).get("sha256")
+        if hashlib.sha256(to_bytes(whitening)).hexdigest() != expected:
+            raise PublishError(
+                f"`{info.run_dir / WHITENING_FILE}` is not the map the run sent its sites "
+                "(its sha256 differs from `summary.json`'s `head_whitening`): not used"
+            )
+        set_whitening(model, whitening)
     return model, tokenizer
 
 

@@ -5,6 +5,7 @@ sends nor what it spends, and a message without the map is refused."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from common.core.errors import ModelError
 from common.core.models import load_base
 from common.protocol import keys
 from common.protocol.wire import config_record, from_record, to_record
-from server.publishing.publish import merged_round
+from server.publishing.model_card import render_model_card
+from server.publishing.publish import PublishError, merged_round
 from server.run import FederatedRun
 from tests.server.inprocess import InProcessGrid
 from tests.server.test_run import setup_run
@@ -80,6 +82,18 @@ def test_the_coordinators_map_reaches_every_site_and_publish_folds_it(whitened_c
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain").eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, hooked, atol=1e-4, rtol=1e-4)
+
+    # the summary names the map (and its reference); a map swapped in afterwards is refused
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    info = summary["head_whitening"]
+    assert info["reference"] == cfg.model.head_reference
+    assert info["sha256"] == hashlib.sha256(headinput.to_bytes(sent)).hexdigest()
+    card = render_model_card(cfg, summary, 1, {}, {})
+    assert "whitened by a map from the coordinator's public reference texts" in card
+    assert info["sha256"] in card
+    headinput.save_whitening(tmp_path / "run", sent * 2)
+    with pytest.raises(PublishError, match="is not the map the run sent its sites"):
+        merged_round(tmp_path / "run")
 
 
 def _train(cfg, nodes, node: int, whitening: bytes | None, run_id: str) -> Message:
