@@ -160,3 +160,26 @@ def test_a_message_without_the_map_is_refused(whitened_cfg, tmp_path):
     cfg, nodes = setup_run(whitened_cfg, tmp_path, {"rounds": 1})
     with pytest.raises(ModelError, match="sent no whitening map"):  # the engine's error reply
         _train(cfg, nodes, 100, None, "no-map")
+
+
+def test_a_resumed_run_sends_the_map_its_sites_already_had(whitened_cfg, tmp_path):
+    """Even if the reference file changed meanwhile: the sites' head keeps one map per run."""
+    from tests.server.inprocess import ServerKilled, kill_in_round
+
+    cfg, nodes = setup_run(whitened_cfg, tmp_path, {"rounds": 2})
+    grid = InProcessGrid(client_app, nodes)
+    grid.fault = kill_in_round(2)
+    with pytest.raises(ServerKilled):
+        FederatedRun(cfg, tmp_path / "run", grid).execute()
+    first = headinput.to_bytes(headinput.load_whitening(tmp_path / "run"))
+    ref = Path(cfg.model.head_reference)
+    other = [{"text": r["text"] + " again"} for r in _lines(ref)]
+    ref.write_text("".join(json.dumps(r) + "\n" for r in other))  # recomputed: another map
+    resumed = InProcessGrid(client_app, nodes)
+    FederatedRun(cfg, tmp_path / "run", resumed, resume=True).execute()
+    carried = {
+        m.content.config_records[keys.CONFIG].get(keys.HEAD_WHITENING)
+        for m in resumed.sent
+        if keys.CONFIG in m.content.config_records
+    }
+    assert carried == {first}
