@@ -96,6 +96,10 @@ def measure_memory(config: Path, site_dir: Path, extra: list[str]) -> dict[str, 
     cfg = load_config(config, extra)
     torch.set_num_threads(1)
     loaded = load_base(cfg.model, cfg.data.labels)
+    if cfg.model.head_input == "whitened":  # the run's map, as its sites had it
+        from common.core.headinput import load_whitening, set_whitening
+
+        set_whitening(loaded.model, load_whitening(site_dir.parent.parent))
     model = attach_lora(loaded.model, cfg.lora, cfg.model)
     enc = encode(read_folder(site_dir), loaded.tokenizer, cfg)
     pad = int(loaded.tokenizer.pad_token_id or 0)

@@ -154,8 +154,14 @@ def receive_whitening(cfg: Config, raw: object) -> None:
     """`model.head_input = "whitened"`: the coordinator's map (CONFIG's `head-whitening`) onto
     this process' model, before anything runs it. Whatever map it sends, DP-SGD clips and
     noises the head's own gradients (common/core/headinput.py)."""
-    if cfg.model.head_input == "whitened":
-        headinput.receive(site_model(cfg).model, raw)
+    if cfg.model.head_input != "whitened":
+        return
+    model = site_model(cfg).model
+    before = headinput.whitening_of(model)
+    headinput.receive(model, raw)
+    if before is None or not torch.equal(before, headinput.whitening_of(model)):
+        digest = hashlib.sha256(raw if isinstance(raw, bytes) else b"").hexdigest()
+        logger.info("head whitening map from the coordinator: sha256 %s (the model card's)", digest)
 
 
 def load_records(site: SiteInfo, cfg: Config) -> list[Record]:

@@ -9,6 +9,7 @@ the run; it never returns as a success.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -67,6 +68,7 @@ from server.strategy import EarlyStopper, SiteSampler
 logger = logging.getLogger(__name__)
 NODE_WAIT_S = 120.0
 NODE_POLL_S = 2.0
+WHITENING_INFO = "head-whitening.json"  # the map's reference (name, count, sha256) and sha256
 
 
 @dataclass
@@ -87,7 +89,7 @@ class FederatedRun:
     resume: bool = False
     expected: int = 0  # sites expected per round (set once preflight is done)
     whitening: bytes | None = None  # `model.head_input = "whitened"`: the map sent to sites
-    whitening_info: dict[str, str] = field(default_factory=dict)  # its source and sha256
+    whitening_info: dict[str, Any] = field(default_factory=dict)  # its source and sha256
     monitor: Monitor | None = None  # Prometheus metrics and the status page, if asked for
     status: RunStatus = field(init=False)  # the live state (OUT/status.json), set by `execute`
     _offline: set[int] = field(default_factory=set)
@@ -129,7 +131,7 @@ class FederatedRun:
             (self.out / checkpoint.NAME).unlink(missing_ok=True)
         writer = RunWriter(self.out, self.cfg, keep_rows=ckpt.rows if ckpt else None)
         loaded = load_base(self.cfg.model, self.cfg.data.labels)
-        self.whitening = self._head_whitening(loaded.model, loaded.tokenizer)
+        self.whitening = self._head_whitening(loaded.model, loaded.tokenizer, ckpt is not None)
         model = attach_lora(loaded.model, self.cfg.lora, self.cfg.model)
         keys = exchanged_keys(model, self.cfg.lora)
         for stage in self.cfg.train.unfreeze:  # a schedule that cannot work fails before round 1
@@ -280,14 +282,22 @@ class FederatedRun:
         return state, ckpt.final, ckpt.round + 1, ckpt.elapsed_s
 
     # -- setup -------------------------------------------------------------------------------
-    def _head_whitening(self, model: Any, tokenizer: Any) -> bytes | None:
+    def _head_whitening(self, model: Any, tokenizer: Any, resuming: bool) -> bytes | None:
         """`model.head_input = "whitened"`: the map from the public reference texts, installed
-        here and sent to every site with each message (a resumed run sends the saved one)."""
+        here and sent to every site with each message. A run resumed from its checkpoint sends
+        the map it saved (its sites' head trained with that one), never a recomputed one."""
         mcfg = self.cfg.model
         if mcfg.head_input != "whitened":
             return None
-        if self.resume and (self.out / headinput.WHITENING_FILE).is_file():
+        info_path = self.out / WHITENING_INFO
+        if resuming:
+            if not info_path.is_file():
+                raise RoundError(
+                    f"`{info_path}` is missing: this run's sites trained with the head whitening "
+                    "map saved beside it, and a resumed run must send them the same one"
+                )
             a = headinput.load_whitening(self.out)
+            info = json.loads(info_path.read_text(encoding="utf-8"))
         elif not mcfg.head_reference:
             raise RoundError(
                 '`model.head_input` = "whitened" needs `model.head_reference` (the coordinator\'s '
@@ -300,13 +310,25 @@ class FederatedRun:
                 model, tokenizer, mcfg.head_reference, mcfg.max_length, mcfg.cache_dir
             )
             headinput.save_whitening(self.out, a)
-        headinput.set_whitening(model, a)
+            texts = headinput.read_reference(mcfg.head_reference)
+            info = {
+                "reference": mcfg.head_reference,
+                "reference_texts": len(texts),
+                "reference_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
+                "file": headinput.WHITENING_FILE,
+            }
         raw = headinput.to_bytes(a)
-        self.whitening_info = {
-            "reference": mcfg.head_reference,
-            "file": headinput.WHITENING_FILE,
-            "sha256": hashlib.sha256(raw).hexdigest(),
-        }
+        digest = hashlib.sha256(raw).hexdigest()
+        if resuming and info.get("sha256") != digest:
+            raise RoundError(
+                f"`{self.out / headinput.WHITENING_FILE}` is not the map this run sent its sites "
+                f"(its sha256 differs from `{info_path.name}`'s)"
+            )
+        info["sha256"] = digest
+        info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        headinput.set_whitening(model, a)
+        self.whitening_info = info
+        logger.info("head whitening map sha256 %s (%s)", digest, info["reference"])
         return raw
 
     def _test_records(self) -> list[Record]:

@@ -81,6 +81,11 @@ def split(labels: list[str], sites: int, scheme: str, alpha: float, seed: int) -
     return iid(len(labels), sites, rng)
 
 
+def _kept(row: Row, allowed: set[str]) -> bool:
+    """A row of an allowed label; rows without one (instruction or chat) all stay."""
+    return not allowed or "label" not in row or row["label"] in allowed
+
+
 def select(
     train: list[Row],
     groups: list[str] | None,
@@ -93,7 +98,7 @@ def select(
     allowed = set(labels)
 
     def keep(row: Row) -> bool:
-        return not allowed or "label" not in row or row["label"] in allowed
+        return _kept(row, allowed)
 
     kept = [i for i, r in enumerate(train) if keep(r)]
     if part.max_train_records:
@@ -108,19 +113,19 @@ def select(
 def reference(test: list[Row], labels: list[str], part: PartitionConfig) -> list[Row]:
     """`reference_records`: held-out rows after the test records (never trained or tested on),
     as unlabelled texts: the coordinator's public reference in a simulation."""
-    allowed = set(labels)
-    pool = [r for r in test if not allowed or r.get("label") in allowed]
+    pool = [r for r in test if _kept(r, set(labels))]  # as `select` keeps the test records
     start = part.max_test_records
     if not start:
         raise ConfigError(
             "`simulation.partition.reference_records` takes held-out records after the test "
             "records: set `max_test_records` below the held-out split's size"
         )
-    rows = [{"text": str(r["text"])} for r in pool[start : start + part.reference_records]]
+    rows = [{"text": str(r["text"])} for r in pool[start:] if "text" in r]
+    rows = rows[: part.reference_records]
     if len(rows) < part.reference_records:
         raise ConfigError(
             f"`simulation.partition.reference_records` = {part.reference_records}: only "
-            f"{len(rows)} held-out records are left after the {start} test records"
+            f"{len(rows)} held-out records are left after the first {start} (the test records)"
         )
     return rows
 

@@ -62,14 +62,14 @@ def write_sites(cfg: Config, corpus: Corpus, out: Path) -> dict[str, int]:
 
 def write_reference(cfg: Config, corpus: Corpus, out: Path) -> Config:
     """`simulation.partition.reference_records`: the coordinator's public reference texts
-    (`OUT/reference/`), named by `model.head_reference` in the config returned."""
+    (`OUT/reference/`), named by `model.head_reference` in the config returned (in place of
+    any it had: a run's own config.toml, simulated again, names its old folder)."""
     n = cfg.simulation.partition.reference_records
     if not n:
         return cfg
-    if cfg.model.head_input != "whitened" or cfg.model.head_reference:
+    if cfg.model.head_input != "whitened":
         raise ConfigError(
-            '`simulation.partition.reference_records` is for `model.head_input` = "whitened" '
-            "without a `model.head_reference` of its own"
+            '`simulation.partition.reference_records` is for `model.head_input` = "whitened"'
         )
     path = out / "reference" / "reference.jsonl"
     write_jsonl(path, reference(corpus.test, cfg.data.labels, cfg.simulation.partition))

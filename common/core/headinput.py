@@ -34,8 +34,9 @@ Privacy: ``A`` is a function of public texts and the base model, chosen by the c
 the global weights it already sends each round; DP-SGD's guarantee holds for any model the
 coordinator sends, since Opacus clips and noises the gradients of the head's own weight whatever
 its input is (a test has a coordinator send a crafted ``A``). ``A`` never depends on a site's
-records: a site receives it, never computes or returns it. It folds like the projection:
-``W A P h``, so ``W' = (W A) P``.
+records: a site receives it, never computes or returns it. It folds like the projection: the
+hook computes ``h P A`` (rows), so the head computes ``W A^T P h`` and ``W' = (W A^T) P`` (``A``
+is symmetric as computed, not as received).
 """
 
 from __future__ import annotations
@@ -204,7 +205,9 @@ def read_reference(path: str | Path) -> list[str]:
                 raise DataError(f"`model.head_reference`: {row.where}: no `text` (a string)")
             texts.append(text)
     if len(texts) < 2:
-        raise DataError(f"`model.head_reference`: `{path}` holds {len(texts)} text(s), need more")
+        raise DataError(
+            f"`model.head_reference`: `{path}` holds {len(texts)} text(s), need 2 or more"
+        )
     return texts
 
 
@@ -314,11 +317,11 @@ def fold(model: nn.Module) -> int:
         if u is None or not isinstance(module, nn.Linear):
             continue
         w = module.weight
-        if hasattr(module, WHITEN):  # W A P: the map first, then the projection
+        if hasattr(module, WHITEN):  # W A^T P (the hook computes x A): the map, then P
             a = getattr(module, WHITEN)
             if a is None:
                 raise ModelError("cannot fold a whitened head whose map was never set")
-            w.copy_(w @ a.to(device=w.device, dtype=w.dtype))
+            w.copy_(w @ a.to(device=w.device, dtype=w.dtype).T)
             delattr(module, WHITEN)
         uu = u.to(device=w.device, dtype=w.dtype)
         w.sub_(torch.outer(w @ uu, uu))
@@ -370,11 +373,12 @@ def from_bytes(raw: object, size: int) -> Tensor:
     if not isinstance(raw, bytes):
         raise ModelError(
             '`model.head_input` = "whitened": the coordinator sent no whitening map with this '
-            "message"
+            "message (CONFIG's `head-whitening`)"
         )
     if len(raw) != 4 * size * size:
         raise ModelError(
-            f"head whitening map: expected {size}x{size} float32, got {len(raw)} bytes"
+            f"head whitening map (CONFIG's `head-whitening`): expected {size}x{size} float32, "
+            f"got {len(raw)} bytes"
         )
     import numpy as np
 

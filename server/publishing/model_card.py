@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from common.core.config import Config
@@ -61,10 +62,12 @@ def _head_input_line(cfg: Config, summary: dict[str, Any]) -> list[str]:
     line = "- Head input: without the label names' mean feature (folded into the head)"
     if cfg.model.head_input == "whitened":
         info = summary.get("head_whitening") or {}
+        reference = Path(str(info.get("reference", "unknown"))).name  # not the coordinator's path
         line += (
             ", then whitened by a map from the coordinator's public reference texts "
-            f"(`{info.get('reference', 'unknown')}`; map sha256 `{info.get('sha256', 'unknown')}`)"
-            "; no site's records were used for it"
+            f"(`{reference}`, {info.get('reference_texts', '?')} texts, sha256 "
+            f"`{info.get('reference_sha256', 'unknown')}`; map sha256 "
+            f"`{info.get('sha256', 'unknown')}`); no site's records were used for it"
         )
     return [line]
 

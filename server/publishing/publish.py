@@ -234,6 +234,11 @@ def run_base(info: RunInfo, load_base: LoadBaseFn | None = None) -> tuple[Any, A
         except ModelError as err:
             raise PublishError(str(err)) from None
         expected = (info.summary.get("head_whitening") or {}).get("sha256")
+        if expected is None:
+            raise PublishError(
+                f"`{info.run_dir / 'summary.json'}` has no `head_whitening`: the run's head "
+                "whitening map cannot be checked, so it is not used"
+            )
         if hashlib.sha256(to_bytes(whitening)).hexdigest() != expected:
             raise PublishError(
                 f"`{info.run_dir / WHITENING_FILE}` is not the map the run sent its sites "

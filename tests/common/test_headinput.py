@@ -170,8 +170,12 @@ def test_a_whitened_head_refuses_to_run_without_its_map():
     torch.testing.assert_close(headinput.whitening_of(loaded.model), a)
 
 
-def test_fold_writes_the_map_and_the_projection_into_the_head_exactly(tmp_path):
+@pytest.mark.parametrize("symmetric", [True, False], ids=["computed", "crafted"])
+def test_fold_writes_the_map_and_the_projection_into_the_head_exactly(tmp_path, symmetric):
     model, tok, _, a = _whitened()
+    if not symmetric:  # a map as a coordinator might send it: folded as the hook applies it
+        a = torch.randn_like(a) / 8
+        headinput.set_whitening(model, a)
     with torch.no_grad():
         model.score.weight.add_(torch.randn_like(model.score.weight))  # a trained head
     batch = tok(TEXTS, return_tensors="pt", padding=True)

@@ -19,7 +19,7 @@ from client.app import app as client_app
 from client.site import site_model
 from common.core import headinput
 from common.core.adapters import get_state
-from common.core.errors import ModelError
+from common.core.errors import ModelError, RoundError
 from common.core.models import load_base
 from common.protocol import keys
 from common.protocol.wire import config_record, from_record, to_record
@@ -86,11 +86,14 @@ def test_the_coordinators_map_reaches_every_site_and_publish_folds_it(whitened_c
     # the summary names the map (and its reference); a map swapped in afterwards is refused
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     info = summary["head_whitening"]
-    assert info["reference"] == cfg.model.head_reference
+    assert info["reference"] == cfg.model.head_reference and info["reference_texts"] == 30
     assert info["sha256"] == hashlib.sha256(headinput.to_bytes(sent)).hexdigest()
     card = render_model_card(cfg, summary, 1, {}, {})
     assert "whitened by a map from the coordinator's public reference texts" in card
-    assert info["sha256"] in card
+    assert info["sha256"] in card and info["reference_sha256"] in card
+    assert (
+        "`reference.jsonl`, 30 texts" in card and str(tmp_path) not in card
+    )  # no coordinator path
     headinput.save_whitening(tmp_path / "run", sent * 2)
     with pytest.raises(PublishError, match="is not the map the run sent its sites"):
         merged_round(tmp_path / "run")
@@ -172,6 +175,12 @@ def test_a_resumed_run_sends_the_map_its_sites_already_had(whitened_cfg, tmp_pat
     with pytest.raises(ServerKilled):
         FederatedRun(cfg, tmp_path / "run", grid).execute()
     first = headinput.to_bytes(headinput.load_whitening(tmp_path / "run"))
+    info = tmp_path / "run" / "head-whitening.json"
+    kept = info.read_text()
+    info.unlink()
+    with pytest.raises(RoundError, match="head-whitening.json` is missing"):
+        FederatedRun(cfg, tmp_path / "run", InProcessGrid(client_app, nodes), resume=True).execute()
+    info.write_text(kept)
     ref = Path(cfg.model.head_reference)
     other = [{"text": r["text"] + " again"} for r in _lines(ref)]
     ref.write_text("".join(json.dumps(r) + "\n" for r in other))  # recomputed: another map

@@ -37,14 +37,21 @@ def test_the_reference_is_held_out_after_the_test_records_and_has_no_labels(tmp_
     held_out = synthetic().test  # the tiny scenario's corpus: its test split, in order
     assert reference == [{"text": r["text"]} for r in held_out[20:45]]
     assert _rows(tmp_path / "test" / "records.jsonl") == held_out[:20]
+    # the run's own config (naming this folder's reference) simulates again, into its own folder
+    again = prepare(cfg, tmp_path / "again")
+    assert again.model.head_reference == str(tmp_path / "again" / "reference" / "reference.jsonl")
+    assert _rows(tmp_path / "again" / "reference" / "reference.jsonl") == reference
 
 
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
         (["simulation.partition.max_test_records=0"], "set `max_test_records` below"),
-        (["simulation.partition.reference_records=50"], "only 40 held-out records are left"),
-        (['model.head_reference="/tmp/x.jsonl"'], "without a `model.head_reference` of its own"),
+        (
+            ["simulation.partition.reference_records=50"],
+            "only 40 held-out records are left after the first 20",
+        ),
+        (['model.head_input="without-label-mean"'], 'is for `model.head_input` = "whitened"'),
     ],
 )
 def test_a_reference_that_cannot_be_taken_is_a_clear_error(tmp_path, overrides, match):

@@ -89,7 +89,8 @@ class PartitionConfig(Section):
             '`model.head_input = "whitened"`: this many held-out records, after the test '
             "records and never trained on or tested on, become the coordinator's public "
             "reference texts (their labels dropped), written to `reference/` in the run folder "
-            "and named by `model.head_reference`. 0: use `model.head_reference` as given."
+            "and named by `model.head_reference` (replacing any it had). 0: use "
+            "`model.head_reference` as given."
         ),
     )
     seed: int = Field(0, description="Seed of the split.")
