@@ -159,7 +159,8 @@ def receive_whitening(cfg: Config, raw: object) -> None:
     model = site_model(cfg).model
     before = headinput.whitening_of(model)
     headinput.receive(model, raw)
-    if before is None or not torch.equal(before, headinput.whitening_of(model)):
+    after = headinput.whitening_of(model)
+    if before is None or after is None or not torch.equal(before, after):
         digest = hashlib.sha256(raw if isinstance(raw, bytes) else b"").hexdigest()
         logger.info("head whitening map from the coordinator: sha256 %s (the model card's)", digest)
 
