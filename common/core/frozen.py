@@ -140,6 +140,20 @@ def _padded_span(e: Encoded, width: int) -> slice:
     return slice(width - n, width) if isinstance(e.labels, list) else slice(0, n)
 
 
+def resolve_precision(model: nn.Module, precision: str) -> str:
+    """`auto`: `bf16` where bfloat16 is fast (a GPU, or a CPU with bfloat16 instructions:
+    AVX512-BF16 or AMX), else `fp32` (on a CPU without them bfloat16 is emulated, and slower)."""
+    if precision != "auto":
+        return precision
+    device = next(model.parameters()).device.type
+    fast = device == "cuda" or (device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    chosen = "bf16" if fast else "fp32"
+    if ("precision", chosen) not in _SAID:
+        _SAID.add(("precision", chosen))
+        logger.info("`train.cache_precision` = auto: %s on this %s", chosen, device)
+    return chosen
+
+
 def _precision(model: nn.Module, precision: str) -> contextlib.AbstractContextManager[object]:
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -278,7 +292,7 @@ def _disagrees(
 
 
 _CACHE: OrderedDict[str, list[Tensor]] = OrderedDict()
-_SAID: set[str] = set()
+_SAID: set[object] = set()
 
 
 def _remember(key: str, states: list[Tensor]) -> None:
@@ -347,6 +361,7 @@ def with_cache(
         return examples, None
     below = {id(p) for layer in list(prefix.layers)[: prefix.skip] for p in layer.parameters()}
     frozen = [p for p in held_back if id(p) in below]
+    precision = resolve_precision(model, precision)
     key = _fingerprint(model, examples, frozen, prefix.skip, precision)
     states = _CACHE.get(key)
     if states is not None:

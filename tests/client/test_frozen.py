@@ -388,3 +388,12 @@ def test_a_saved_file_from_a_bfloat16_pass_is_not_taken_for_an_exact_one(tmp_pat
     assert "does not reproduce this model's output" in caplog.text
     assert "of their norm away" in caplog.text
     assert prefix is None and records is data
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions(monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    for fast, chosen in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda f=fast: f)
+        assert frozen.resolve_precision(model, "auto") == chosen
+        assert frozen.resolve_precision(model, "fp32") == "fp32"  # a choice is kept as given
+        assert frozen.resolve_precision(model, "bf16") == "bf16"

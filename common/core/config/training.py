@@ -169,12 +169,13 @@ class TrainConfig(Section):
             "unchanged. Not with `train.workers` > 1."
         ),
     )
-    cache_precision: Literal["fp32", "bf16"] = Field(
+    cache_precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32",
         description=(
             "Precision of `train.cache_frozen`'s once-per-record pass through the frozen layers: "
             "`bf16` runs it under bfloat16 autocast, about twice as fast on a CPU with bfloat16 "
-            "instructions (AVX512-BF16, AMX) or a GPU (slower on a CPU without them). The "
+            "instructions (AVX512-BF16, AMX) or a GPU (slower on a CPU without them); `auto` "
+            "picks `bf16` where it is fast and `fp32` elsewhere (each site on its own). The "
             "states differ from float32's by about 1% in norm and are kept in float32; the "
             "trained layers, the steps and DP-SGD stay float32. Privacy is unchanged. Without "
             "`train.cache_frozen` it does nothing."
