@@ -27,8 +27,8 @@ the coordinator's reference texts (`model.head_reference`: public texts of the d
 records) and ``rho`` a small ridge (:data:`SHRINKAGE` of ``M``'s largest eigenvalue). Under
 DP-SGD every direction of the head's input then weighs alike: the few directions of large
 variance no longer set each per-record gradient's length (and so the clip bound and the noise)
-while the class is read off the many small ones. Measured on hospital-coding (README):
-DP 0.798 -> 0.846, central 0.851 -> 0.892.
+while the class is read off the many small ones. Measured on hospital-coding (README; one run
+each, the map from 1,000 training descriptions): DP 0.798 -> 0.846, central 0.851 -> 0.892.
 
 Privacy: ``A`` is a function of public texts and the base model, chosen by the coordinator like
 the global weights it already sends each round; DP-SGD's guarantee holds for any model the
