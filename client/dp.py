@@ -31,6 +31,13 @@ On ``open`` it builds a :class:`DPTrainer` around the loop's model and optimizer
   once per logical step; a new PrivacyEngine per round would restart epsilon at 0.
 - The loss is per record (:func:`per_record_loss`: mean over its own tokens), so the privacy
   unit is one record (one sequence), not one token.
+- A record whose gradient is not finite (NaN or Inf: an overflow, e.g. under a global model or
+  head map a coordinator crafted) contributes nothing to the step, as if it had not been drawn:
+  every record's contribution stays within the clip bound, whatever the model, and the step
+  (noise included) is always finite. Without this one such record made the whole sum NaN, so
+  whether a site could reply at all depended on its records, outside the accounting. ``hooks``:
+  its per-record gradient is zeroed before clipping (:func:`drop_non_finite`); ``ghost``: its
+  per-record norm is not finite, and the physical batch is run again without it.
 - Opacus issue #820 (peft >= 0.14): LoRA weights silently not updated when parameters are moved
   or re-materialised after the hooks and optimizer captured them. :func:`check_wiring` refuses
   an optimizer that does not hold exactly the model's trainable parameters, and the first noisy
@@ -132,6 +139,10 @@ def secure_optimizer_class(optim_cls: type[DPOptimizer]) -> type[DPOptimizer]:
     class SecureDPOptimizer(optim_cls):
         secure_rng: SecureRandom
 
+        def clip_and_accumulate(self) -> None:
+            self.dropped = getattr(self, "dropped", 0) + drop_non_finite(self)
+            super().clip_and_accumulate()
+
         def add_noise(self) -> None:
             multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
             std = multiplier * self.max_grad_norm
@@ -143,6 +154,27 @@ def secure_optimizer_class(optim_cls: type[DPOptimizer]) -> type[DPOptimizer]:
 
     SecureDPOptimizer.__name__ = f"Secure{optim_cls.__name__}"
     return SecureDPOptimizer
+
+
+def drop_non_finite(opt: DPOptimizer) -> int:
+    """Zero the per-record gradients (every parameter's row) of the records whose gradient is
+    not finite anywhere, before clipping; returns how many. A zero row clips to zero: the
+    record adds nothing to the sum. A no-op without per-record gradients (ghost clipping)."""
+    params = [p for p in opt.params if getattr(p, "grad_sample", None) is not None]
+    if not params:
+        return 0
+    flats = [opt._get_flat_grad_sample(p) for p in params]
+    if not len(flats[0]):
+        return 0
+    bad = torch.zeros(len(flats[0]), dtype=torch.bool, device=flats[0].device)
+    for g in flats:
+        bad |= ~torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(bad.device)
+    if not bad.any():
+        return 0
+    for p, g in zip(params, flats, strict=True):
+        rows = bad.to(g.device).view(-1, *[1] * (g.dim() - 1))
+        p.grad_sample = torch.where(rows, torch.zeros((), dtype=g.dtype, device=g.device), g)
+    return int(bad.sum())
 
 
 def _wrap(
@@ -276,10 +308,42 @@ class DPTrainer:
             self.optimizer.signal_skip_step(do_skip=i < n_chunks - 1)
             losses = self.loss_fn(self.private_model, batch)  # (b,)
             dp_backward(self.private_model, self.optimizer, losses)
+            if isinstance(self.private_model, get_gsm_class("ghost")):
+                self._ghost_drop_non_finite(batch, losses)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            total += float(losses.detach().sum())
+            finite = losses.detach()[torch.isfinite(losses.detach())]
+            total += float(finite.sum())
+        dropped = getattr(self.optimizer, "dropped", 0)
+        if dropped:  # the site's own log; nothing of it leaves the site
+            logger.warning(
+                "DP-SGD: %d record(s) of this step had a non-finite gradient and contributed "
+                "nothing (the noise is unchanged); the model may be diverging, or was crafted",
+                dropped,
+            )
+            self.optimizer.dropped = 0
         return total / len(chosen)
+
+    def _ghost_drop_non_finite(self, batch: Batch, losses: Tensor) -> None:
+        """Ghost clipping sums the clipped gradients in one backward pass, so one record with a
+        non-finite norm makes the whole sum NaN: run the physical batch again without such
+        records (their contribution: zero, as with ``hooks``)."""
+        norms = getattr(self.private_model, "per_sample_gradient_norms", None)
+        bad = ~torch.isfinite(losses.detach())
+        if norms is not None:
+            bad |= ~torch.isfinite(norms.detach()).to(bad.device)
+        if not bad.any():
+            return
+        params = trainable(self.model)
+        self.optimizer.original_optimizer.zero_grad(set_to_none=True)  # keep summed_grad
+        keep = (~bad).nonzero().flatten()
+        if len(keep):
+            sub = {k: v[keep.to(v.device)] for k, v in batch.items()}
+            dp_backward(self.private_model, self.optimizer, self.loss_fn(self.private_model, sub))
+        for p in params:  # none kept, or (padding aside, never) still not finite: nothing
+            if p.grad is None or not torch.isfinite(p.grad).all():
+                p.grad = torch.zeros_like(p)
+        self.optimizer.dropped = getattr(self.optimizer, "dropped", 0) + int(bad.sum())
 
     def _noise_only_step(self) -> float:
         opt = self.optimizer

@@ -154,6 +154,39 @@ def test_batch_step_is_mean_of_clipped_per_record_gradients(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_record_with_a_non_finite_gradient_contributes_nothing(mode: str) -> None:
+    """A record whose forward overflows (one of its tokens embeds to Inf, as under a model a
+    coordinator crafted) adds nothing: the step is the other records' clipped sum exactly, and
+    finite with noise too. Before, that one record made the whole step NaN, so whether a site
+    could reply at all depended on which records it held."""
+    poison = VOCAB - 1
+    good = [r for r in records() if poison not in r["input_ids"]][:5]
+    bad = {k: v.clone() for k, v in good[0].items()}
+    bad["input_ids"][T // 2] = poison
+
+    def crafted() -> nn.Module:
+        model = tiny_lora()
+        with torch.no_grad():
+            model.get_input_embeddings().weight[poison] = float("inf")
+        return model
+
+    def summed(model: nn.Module, chosen: list, noise: float) -> Tensor:
+        start = params(model, True)
+        dp_step(model, mode, chosen, noise=noise, clip=0.01, physical=3)
+        after = params(model, True)
+        return torch.cat([(start[k] - v).flatten() / LR for k, v in after.items()]) * len(chosen)
+
+    with_bad = summed(crafted(), [*good[:2], bad, *good[2:]], 0.0)  # bad in the first chunk
+    without = summed(crafted(), good, 0.0)
+    assert torch.isfinite(with_bad).all() and without.norm() > 0
+    torch.testing.assert_close(with_bad, without, rtol=1e-3, atol=1e-6)
+    noisy = summed(crafted(), [bad, *good], 1.0)
+    assert torch.isfinite(noisy).all() and noisy.norm() > without.norm()
+    alone = summed(crafted(), [bad], 0.0)  # nothing left: a zero step, not a NaN one
+    assert torch.equal(alone, torch.zeros_like(alone))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_accountant_steps_once_per_logical_step_and_on_empty_batches(mode: str) -> None:
     model, acc = tiny_lora(), GaussianAccountant()
     p = plan(1.0, 1.0, 8)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from transformers import AutoModelForSequenceClassification
 
 from client.app import app as client_app
@@ -108,6 +109,7 @@ def _train(cfg, nodes, node: int, whitening: bytes | None, run_id: str) -> Messa
         keys.ADAPTER: to_record(get_state(sm.model, sm.keys)),
         keys.CONFIG: config_record(cfg, extra),
     })  # fmt: skip
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as the grid does
     msg = Message(content, dst_node_id=node, message_type=keys.TRAIN)
     msg.metadata.__dict__["_message_id"] = run_id
     ctx = Context(run_id=1, node_id=node, node_config=nodes[node], state=RecordDict(),
@@ -119,7 +121,8 @@ def test_a_crafted_map_cannot_enlarge_a_dp_sites_update_or_its_spending(whitened
     """A patched coordinator scales the map by 10^4 (every head input 10^4 times longer, and
     so every per-record gradient): the site's per-record clip and its own noise hold, so its
     update is no larger and its epsilon the same. The same site without DP and without
-    gradient clipping shows the scaling would have reached the update."""
+    gradient clipping shows the scaling would have reached the update. Scaled by 10^38 (past
+    float32), the DP site still replies, with noise alone."""
     dp = [
         "privacy.record.enabled=true", "privacy.record.target_epsilon=8",
         'train.optimizer="sgd"', "train.local_steps=2", "train.lr=0.5",
@@ -157,6 +160,18 @@ def test_a_crafted_map_cannot_enlarge_a_dp_sites_update_or_its_spending(whitened
     got = norms(cfg, nodes, "dp")
     assert got["crafted"][0] < 2 * got["honest"][0]  # the clip bound holds whatever the map
     assert got["honest"][1] is not None and got["crafted"][1] == got["honest"][1]
+
+    # A map that overflows float32 (every head input Inf or NaN): the records' gradients are
+    # not finite, so they add nothing, and the site still sends a finite update of noise
+    # alone, spending what it planned: it does not fail on some records and not on others.
+    reply = _train(cfg, nodes, 100, headinput.to_bytes(a * 1e38), "dp-overflow")
+    assert not reply.has_error(), reply.error
+    update = from_record(reply.content.array_records[keys.UPDATE])
+    assert all(np.isfinite(v).all() for v in update.values())
+    norm = float(np.sqrt(sum(float((v**2).sum()) for v in update.values())))
+    assert 0 < norm < 2 * got["honest"][0]
+    epsilon = dict(reply.content.metric_records[keys.METRICS]).get(keys.RECORD_EPSILON)
+    assert epsilon == got["honest"][1]
 
 
 def test_a_message_without_the_map_is_refused(whitened_cfg, tmp_path):
