@@ -134,11 +134,28 @@ def install(model: nn.Module, tokenizer: Any, labels: list[str], whitened: bool 
     if whitened:
         setattr(head, WHITEN, None)
         head.register_forward_pre_hook(_whiten)
+        _no_dropout_before(model)
     logger.info(
         "`model.head_input`: `%s` reads its input without the label names' mean direction%s",
         name, ", whitened" if whitened else "",
     )  # fmt: skip
     return u
+
+
+def _no_dropout_before(model: nn.Module) -> None:
+    """Turn off the dropout a classifier applies to the head's input (BERT's `dropout`, at the
+    model's top level). The map whitens the features as the reference pass saw them (eval
+    mode); dropout's noise, added before it, would be stretched most along the directions the
+    map stretches most (the ones of least variance), and would drown the head's gradient in
+    training: bank-complaints' DP head reached 0.223 (majority 0.394) with it, the replica
+    without it 0.65."""
+    for name, module in model.named_children():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            logger.info(
+                '`model.head_input` = "whitened": `%s` (dropout %.2g on the head\'s input) off',
+                name, module.p,
+            )  # fmt: skip
+            module.p = 0.0
 
 
 def _whitened_heads(model: nn.Module) -> list[nn.Linear]:

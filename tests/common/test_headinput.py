@@ -152,6 +152,32 @@ def test_the_map_whitens_the_reference_features(arch):
     torch.testing.assert_close(last, feats[0] @ a, atol=1e-4, rtol=1e-4)
 
 
+def test_a_whitened_head_reads_its_input_without_dropout_in_training():
+    """BERT drops out the head's input in training; whitened, that noise would be stretched
+    most where the map stretches most. With the encoder's own dropout off (so only the head's
+    can act), the whitened head computes the same in training as in evaluation; the plain head
+    does not."""
+
+    def encoder_dropout_off(model: torch.nn.Module) -> None:
+        for name, layer in model.named_modules():
+            if isinstance(layer, torch.nn.Dropout) and name != "dropout":
+                layer.p = 0.0
+
+    torch.manual_seed(0)
+    plain = _load("bert").model
+    model, tok, _, _ = _whitened("bert")
+    assert plain.dropout.p > 0 and model.dropout.p == 0.0
+    encoder_dropout_off(plain)
+    encoder_dropout_off(model)
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        evaluated = model.eval()(**batch).logits
+        trained = model.train()(**batch).logits
+        dropped = [plain.train()(**batch).logits for _ in range(2)]
+    torch.testing.assert_close(trained, evaluated)
+    assert not torch.equal(dropped[0], dropped[1])
+
+
 def test_a_whitened_head_refuses_to_run_without_its_map():
     loaded = _load("llama", "whitened")
     batch = loaded.tokenizer(TEXTS[:1], return_tensors="pt")
