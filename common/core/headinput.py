@@ -146,9 +146,10 @@ def _no_dropout_before(model: nn.Module) -> None:
     """Turn off the dropout a classifier applies to the head's input (BERT's `dropout`, at the
     model's top level). The map whitens the features as the reference pass saw them (eval
     mode); dropout's noise, added before it, would be stretched most along the directions the
-    map stretches most (the ones of least variance), and would drown the head's gradient in
-    training: bank-complaints' DP head reached 0.223 (majority 0.394) with it, the replica
-    without it 0.65."""
+    map stretches most (the ones of least variance), and lengthen every per-record gradient
+    with noise: on bank-complaints' head (MiniLM, whitened) the median per-record gradient
+    norm at the start is 22.3 with it and 14.5 without (`privacy-report --plan`), so under DP
+    the clip bound, and the noise with it, would be half as large again for nothing."""
     for name, module in model.named_children():
         if isinstance(module, nn.Dropout) and module.p > 0:
             logger.info(
