@@ -296,3 +296,33 @@ def test_the_dp_recipe_gives_layers_only_to_the_methods_that_take_them() -> None
     head = load_config(None, ["recipe='dp'", "lora.method='head'"])
     assert head.lora.layers == [] and (head.lora.r, head.train.batch_size) == (2, 256)
     assert load_config(None, ["recipe='dp'", "lora.method='partial'"]).lora.layers == [-1]
+
+
+def test_a_scenarios_private_table_applies_when_record_dp_is_on(tmp_path: Path) -> None:
+    """`[private]`: the scenario's settings for record-level DP, over its own when DP is on
+    (by either switch), never otherwise; `--set` wins over both; a bad key is named."""
+    bank = SCENARIOS / "bank-complaints.toml"
+    plain = load_config(bank)
+    assert plain.lora.method == "lora" and plain.model.head_input == "as-is"
+    for on in ("privacy.enabled=true", "privacy.record.enabled=true"):
+        cfg = load_config(bank, [on, "privacy.record.target_epsilon=8"])
+        assert cfg.lora.method == "head" and cfg.model.head_input == "whitened"
+        assert cfg.simulation.partition.reference_records == 1000
+        assert cfg.privacy.record.max_grad_norm == 3.0
+        assert (cfg.federation.server_optimizer, cfg.federation.server_lr) == ("fedadam", 0.03)
+        assert cfg.lora.aggregation == "ffa"  # what the table leaves alone stays the file's
+    off = load_config(bank, ["privacy.enabled=true", "privacy.record.enabled=false"])
+    assert off.lora.method == "lora" and off.privacy.institution.enabled
+    mine = load_config(bank, ["privacy.enabled=true", "privacy.record.max_grad_norm=2.5"])
+    assert mine.privacy.record.max_grad_norm == 2.5 and mine.lora.method == "head"
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[private]\nlora.methd = "head"\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: `\[private\]`: `lora.methd` is not a"):
+        load_config(bad)  # named even with DP off
+    bad.write_text("[private]\nprivacy.record.enabled = true\n")
+    with pytest.raises(ConfigError, match="cannot set `privacy.record.enabled`"):
+        load_config(bad)
+    bad.write_text('private = "head"\n')
+    with pytest.raises(ConfigError, match="must be a table"):
+        load_config(bad)

@@ -5,6 +5,7 @@ labels and prompt, a tiny random model in place of the packaged one, one round."
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
 from safetensors.numpy import load_file
@@ -59,6 +60,25 @@ def test_bank_complaints_five_banks_route_complaints_to_products(tmp_path):
     for i in range(5):
         folder = default_site_state() / "bank-complaints" / f"site-{i}" / "frozen-cache"
         assert list(folder.glob("*.safetensors")), folder
+
+
+def test_bank_complaints_under_record_level_dp_trains_its_private_recipe(tmp_path):
+    """With record-level DP on, the scenario's `[private]` table applies: the head alone trains
+    (it alone crosses the wire), on the whitened head input, with the map from 1,000 held-out
+    complaints; the run's own config.toml holds the values it ran with."""
+    summary = _run(
+        tmp_path, "bank-complaints", "model.source=tiny:bert", "privacy.record.enabled=true",
+        "privacy.record.target_epsilon=8",
+    )  # fmt: skip
+    assert 0 < max(summary["privacy"]["record_epsilon"].values()) <= 8.0
+    out = tmp_path / "bank-complaints"
+    sent = load_file(str(out / "rounds" / "1" / TRAINED_FILE))
+    assert sorted(sent) == ["classifier.bias", "classifier.weight"]
+    assert len((out / "reference" / "reference.jsonl").read_text().splitlines()) == 1000
+    assert (out / "head-whitening.safetensors").is_file()
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["lora"]["method"] == "head" and config["model"]["head_input"] == "whitened"
+    assert config["privacy"]["record"]["max_grad_norm"] == 3.0 and "private" not in config
 
 
 def test_hospital_coding_names_the_chapter_under_record_level_dp(tmp_path):

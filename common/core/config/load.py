@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from common.core.config.recipes import apply_recipe
 from common.core.config.tree import Config
@@ -94,11 +94,75 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file `{path}` is not valid TOML: {err}") from None
 
 
+PRIVATE = "private"  # a scenario's table of settings for when record-level DP is on
+
+
+def record_dp_on(tree: dict[str, Any]) -> bool:
+    """Whether a config tree turns record-level DP on (itself, or by `privacy.enabled`)."""
+    privacy = tree.get("privacy", {})
+    if not isinstance(privacy, dict):
+        return False
+    record = privacy.get("record", {})
+    own = record.get("enabled") if isinstance(record, dict) else None
+    return own is True or (own is None and privacy.get("enabled") is True)
+
+
+def _merge(tree: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` over ``tree`` (in place): tables merge, values replace."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)
+    return tree
+
+
+def _dotted(overlay: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in overlay.items():
+        out += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return out
+
+
+def _check_private(overlay: Any, source: str) -> dict[str, Any]:
+    """`[private]`: a table of existing settings, none of which turns DP itself on or off."""
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{source}: `{PRIVATE}` must be a table (`[{PRIVATE}]`)")
+
+    def walk(node: dict[str, Any], model: type[BaseModel], prefix: str) -> None:
+        for key, value in node.items():
+            field = model.model_fields.get(key)
+            if field is None:
+                raise ConfigError(f"{source}: `[{PRIVATE}]`: `{prefix}{key}` is not a setting")
+            sub = field.annotation
+            if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+                walk(value, sub, f"{prefix}{key}.")
+
+    walk(overlay, Config, "")
+    for key in ("privacy.enabled", "privacy.record.enabled", PRIVATE, "recipe"):
+        if key in _dotted(overlay) or any(k.startswith(key + ".") for k in _dotted(overlay)):
+            raise ConfigError(f"{source}: `[{PRIVATE}]` cannot set `{key}`")
+    return overlay
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a TOML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    """Load a TOML config (or the defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    A `[private]` table holds the settings a scenario wants when record-level DP is on (its DP
+    recipe: e.g. another method or clip bound); they apply over the file's own when the config
+    and the overrides turn record-level DP on, and ``--set`` still wins over both."""
+    source = str(path or "defaults")
     tree = read_toml(path) if path is not None else {}
-    apply_overrides(tree, overrides or [])
-    return build_config(tree, str(path or "defaults"))
+    overlay = tree.pop(PRIVATE, None)
+    if overlay is not None:
+        overlay = _check_private(overlay, source)
+    plain = apply_overrides(copy.deepcopy(tree), overrides or [])
+    if overlay is None or not record_dp_on(plain):
+        return build_config(plain, source)
+    logger.info(
+        "%s: record-level DP is on: `[%s]` sets %s", source, PRIVATE, ", ".join(_dotted(overlay))
+    )
+    return build_config(apply_overrides(_merge(tree, overlay), overrides or []), source)
 
 
 def to_toml(cfg: Config) -> str:
