@@ -37,7 +37,13 @@ On ``open`` it builds a :class:`DPTrainer` around the loop's model and optimizer
   (noise included) is always finite. Without this one such record made the whole sum NaN, so
   whether a site could reply at all depended on its records, outside the accounting. ``hooks``:
   its per-record gradient is zeroed before clipping (:func:`drop_non_finite`); ``ghost``: its
-  per-record norm is not finite, and the physical batch is run again without it.
+  per-record norm is not finite, and the physical batch is run again without it. Not closed:
+  a record is computed beside the others of its physical batch, padded to the longest, and a
+  model crafted to overflow on padding alone would make the shorter records non-finite (their
+  weight gradients take 0 x Inf at the padded positions), so whether one record drops can
+  depend on another's length; and under ``ghost`` the extra pass takes time, seen from
+  outside. Padding every batch to ``model.max_length`` (or batching by length) would close the
+  first, ``hooks`` avoids the second.
 - Opacus issue #820 (peft >= 0.14): LoRA weights silently not updated when parameters are moved
   or re-materialised after the hooks and optimizer captured them. :func:`check_wiring` refuses
   an optimizer that does not hold exactly the model's trainable parameters, and the first noisy
@@ -327,23 +333,29 @@ class DPTrainer:
     def _ghost_drop_non_finite(self, batch: Batch, losses: Tensor) -> None:
         """Ghost clipping sums the clipped gradients in one backward pass, so one record with a
         non-finite norm makes the whole sum NaN: run the physical batch again without such
-        records (their contribution: zero, as with ``hooks``)."""
-        norms = getattr(self.private_model, "per_sample_gradient_norms", None)
-        bad = ~torch.isfinite(losses.detach())
-        if norms is not None:
-            bad |= ~torch.isfinite(norms.detach()).to(bad.device)
-        if not bad.any():
-            return
-        params = trainable(self.model)
-        self.optimizer.original_optimizer.zero_grad(set_to_none=True)  # keep summed_grad
-        keep = (~bad).nonzero().flatten()
-        if len(keep):
+        records (their contribution: zero, as with ``hooks``), until every record left is
+        finite (each pass drops one or more, so at most the batch's size passes)."""
+        keep = torch.arange(len(losses))
+        dropped = 0
+        while True:
+            norms = self.private_model.per_sample_gradient_norms  # set by the first pass
+            bad = ~torch.isfinite(losses.detach()) | ~torch.isfinite(norms.detach()).to(
+                losses.device
+            )
+            if not bad.any():
+                break
+            dropped += int(bad.sum())
+            keep = keep[~bad.to(keep.device)]
+            self.optimizer.original_optimizer.zero_grad(set_to_none=True)  # keep summed_grad
+            if not len(keep):
+                break
             sub = {k: v[keep.to(v.device)] for k, v in batch.items()}
-            dp_backward(self.private_model, self.optimizer, self.loss_fn(self.private_model, sub))
-        for p in params:  # none kept, or (padding aside, never) still not finite: nothing
-            if p.grad is None or not torch.isfinite(p.grad).all():
+            losses = self.loss_fn(self.private_model, sub)
+            dp_backward(self.private_model, self.optimizer, losses)
+        for p in trainable(self.model):  # none kept: a zero sum
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.optimizer.dropped = getattr(self.optimizer, "dropped", 0) + int(bad.sum())
+        self.optimizer.dropped = getattr(self.optimizer, "dropped", 0) + dropped
 
     def _noise_only_step(self) -> float:
         opt = self.optimizer

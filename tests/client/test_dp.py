@@ -180,6 +180,8 @@ def test_a_record_with_a_non_finite_gradient_contributes_nothing(mode: str) -> N
     without = summed(crafted(), good, 0.0)
     assert torch.isfinite(with_bad).all() and without.norm() > 0
     torch.testing.assert_close(with_bad, without, rtol=1e-3, atol=1e-6)
+    later = summed(crafted(), [*good[:3], bad, *good[3:]], 0.0)  # in the second chunk
+    torch.testing.assert_close(later, without, rtol=1e-3, atol=1e-6)
     noisy = summed(crafted(), [bad, *good], 1.0)
     assert torch.isfinite(noisy).all() and noisy.norm() > without.norm()
     alone = summed(crafted(), [bad], 0.0)  # nothing left: a zero step, not a NaN one

@@ -311,6 +311,8 @@ def test_a_scenarios_private_table_applies_when_record_dp_is_on(tmp_path: Path) 
         assert cfg.privacy.record.max_grad_norm == 3.0
         assert (cfg.federation.server_optimizer, cfg.federation.server_lr) == ("fedadam", 0.03)
         assert cfg.lora.aggregation == "ffa"  # what the table leaves alone stays the file's
+    spelt = load_config(bank, ["privacy.record.enabled=True", "privacy.record.target_epsilon=8"])
+    assert spelt.privacy.record.enabled and spelt.lora.method == "head"  # a string switch too
     off = load_config(bank, ["privacy.enabled=true", "privacy.record.enabled=false"])
     assert off.lora.method == "lora" and off.privacy.institution.enabled
     mine = load_config(bank, ["privacy.enabled=true", "privacy.record.max_grad_norm=2.5"])
@@ -320,9 +322,10 @@ def test_a_scenarios_private_table_applies_when_record_dp_is_on(tmp_path: Path) 
     bad.write_text('[private]\nlora.methd = "head"\n')
     with pytest.raises(ConfigError, match=r"bad.toml: `\[private\]`: `lora.methd` is not a"):
         load_config(bad)  # named even with DP off
-    bad.write_text("[private]\nprivacy.record.enabled = true\n")
-    with pytest.raises(ConfigError, match="cannot set `privacy.record.enabled`"):
-        load_config(bad)
+    for switch in ("privacy.record.enabled", "privacy.institution.enabled"):
+        bad.write_text(f"[private]\n{switch} = false\n")
+        with pytest.raises(ConfigError, match=f"cannot set `{switch}`"):
+            load_config(bad)
     bad.write_text('private = "head"\n')
     with pytest.raises(ConfigError, match="must be a table"):
         load_config(bad)

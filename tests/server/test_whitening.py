@@ -100,6 +100,14 @@ def test_the_coordinators_map_reaches_every_site_and_publish_folds_it(whitened_c
         merged_round(tmp_path / "run")
 
 
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """What the in-process grid sets for a run; put back as it was after each test."""
+    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
+
+
 def _train(cfg, nodes, node: int, whitening: bytes | None, run_id: str) -> Message:
     sm = site_model(cfg)
     extra = {keys.ROUND: 1, keys.FINGERPRINT: sm.fingerprint, keys.RUN_ID: run_id}

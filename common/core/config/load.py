@@ -103,8 +103,21 @@ def record_dp_on(tree: dict[str, Any]) -> bool:
     if not isinstance(privacy, dict):
         return False
     record = privacy.get("record", {})
-    own = record.get("enabled") if isinstance(record, dict) else None
-    return own is True or (own is None and privacy.get("enabled") is True)
+    own = _flag(record.get("enabled") if isinstance(record, dict) else None)
+    return own is True or (own is None and _flag(privacy.get("enabled")) is True)
+
+
+def _flag(value: Any) -> bool | None:
+    """A switch as the config reads it (pydantic: `true`, `"true"`, `"True"`, 1, ...); None if
+    unset or not a switch (validation then names it)."""
+    from pydantic import TypeAdapter
+
+    if value is None:
+        return None
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return None
 
 
 def _merge(tree: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +152,8 @@ def _check_private(overlay: Any, source: str) -> dict[str, Any]:
                 walk(value, sub, f"{prefix}{key}.")
 
     walk(overlay, Config, "")
-    for key in ("privacy.enabled", "privacy.record.enabled", PRIVATE, "recipe"):
+    switches = ("privacy.enabled", "privacy.record.enabled", "privacy.institution.enabled")
+    for key in (*switches, PRIVATE, "recipe"):
         if key in _dotted(overlay) or any(k.startswith(key + ".") for k in _dotted(overlay)):
             raise ConfigError(f"{source}: `[{PRIVATE}]` cannot set `{key}`")
     return overlay
