@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from common.core.config.recipes import apply_recipe
 from common.core.config.tree import Config
@@ -110,8 +110,6 @@ def record_dp_on(tree: dict[str, Any]) -> bool:
 def _flag(value: Any) -> bool | None:
     """A switch as the config reads it (pydantic: `true`, `"true"`, `"True"`, 1, ...); None if
     unset or not a switch (validation then names it)."""
-    from pydantic import TypeAdapter
-
     if value is None:
         return None
     try:
@@ -153,8 +151,9 @@ def _check_private(overlay: Any, source: str) -> dict[str, Any]:
 
     walk(overlay, Config, "")
     switches = ("privacy.enabled", "privacy.record.enabled", "privacy.institution.enabled")
+    dotted = _dotted(overlay)
     for key in (*switches, PRIVATE, "recipe"):
-        if key in _dotted(overlay) or any(k.startswith(key + ".") for k in _dotted(overlay)):
+        if any(k == key or k.startswith(key + ".") for k in dotted):
             raise ConfigError(f"{source}: `[{PRIVATE}]` cannot set `{key}`")
     return overlay
 
