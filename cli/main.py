@@ -357,7 +357,12 @@ def _model_to_evaluate(
         tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
         identity = {"run_id": manifest.get("run_id"), "round": manifest.get("round"),
                     "published": str(source)}  # fmt: skip
-        return cfg, cls.from_pretrained(str(source), local_files_only=True), tok, identity
+        model = cls.from_pretrained(str(source), local_files_only=True)
+        if cfg.model.task == "seq-cls":
+            from common.core.pooling import install_saved
+
+            install_saved(model)  # `model.head_pooling`: as the folder's config.json records
+        return cfg, model, tok, identity
     from server.publishing.publish import merged_round, read_run
 
     info = read_run(source, round_)

@@ -275,6 +275,13 @@ def reference_features(
     return feats
 
 
+def _pooling(model: nn.Module) -> str:
+    from common.core.pooling import CONFIG_KEY
+
+    config = getattr(model, "config", None)
+    return str(getattr(config, CONFIG_KEY, "model"))
+
+
 def whitening_map(features: Tensor, shrinkage: float = SHRINKAGE) -> Tensor:
     """``(M + rho I)^(-1/2)``, ``M`` the features' second moment, ``rho`` = shrinkage x its
     largest eigenvalue (symmetric, in float32)."""
@@ -292,13 +299,14 @@ def reference_whitening(
     """The coordinator's map: from `model.head_reference`'s texts through the base model.
 
     ``cache_dir``: kept there under a key of everything it depends on (the texts, the base
-    model's label-mean direction and head size, ``max_length``, the shrinkage), so the runs of a
+    model's label-mean direction and head size, its pooling, ``max_length``, the shrinkage), so
+    the runs of a
     benchmark or a rerun do not pay the pass again; it holds nothing but public data."""
     start = time.monotonic()
     texts = read_reference(reference)
     head = _whitened_head(model)
     key = hashlib.sha256(
-        json.dumps([texts, max_length, SHRINKAGE, head.in_features]).encode()
+        json.dumps([texts, max_length, SHRINKAGE, head.in_features, _pooling(model)]).encode()
         + getattr(head, ATTR).float().numpy().tobytes()
     ).hexdigest()[:32]
     cached = Path(cache_dir).expanduser() / "head-whitening" / key if cache_dir else None

@@ -239,6 +239,15 @@ def load_base(cfg: ModelConfig, labels: list[str] | None = None) -> LoadedModel:
     loaded.model.config.use_cache = False
     if loaded.model.config.pad_token_id is None:
         loaded.model.config.pad_token_id = loaded.tokenizer.pad_token_id
+    if cfg.task == "seq-cls":
+        from common.core import pooling
+
+        if cfg.head_pooling == "mean":  # before the head's input is measured (`head_input`)
+            pooling.install(loaded.model)
+        else:
+            pooling.install_saved(loaded.model)
+    elif cfg.head_pooling != "model":
+        raise ModelError('`model.head_pooling` = "mean" needs `model.task` = "seq-cls"')
     if cfg.head_input != "as-is":
         from common.core import headinput
 

@@ -57,8 +57,16 @@ def _method_line(cfg: Config) -> str:
 
 
 def _head_input_line(cfg: Config, summary: dict[str, Any]) -> list[str]:
+    lines = []
+    if cfg.model.head_pooling == "mean":
+        lines.append(
+            "- Head pooling: the mean of the last hidden states over the record's tokens "
+            "(attention mask), not the model's pooler (config.json: `fedtune_head_pooling`; "
+            "the folder has no pooler weights). fedtune's loaders apply it; elsewhere, pool so "
+            "before `classifier` (as sentence-transformers does)"
+        )
     if cfg.model.head_input == "as-is":
-        return []
+        return lines
     line = "- Head input: without the label names' mean feature (folded into the head)"
     if cfg.model.head_input == "whitened":
         info = summary.get("head_whitening") or {}
@@ -69,7 +77,7 @@ def _head_input_line(cfg: Config, summary: dict[str, Any]) -> list[str]:
             f"`{info.get('reference_sha256', 'unknown')}`; map sha256 "
             f"`{info.get('sha256', 'unknown')}`); no site's records were used for it"
         )
-    return [line]
+    return [*lines, line]
 
 
 def _provenance(cfg: Config, summary: dict[str, Any], round: int) -> str:

@@ -64,8 +64,8 @@ def test_bank_complaints_five_banks_route_complaints_to_products(tmp_path):
 
 def test_bank_complaints_under_record_level_dp_trains_its_private_recipe(tmp_path):
     """With record-level DP on, the scenario's `[private]` table applies: the head alone trains
-    (it alone crosses the wire), on the whitened head input, with the map from 1,000 held-out
-    complaints; the run's own config.toml holds the values it ran with."""
+    (it alone crosses the wire), on the whitened mean of the last hidden states, with the map
+    from 1,000 held-out complaints; the run's own config.toml holds the values it ran with."""
     summary = _run(
         tmp_path, "bank-complaints", "model.source=tiny:bert", "privacy.record.enabled=true",
         "privacy.record.target_epsilon=8",
@@ -78,6 +78,7 @@ def test_bank_complaints_under_record_level_dp_trains_its_private_recipe(tmp_pat
     assert (out / "head-whitening.safetensors").is_file()
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["lora"]["method"] == "head" and config["model"]["head_input"] == "whitened"
+    assert config["model"]["head_pooling"] == "mean"
     assert config["privacy"]["record"]["max_grad_norm"] == 3.0 and "private" not in config
 
 

@@ -59,6 +59,17 @@ class ModelConfig(Section):
             "`publish` folds both into the head's weights: a published model is a plain model."
         ),
     )
+    head_pooling: Literal["model", "mean"] = Field(
+        "model",
+        description=(
+            "`seq-cls` with an encoder of BERT's family only. `model`: the head reads what the "
+            "model's own pooler gives (BERT: the first token through a dense layer), or the "
+            "pooling a folder fedtune published records. `mean`: the mean of the last hidden "
+            "states over the record's tokens, the sentence embedding encoders such as "
+            "all-MiniLM-L6-v2 were trained to give (no weights, no privacy cost). A published "
+            "model keeps it in its config.json (`fedtune_head_pooling`)."
+        ),
+    )
     head_reference: str = Field(
         "",
         description=(

@@ -1,0 +1,95 @@
+"""`model.head_pooling = "mean"`: an encoder classifier's head reads the mean of the last hidden
+states over the record's tokens, not the model's own pooler output.
+
+Why. BERT's pooler (the first token through a dense layer and tanh) is what BERT's pre-training
+(next-sentence prediction) shaped; a sentence encoder such as all-MiniLM-L6-v2 was trained to
+give the mean of its last hidden states instead (its sentence embedding), and there the pooler
+is an untrained leftover. A head that trains alone (`lora.method = "head"`, the DP recipe of
+bank-complaints) can read no better than its input: on bank-complaints the whitened head's
+ceiling without DP was 0.661 on the pooler's output and 0.673 to 0.686 on the mean (a head-only
+replica on the harvested features; README).
+
+Privacy: the pooling is a fixed function of the frozen model's output, with no weights; DP-SGD's
+guarantee is unchanged (Opacus clips and noises the gradients of the weights that train,
+whatever their input is).
+
+How. The encoder's ``pooler`` is replaced by :class:`MeanPool` (no weights), and a forward
+pre-hook on the encoder hands it the call's attention mask. The model's config records
+``fedtune_head_pooling = "mean"``, so a folder it is saved to (`publish`) says how its head
+reads, and :func:`install_saved` puts the pooling back on whatever loads such a folder through
+fedtune. The folder has no pooler weights: a loader that does not know the key says so (it
+warns that ``pooler.dense`` is newly initialized) rather than keeping a pooler the head never
+read; the model card says how to pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import Tensor, nn
+
+from common.core.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "fedtune_head_pooling"  # in the model's config.json: "mean" when installed
+
+
+class MeanPool(nn.Module):
+    """The mean of the hidden states over the tokens the attention mask keeps (all when none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: Tensor | None = None
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        mask = self.mask
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            return hidden_states.mean(1)
+        m = mask.to(device=hidden_states.device, dtype=hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _take_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1:
+        mask = args[1]  # BertModel.forward(input_ids, attention_mask, ...)
+    pool = module.get_submodule("pooler")
+    if isinstance(pool, MeanPool):
+        pool.mask = mask if isinstance(mask, Tensor) else None
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The encoder under a classifier whose head reads a pooler (BERT's family)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    encoder = getattr(model, prefix, None) if prefix else None
+    if encoder is None or not isinstance(getattr(encoder, "pooler", None), nn.Module):
+        raise ModelError(
+            f'`model.head_pooling` = "mean": {type(model).__name__} has no pooler to replace '
+            "(an encoder classifier of BERT's family; a decoder's head reads its last token)"
+        )
+    return encoder
+
+
+def install(model: nn.Module) -> None:
+    """Mean pooling in place of the encoder's pooler, from now on (in place; idempotent)."""
+    encoder = encoder_of(model)
+    if isinstance(encoder.pooler, MeanPool):
+        return
+    encoder.pooler = MeanPool()
+    encoder.register_forward_pre_hook(_take_mask, with_kwargs=True)
+    config: Any = model.config
+    config.update({CONFIG_KEY: "mean"})
+    logger.info('`model.head_pooling` = "mean": the head reads the mean of the last hidden states')
+
+
+def install_saved(model: nn.Module) -> bool:
+    """Put back the pooling a saved model's config records (a published folder); True if any."""
+    saved = getattr(model.config, CONFIG_KEY, None)
+    if saved is None:
+        return False
+    if saved != "mean":
+        raise ModelError(f"the model's config.json has `{CONFIG_KEY}` = {saved!r}; only 'mean'")
+    install(model)
+    return True
