@@ -271,3 +271,52 @@ def test_a_head_run_under_dp_with_the_head_input_projection_publishes_a_plain_cl
     assert (
         torch.as_tensor(sent["score.weight"]) @ u
     ).abs().max().item() > 1e-4  # folded at publish
+
+
+def test_a_mean_pooled_head_run_publishes_a_folder_that_says_how_its_head_reads(tiny_cfg, tmp_path):
+    """`model.head_pooling = "mean"` (a BERT classifier) under record-level DP: the published
+    folder records the pooling (config.json, model card) and has no pooler weights; fedtune's
+    loaders (a folder as `model.source`, `fedtune evaluate`'s) compute what the run's model
+    computes, and a plain loader, which keeps a fresh pooler, does not."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from cli.main import _model_to_evaluate
+    from common.core.adapters import TRAINED_FILE, apply_round
+    from common.core.config import ModelConfig
+    from common.core.models import load_base
+    from common.identity.signing import generate_keys
+    from server.publishing.publish import publish
+
+    cfg = _with(
+        tiny_cfg,
+        model={"source": "tiny:bert", "task": "seq-cls", "head_pooling": "mean"},
+        lora={"method": "head", "layers": []},
+        train={"batch_size": 8},
+        **{"privacy.record": {"enabled": True, "target_epsilon": 8.0, "max_grad_norm": 1.0}},
+    )
+    summary, sent = _round(cfg, tmp_path, secure=False, file=TRAINED_FILE)
+    assert sorted(sent) == ["classifier.bias", "classifier.weight"]
+    assert max(summary["privacy"]["record_epsilon"].values()) <= 8 + 1e-6
+    private_key, public_key = generate_keys(tmp_path / "keys")
+    out = tmp_path / "published"
+    publish(tmp_path / "run", out, private_key, force=True)
+    assert "Head pooling: the mean of the last hidden states" in (out / "MODEL_CARD.md").read_text()
+    assert json.loads((out / "config.json").read_text())["fedtune_head_pooling"] == "mean"
+
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21], [0, 0, 2, 4, 6, 8]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    run_model = apply_round(
+        load_base(cfg.model, cfg.data.labels).model, tmp_path / "run" / "rounds" / "1"
+    ).eval()
+    folder = load_base(ModelConfig(source=str(out), task="seq-cls"), cfg.data.labels).model
+    _, evaluated, _, _ = _model_to_evaluate(out, None, public_key, tmp_path / "run" / "config.toml")
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        want = run_model(input_ids=ids, attention_mask=mask).logits
+        for model in (folder.eval(), evaluated.eval()):
+            got = model(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert (plain(input_ids=ids, attention_mask=mask).logits - want).abs().max() > 1e-3
