@@ -5,7 +5,8 @@ loop: the loop builds the optimizer (AdamW with its decay groups), sets the lear
 every step and keeps the losses; :class:`DPStepper` is the loop's step for record-level DP::
 
     plan, reason = check_budget(site_accountant, cfg, len(examples), budget)  # client.privacy_site
-    stepper = DPStepper(cfg.privacy.record, plan, site_accountant.accountant)
+    stepper = DPStepper(cfg.privacy.record, plan, site_accountant.accountant,
+                        width=cfg.model.max_length)
     train_round(model, examples, cfg.train, ..., stepper=stepper)
     site_accountant.save()                            # epsilon composes over rounds and restarts
 
@@ -37,13 +38,13 @@ On ``open`` it builds a :class:`DPTrainer` around the loop's model and optimizer
   (noise included) is always finite. Without this one such record made the whole sum NaN, so
   whether a site could reply at all depended on its records, outside the accounting. ``hooks``:
   its per-record gradient is zeroed before clipping (:func:`drop_non_finite`); ``ghost``: its
-  per-record norm is not finite, and the physical batch is run again without it. Not closed:
-  a record is computed beside the others of its physical batch, padded to the longest, and a
-  model crafted to overflow on padding alone would make the shorter records non-finite (their
-  weight gradients take 0 x Inf at the padded positions), so whether one record drops can
-  depend on another's length; and under ``ghost`` the extra pass takes time, seen from
-  outside. Padding every batch to ``model.max_length`` (or batching by length) would close the
-  first, ``hooks`` avoids the second.
+  per-record norm is not finite, and the physical batch is run again without it. A site pads
+  every physical batch to ``model.max_length`` (:class:`DPStepper`'s ``width``), not to its
+  longest record: padded to the longest, a model crafted to overflow on padding alone would
+  make the shorter records non-finite (their weight gradients take 0 x Inf at the padded
+  positions), and whether one record drops would depend on another's length. Not closed:
+  under ``ghost`` the extra pass takes time, seen from outside (``hooks``, the default, takes
+  none).
 - Opacus issue #820 (peft >= 0.14): LoRA weights silently not updated when parameters are moved
   or re-materialised after the hooks and optimizer captured them. :func:`check_wiring` refuses
   an optimizer that does not hold exactly the model's trainable parameters, and the first noisy
@@ -389,9 +390,16 @@ class DPStepper:
     DP-SGD step of a :class:`DPTrainer` built around the loop's model and optimizer."""
 
     def __init__(
-        self, cfg: RecordDPConfig, plan: RecordPlan, accountant: GaussianAccountant
+        self,
+        cfg: RecordDPConfig,
+        plan: RecordPlan,
+        accountant: GaussianAccountant,
+        width: int = 0,
     ) -> None:
+        """``width``: every physical batch padded to this many tokens (`model.max_length`, which
+        encoding truncates to), not to its longest record (0)."""
         self.cfg, self.plan, self.accountant = cfg, plan, accountant
+        self.width = width
         self.examples = 0
 
     def open(
@@ -406,7 +414,7 @@ class DPStepper:
     ) -> None:
         # `seed` is public: DPTrainer draws batches and noise from its own secret generators.
         self.records, self.examples = examples, len(examples)
-        self.collate = functools.partial(collate, pad_id=pad_id)
+        self.collate = functools.partial(collate, pad_id=pad_id, width=self.width)
         self.trainer = DPTrainer(
             model, optimizer, self.cfg, self.plan, self.accountant,
             physical_batch_size=micro_batch_size(cfg),

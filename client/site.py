@@ -272,7 +272,11 @@ def run_local_round(
             run_eps = ledger.run_accountant(site.run_key).epsilon(plan.delta)
             privacy = {keys.RECORD_EPSILON: run_eps, keys.RECORD_DELTA: plan.delta}
     taken = GaussianAccountant(cfg.privacy.record.accountant)
-    stepper = DPStepper(cfg.privacy.record, plan, taken) if plan is not None else None
+    stepper = (
+        DPStepper(cfg.privacy.record, plan, taken, width=cfg.model.max_length)
+        if plan is not None
+        else None
+    )
     result = train_site_round(
         sm.model, examples, cfg.train, pad_id=pad, round_idx=round_idx,
         total_rounds=cfg.federation.rounds, seed=seed, stepper=stepper,

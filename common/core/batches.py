@@ -17,14 +17,18 @@ class Encoded:
     labels: list[int] | int  # per-token targets (causal LM) or class index (seq-cls)
 
 
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence of the batch.
+def collate(batch: Sequence[Encoded], pad_id: int, width: int = 0) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of the batch, or to ``width`` tokens when given (DP-SGD: a
+    record's computation then never depends on the others' lengths).
 
     Causal LMs are padded on the left (the answer ends every row, so its logits are the last
     positions) with position ids that start at each row's first real token. Classifiers are padded
     on the right: encoders pool position 0 (`[CLS]`).
     """
-    width = max(len(e.input_ids) for e in batch)
+    longest = max(len(e.input_ids) for e in batch)
+    if width and longest > width:
+        raise ValueError(f"a record of {longest} tokens is longer than the padding width {width}")
+    width = width or longest
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     causal = isinstance(batch[0].labels, list)

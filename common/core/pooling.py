@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from common.core.errors import ModelError
@@ -47,8 +48,11 @@ class MeanPool(nn.Module):
         mask = self.mask
         if mask is None or mask.shape != hidden_states.shape[:2]:
             return hidden_states.mean(1)
-        m = mask.to(device=hidden_states.device, dtype=hidden_states.dtype).unsqueeze(-1)
-        return (hidden_states * m).sum(1) / m.sum(1).clamp(min=1.0)
+        keep = mask.to(hidden_states.device).bool().unsqueeze(-1)
+        # `where`, not a product: a padded position's state never reaches the mean, even
+        # when not finite (0 x Inf is NaN)
+        kept = torch.where(keep, hidden_states, torch.zeros_like(hidden_states))
+        return kept.sum(1) / keep.sum(1).clamp(min=1).to(hidden_states.dtype)
 
 
 def _take_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

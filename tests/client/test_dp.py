@@ -189,6 +189,41 @@ def test_a_record_with_a_non_finite_gradient_contributes_nothing(mode: str) -> N
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_records_contribution_never_depends_on_another_records_length(mode: str) -> None:
+    """A coordinator crafts the model so that padding overflows (the pad token embeds to Inf:
+    every padded record's forward is NaN, so it drops). Padded to the longest of its batch, a
+    short record then counts when drawn alone and drops beside a longer one: its removal or
+    addition would change the sum by more than the clip bound. The site pads to
+    `model.max_length` (DPStepper's ``width``): the step is the sum of each record's own part."""
+    from common.core.batches import collate as pad_collate
+
+    gen = torch.Generator().manual_seed(2)
+    short, long_ = ([int(t) for t in torch.randint(1, VOCAB, (n,), generator=gen)] for n in (6, T))
+    a, b = Encoded(short, [-100, *short[1:]]), Encoded(long_, [-100, *long_[1:]])
+
+    def summed(chosen: list[Encoded], width: int) -> Tensor:
+        model = tiny_lora()
+        with torch.no_grad():
+            model.get_input_embeddings().weight[0] = float("inf")  # the pad id
+        start = params(model, True)
+        with DPTrainer(model, sgd(model), dp_cfg(mode, 0.01), plan(0.0, 0.01, len(chosen)),
+                       GaussianAccountant(), physical_batch_size=4, seed=0) as dp:  # fmt: skip
+            dp.step_on(chosen, functools.partial(pad_collate, pad_id=0, width=width))
+        after = params(model, True)
+        return torch.cat([(start[k] - v).flatten() / LR for k, v in after.items()]) * len(chosen)
+
+    # to the longest: `a` counts alone, drops beside `b` (the attack works on that padding)
+    assert summed([a], 0).norm() > 0
+    torch.testing.assert_close(summed([a, b], 0), summed([b], 0), rtol=1e-3, atol=1e-7)
+    # to a fixed width: every record's part is its own, whatever else is drawn
+    both = summed([a, b], T)
+    torch.testing.assert_close(both, summed([a], T) + summed([b], T), rtol=1e-3, atol=1e-7)
+    assert both.norm() > 0
+    with pytest.raises(ValueError, match="longer than the padding width"):
+        pad_collate([b], pad_id=0, width=T - 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_accountant_steps_once_per_logical_step_and_on_empty_batches(mode: str) -> None:
     model, acc = tiny_lora(), GaussianAccountant()
     p = plan(1.0, 1.0, 8)
