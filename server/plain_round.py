@@ -50,7 +50,9 @@ class PlainRound:
             for n, c in contents.items()
         ]
         summed = RoundSum(np.zeros(sum(v.size for v in state.values())), 0.0, [])
-        summed.bytes_down = sum(record_bytes(c, skip=(keys.CONFIG,)) for c in contents.values())
+        # what each site receives: the global weights and the config record (with the head
+        # whitening map, `model.head_input = "whitened"`), as a secure-aggregation round counts
+        summed.bytes_down = sum(record_bytes(c) for c in contents.values())
         replies = send_and_receive(self.grid, msgs, self.cfg.federation.round_timeout_s)
         for node, reply in replies.items():
             self._add(summed, node, reply, state)

@@ -71,6 +71,10 @@ def test_the_coordinators_map_reaches_every_site_and_publish_folds_it(whitened_c
         if keys.CONFIG in m.content.config_records
     ]
     assert carried and all(raw == headinput.to_bytes(sent) for raw in carried)
+    # and the bytes the coordinator sent count it: 3 sites x 64 x 64 float32, beside the head
+    (row,) = _lines(tmp_path / "run" / "metrics.jsonl")
+    head = sum(v.size * 4 for v in get_state(loaded.model, ["score.weight"]).values())
+    assert row["bytes_down"] >= 3 * (64 * 64 * 4 + head)
     torch.testing.assert_close(headinput.whitening_of(site_model(cfg).model), sent)
 
     # publish's model: the run's merged model with the map, then folded into a plain head
