@@ -394,10 +394,14 @@ class DPStepper:
         cfg: RecordDPConfig,
         plan: RecordPlan,
         accountant: GaussianAccountant,
-        width: int = 0,
+        *,
+        width: int,
     ) -> None:
         """``width``: every physical batch padded to this many tokens (`model.max_length`, which
-        encoding truncates to), not to its longest record (0)."""
+        encoding truncates to), never to its longest record, so no record's computation depends
+        on another's length."""
+        if width <= 0:
+            raise PrivacyError(f"DP-SGD pads every batch to a fixed width; got {width}")
         self.cfg, self.plan, self.accountant = cfg, plan, accountant
         self.width = width
         self.examples = 0

@@ -131,10 +131,25 @@ def adapted_layers(lora: LoraConfig, model: PreTrainedModel) -> list[int] | None
     return sorted({i % n for i in lora.layers})
 
 
+def _check_positions(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> None:
+    """A record of `model.max_length` tokens (and the virtual tokens of `prompt`) must fit the
+    model's positions: under DP every batch is padded to that length, so a misfit would fail
+    every step, not one long record."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    tokens = mcfg.max_length + (lora.virtual_tokens if lora.method == "prompt" else 0)
+    if isinstance(limit, int) and tokens > limit:
+        extra = f" + {lora.virtual_tokens} virtual tokens" if lora.method == "prompt" else ""
+        raise ModelError(
+            f"`model.max_length` = {mcfg.max_length}{extra} is more than the {limit} positions "
+            f"the model has: set `model.max_length` to at most {limit - (tokens - mcfg.max_length)}"
+        )
+
+
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, mcfg: ModelConfig) -> nn.Module:
     """``model`` made ready to train by `lora.method`: wrapped with PEFT adapters initialised
     from the shared seed (same init everywhere), or (``partial``, ``full``) with only the chosen
     weights left trainable."""
+    _check_positions(model, lora, mcfg)
     if lora.method in WEIGHT_METHODS:
         return _train_weights(model, lora)
     heads = [n for n in HEAD_NAMES if hasattr(model, n)] if mcfg.task == "seq-cls" else []

@@ -246,8 +246,6 @@ def load_base(cfg: ModelConfig, labels: list[str] | None = None) -> LoadedModel:
             pooling.install(loaded.model)
         else:
             pooling.install_saved(loaded.model)
-    elif cfg.head_pooling != "model":
-        raise ModelError('`model.head_pooling` = "mean" needs `model.task` = "seq-cls"')
     if cfg.head_input != "as-is":
         from common.core import headinput
 

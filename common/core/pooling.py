@@ -45,9 +45,19 @@ class MeanPool(nn.Module):
         self.mask: Tensor | None = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        if hidden_states.dim() != 3:  # (records, tokens, hidden): what BERT's pooler is given
+            raise ModelError(
+                f'`model.head_pooling` = "mean": the pooler got a {hidden_states.dim()}-D input, '
+                "not each token's hidden state; this model's head cannot read a mean"
+            )
         mask = self.mask
-        if mask is None or mask.shape != hidden_states.shape[:2]:
+        if mask is None:  # a call without a mask: every token is the record's
             return hidden_states.mean(1)
+        if mask.shape != hidden_states.shape[:2]:
+            raise ModelError(
+                f'`model.head_pooling` = "mean": an attention mask of {tuple(mask.shape)} for '
+                f"hidden states of {tuple(hidden_states.shape[:2])}"
+            )
         keep = mask.to(hidden_states.device).bool().unsqueeze(-1)
         # `where`, not a product: a padded position's state never reaches the mean, even
         # when not finite (0 x Inf is NaN)
@@ -64,15 +74,24 @@ def _take_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
         pool.mask = mask if isinstance(mask, Tensor) else None
 
 
+# Classifiers whose head reads the pooler's output, and whose pooler is given every token's
+# state (ALBERT and BigBird give theirs the first token alone; RoBERTa's and DistilBERT's heads
+# read the first token themselves): checked in transformers' sources, not guessed.
+MODEL_TYPES = ("bert",)
+
+
 def encoder_of(model: nn.Module) -> nn.Module:
-    """The encoder under a classifier whose head reads a pooler (BERT's family)."""
+    """The encoder under a classifier whose head reads its pooler's output (BERT)."""
+    kind = getattr(getattr(model, "config", None), "model_type", "")
     prefix = getattr(model, "base_model_prefix", "")
     encoder = getattr(model, prefix, None) if prefix else None
-    if encoder is None or not isinstance(getattr(encoder, "pooler", None), nn.Module):
+    if kind not in MODEL_TYPES or not isinstance(getattr(encoder, "pooler", None), nn.Module):
         raise ModelError(
-            f'`model.head_pooling` = "mean": {type(model).__name__} has no pooler to replace '
-            "(an encoder classifier of BERT's family; a decoder's head reads its last token)"
+            f'`model.head_pooling` = "mean": {type(model).__name__} (`{kind}`) has no pooler '
+            f"over every token for its head to read ({', '.join(MODEL_TYPES)} only; a "
+            "decoder's head reads its last token)"
         )
+    assert encoder is not None
     return encoder
 
 

@@ -16,11 +16,13 @@ def render_model_card(
     after: dict[str, Any],
     audit: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
+    pooling: str | None = None,
 ) -> str:
-    """The whole card as Markdown."""
+    """The whole card as Markdown. ``pooling``: the head pooling the published model's config
+    records (a base folder fedtune published may bring it whatever `model.head_pooling` says)."""
     sections = [
         f"# {cfg.name}: federated {METHOD_TITLE[cfg.lora.method]}\n",
-        _provenance(cfg, summary, round),
+        _provenance(cfg, summary, round, pooling),
         _evaluation(summary, before, after),
         _evaluation_report(evaluation),
         _privacy(summary.get("privacy")),
@@ -56,9 +58,9 @@ def _method_line(cfg: Config) -> str:
     return f"- Method: `{lora.method}`"
 
 
-def _head_input_line(cfg: Config, summary: dict[str, Any]) -> list[str]:
+def _head_input_line(cfg: Config, summary: dict[str, Any], pooling: str | None) -> list[str]:
     lines = []
-    if cfg.model.head_pooling == "mean":
+    if "mean" in (cfg.model.head_pooling, pooling):
         lines.append(
             "- Head pooling: the mean of the last hidden states over the record's tokens "
             "(attention mask), not the model's pooler (config.json: `fedtune_head_pooling`; "
@@ -80,7 +82,7 @@ def _head_input_line(cfg: Config, summary: dict[str, Any]) -> list[str]:
     return [*lines, line]
 
 
-def _provenance(cfg: Config, summary: dict[str, Any], round: int) -> str:
+def _provenance(cfg: Config, summary: dict[str, Any], round: int, pooling: str | None) -> str:
     sites = summary.get("sites") or {}
     lines = [
         "## Provenance\n",
@@ -90,7 +92,7 @@ def _provenance(cfg: Config, summary: dict[str, Any], round: int) -> str:
         f"- Rounds run: {summary.get('rounds', 'unknown')}; published from round {round}",
         f"- Run id: `{summary.get('run_id', 'unknown')}`; config sha256: `{cfg.digest()}`",
         f"- Secure aggregation: {'on' if cfg.secagg.enabled else 'off'}",
-        *_head_input_line(cfg, summary),
+        *_head_input_line(cfg, summary, pooling),
         f"- Sites: {len(sites)}",
         "",
         "| site | training records |",

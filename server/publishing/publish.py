@@ -102,9 +102,12 @@ def publish(
     extra["privacy"] = _privacy_statement(info.summary)
     if audit_report is not None:
         extra["audit"] = {k: audit_report[k] for k in ("epsilon_lower_bound", "claimed", "mia_auc")}
+    from common.core.pooling import CONFIG_KEY
+
     card = render_model_card(
-        info.cfg, info.summary, info.round, before, after, audit_report, eval_report
-    )
+        info.cfg, info.summary, info.round, before, after, audit_report, eval_report,
+        pooling=getattr(merged.config, CONFIG_KEY, None),
+    )  # fmt: skip
     return _write_atomically(
         out,
         lambda tmp: _fill_folder(tmp, merged, tokenizer, info, card),

@@ -279,7 +279,7 @@ def test_dp_round_without_noise_equals_plain_round_with_weight_decay_issue_820(m
     dp_model, plain_model, undecayed = tiny_lora(), tiny_lora(), tiny_lora()
     every = RecordPlan(N, 1.0, N, 3, 2, 0.0, 1e6, 1e-5, 0.0)
     acc = GaussianAccountant()
-    loop(dp_model, loop_cfg(), DPStepper(dp_cfg(mode, 1e6), every, acc))
+    loop(dp_model, loop_cfg(), DPStepper(dp_cfg(mode, 1e6), every, acc, width=T))
     loop(plain_model, loop_cfg(max_grad_norm=1e6))  # the plain step's clipping off as well
     loop(undecayed, loop_cfg(max_grad_norm=1e6, weight_decay=0.0))
     got, want, no_decay = params(dp_model, True), params(plain_model, True), params(undecayed, True)
@@ -293,7 +293,7 @@ def test_dp_round_without_noise_equals_plain_round_with_weight_decay_issue_820(m
 def test_dp_round_through_the_loop_samples_accounts_and_reports_losses() -> None:
     model, acc = tiny_lora(), GaussianAccountant()
     start = params(model, True)
-    stepper = DPStepper(dp_cfg("hooks", 1.0), plan(1.0, 1.0, 8), acc)
+    stepper = DPStepper(dp_cfg("hooks", 1.0), plan(1.0, 1.0, 8), acc, width=T)
     result = train_round(model, encoded(), loop_cfg(batch_size=8), pad_id=0, round_idx=0,
                          total_rounds=1, seed=0, stepper=stepper)  # fmt: skip
     assert acc.history == [(1.0, 8 / N, 3)]
@@ -302,12 +302,28 @@ def test_dp_round_through_the_loop_samples_accounts_and_reports_losses() -> None
     assert not model._forward_hooks and not model.base_model.model._forward_hooks
 
 
+def test_the_dp_stepper_pads_every_batch_to_its_width() -> None:
+    """What a site's DP steps run on: every physical batch `width` tokens wide (the site passes
+    `model.max_length`), whatever its records' lengths; no width is refused."""
+    stepper = DPStepper(dp_cfg("hooks", 1.0), plan(1.0, 1.0, 8), GaussianAccountant(), width=T + 5)
+    model = tiny_lora()
+    short = [Encoded(list(range(1, n + 1)), [-100] * n) for n in (3, 7)]
+    stepper.open(model, sgd(model), short, loop_cfg(batch_size=2), pad_id=0, seed=0)
+    try:
+        batch = stepper.collate(short)
+    finally:
+        stepper.close()
+    assert batch["input_ids"].shape == (2, T + 5) and int(batch["attention_mask"].sum()) == 10
+    with pytest.raises(PrivacyError, match="fixed width"):
+        DPStepper(dp_cfg("hooks", 1.0), plan(1.0, 1.0, 8), GaussianAccountant(), width=0)
+
+
 def test_dp_stepper_removes_hooks_when_a_step_fails() -> None:
     model = tiny_lora()
     wrong = RecordPlan(N + 1, 8 / (N + 1), 8, 3, 1, 1.0, 1.0, 1e-5, 0.0)  # planned for N+1 records
     with pytest.raises(PrivacyError, match="plan is for"):
         loop(model, loop_cfg(batch_size=8), DPStepper(dp_cfg("hooks", 1.0), wrong,
-                                                      GaussianAccountant()))  # fmt: skip
+                                                      GaussianAccountant(), width=T))  # fmt: skip
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
     assert not model._forward_hooks and not model.base_model.model._forward_hooks
 
@@ -318,7 +334,7 @@ def test_fedprox_acts_the_same_under_dp_as_without() -> None:
     dp_model, plain_model, no_prox = tiny_lora(), tiny_lora(), tiny_lora()
     every = RecordPlan(N, 1.0, N, 3, 2, 0.0, 1e6, 1e-5, 0.0)
     prox = loop_cfg(proximal_mu=5.0, weight_decay=0.0)
-    loop(dp_model, prox, DPStepper(dp_cfg("hooks", 1e6), every, GaussianAccountant()))
+    loop(dp_model, prox, DPStepper(dp_cfg("hooks", 1e6), every, GaussianAccountant(), width=T))
     loop(plain_model, prox.model_copy(update={"max_grad_norm": 1e6}))
     loop(no_prox, loop_cfg(max_grad_norm=1e6, weight_decay=0.0))
     got, want, free = params(dp_model, True), params(plain_model, True), params(no_prox, True)

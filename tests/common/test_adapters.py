@@ -180,3 +180,21 @@ def test_train_final_norm_on_a_post_norm_model_names_the_field(tiny_cfg):
     bert, _ = build_tiny("bert", cfg.model.tiny)
     with pytest.raises(ModelError, match=r"`lora.train_final_norm`: a bert model has no norm"):
         attach_lora(bert, cfg.lora, cfg.model)
+
+
+def test_a_max_length_past_the_models_positions_is_refused_naming_the_field(tiny_cfg):
+    """Under DP every batch is padded to `model.max_length`: one that does not fit the model's
+    positions (1,024 in the tiny models) would fail every step, so it is refused up front."""
+    model, _ = build_tiny("llama", tiny_cfg.model.tiny)
+    prompt = tiny_cfg.lora.model_copy(update={"method": "prompt", "layers": []})
+    fits = tiny_cfg.model.model_copy(update={"max_length": 1004})
+    attach_lora(model, prompt, fits)  # 1,004 + 20 virtual tokens: exactly the 1,024
+    model, _ = build_tiny("llama", tiny_cfg.model.tiny)
+    past = tiny_cfg.model.model_copy(update={"max_length": 1005})
+    with pytest.raises(
+        ModelError, match=r"`model.max_length` = 1005 \+ 20 virtual tokens.*at most 1004"
+    ):
+        attach_lora(model, prompt, past)
+    model, _ = build_tiny("llama", tiny_cfg.model.tiny)
+    with pytest.raises(ModelError, match=r"`model.max_length` = 1025 is more than the 1024"):
+        attach_lora(model, tiny_cfg.lora, tiny_cfg.model.model_copy(update={"max_length": 1025}))

@@ -57,13 +57,19 @@ def test_opacus_trains_the_head_on_the_mean():
     model, tok = loaded.model.train(), loaded.tokenizer  # Opacus records in training mode
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("classifier."))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # the head's input is then exactly the pooling's output
     batch = tok(TEXTS, return_tensors="pt", padding=True)
-    seen = []
+    seen, states = [], []
     model.classifier.register_forward_hook(lambda _m, a, _o: seen.append(a[0].detach()))
+    model.bert.encoder.register_forward_hook(lambda _m, _a, o: states.append(o[0].detach()))
     gsm = GradSampleModule(model)
     labels = torch.tensor([0, 1, 2, 0])
     gsm(**batch, labels=labels).loss.backward()
-    (x,) = seen
+    (x,), (hidden,) = seen, states
+    keep = batch["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(x, (hidden * keep).sum(1) / keep.sum(1))  # the masked mean
     with torch.no_grad():
         p = torch.softmax(model.classifier(x), -1) - torch.nn.functional.one_hot(labels, 3)
     # each record's gradient of its own loss (Opacus undoes the batch mean)
@@ -96,8 +102,15 @@ def test_a_saved_model_keeps_its_pooling_and_has_no_pooler_weights(tmp_path):
     torch.testing.assert_close(_head_input(plain, batch)[1], before, atol=1e-4, rtol=1e-4)
 
 
-def test_mean_pooling_is_for_an_encoder_classifier():
-    with pytest.raises(ModelError, match="head_pooling.*has no pooler"):
+def test_mean_pooling_is_for_an_encoder_classifier_whose_head_reads_its_pooler():
+    with pytest.raises(ModelError, match="head_pooling.*`llama`.*bert only"):
         _load(source="tiny:llama")
-    with pytest.raises(ModelError, match="head_pooling.*seq-cls"):
-        load_base(ModelConfig(source="tiny:bert", head_pooling="mean"), LABELS)
+    with pytest.raises(ValueError, match='head_pooling = "mean"` needs `model.task = "seq-cls"'):
+        ModelConfig(source="tiny:bert", head_pooling="mean")  # named when the config loads
+    # a pooler given one token per record (ALBERT's, BigBird's) cannot become a mean
+    pool = pooling.MeanPool()
+    with pytest.raises(ModelError, match="2-D input"):
+        pool(torch.zeros(2, 8))
+    pool.mask = torch.ones(2, 5)
+    with pytest.raises(ModelError, match="attention mask of"):
+        pool(torch.zeros(2, 6, 8))

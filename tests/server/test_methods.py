@@ -320,3 +320,13 @@ def test_a_mean_pooled_head_run_publishes_a_folder_that_says_how_its_head_reads(
             got = model(input_ids=ids, attention_mask=mask).logits
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         assert (plain(input_ids=ids, attention_mask=mask).logits - want).abs().max() > 1e-3
+
+
+def test_the_card_names_a_pooling_the_base_folder_brought(tiny_cfg):
+    """A run on a mean-pooled folder fedtune published (`model.source`), with `head_pooling`
+    left at `model`, publishes a model that pools by the mean: its card says so."""
+    from server.publishing.model_card import render_model_card
+
+    cfg = _with(tiny_cfg, model={"task": "seq-cls"})
+    assert "Head pooling" not in render_model_card(cfg, {}, 1, {}, {})
+    assert "Head pooling: the mean" in render_model_card(cfg, {}, 1, {}, {}, pooling="mean")

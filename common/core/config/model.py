@@ -99,6 +99,10 @@ class ModelConfig(Section):
     def _reference_use(self) -> ModelConfig:
         if self.head_reference and self.head_input != "whitened":
             raise ValueError('`model.head_reference` is used only with `head_input = "whitened"`')
+        if self.head_pooling != "model" and self.task != "seq-cls":
+            raise ValueError(
+                f'`model.head_pooling = "{self.head_pooling}"` needs `model.task = "seq-cls"`'
+            )
         return self
 
 
