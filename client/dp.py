@@ -405,6 +405,7 @@ class DPStepper:
         self.cfg, self.plan, self.accountant = cfg, plan, accountant
         self.width = width
         self.examples = 0
+        self.private = True  # the loop's frozen-layer cache decides on public stand-ins
 
     def open(
         self,

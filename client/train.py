@@ -232,6 +232,7 @@ class Stepper(Protocol):
     differ in. The loop has set the step's learning rate before :meth:`step` is called."""
 
     examples: int  # for TrainResult.examples; set by :meth:`open`
+    private: bool  # DP-SGD: nothing but a record itself may decide how it is computed
 
     def open(
         self,
@@ -259,6 +260,7 @@ class PlainStepper:
     """Seeded data order, ``grad_accum`` micro-batches, whole-gradient clipping, one step."""
 
     examples = 0
+    private = False
 
     def open(
         self,
@@ -345,8 +347,9 @@ def train_round(
     try:
         if cfg.cache_frozen:
             examples, prefix = with_cache(
-                model, examples, pad_id, thawed.frozen, cache_dir, cfg.cache_precision
-            )
+                model, examples, pad_id, thawed.frozen, cache_dir, cfg.cache_precision,
+                private=stepper.private,
+            )  # fmt: skip
             skip = skipping(model, prefix) if prefix is not None else skip
         with skip:
             stepper.open(model, opt, examples, cfg, pad_id=pad_id, seed=seed)

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_BYTES = 4 << 30  # at most this much cached per process (least recently used goes first)
 CHECK_RECORDS = 8
+PROBE_SEED = 20240607  # `with_cache(private=True)`: the public stand-ins' token ids
+PROBE_LENGTHS = (3, 4, 5, 6, 7, 8, 5, 8)  # within any `model.max_length` (more than 8)
 # How far a record's cached states may be from the frozen layers' float32 output (in norm): the
 # same numbers up to summation order, or bfloat16's rounding through every frozen layer.
 CLOSE = {"fp32": 1e-4, "bf16": 5e-2}
@@ -173,10 +175,12 @@ def prefix_states(
     """Each record's hidden states out of ``layers[skip - 1]`` (eval mode): (tokens, hidden), in
     the model's dtype; ``precision`` "bf16" runs the layers under bfloat16 autocast.
 
-    Records run in batches of similar length (sorted, then put back in order): a batch is padded
-    to its longest record, and on hospital-coding's descriptions (5 to 31 tokens, median 10)
-    batches in record order took twice as long (1,024 through SmolLM2 on one core: 64 s against
-    30.5 s). Padding changes nothing a record's own states see (its attention mask hides it)."""
+    Records run in batches of one length (sorted, then put back in order), so none is padded:
+    each record's states are a function of that record and the model alone, whatever else the
+    site holds (under DP-SGD no record's computation may depend on another's: padded to a
+    batch's longest, a model crafted to overflow on padding would make a short record's states
+    depend on its batch-mates' lengths), and no pass is spent on padding (on hospital-coding's
+    descriptions, 5 to 31 tokens, batches in record order took twice as long as sorted ones)."""
     dtype = next(model.parameters()).dtype
     captured: list[Tensor] = []
 
@@ -188,10 +192,16 @@ def prefix_states(
     model.eval()
     handle = prefix.layers[prefix.skip - 1].register_forward_hook(capture)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    groups: list[list[int]] = []
+    for i in order:  # consecutive records of one length, at most `batch_size` together
+        n = len(examples[i].input_ids)
+        if groups and len(groups[-1]) < batch_size and len(examples[groups[-1][0]].input_ids) == n:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     out: dict[int, Tensor] = {}
     try:
-        for start in range(0, len(order), batch_size):
-            picked = order[start : start + batch_size]
+        for picked in groups:
             chunk = [examples[i] for i in picked]
             batch = collate(chunk, pad_id)
             inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -339,6 +349,22 @@ def _save(folder: Path, key: str, states: list[Tensor]) -> None:
         old.unlink(missing_ok=True)
 
 
+def probes(examples: list[Encoded], model: nn.Module, pad_id: int) -> list[Encoded]:
+    """Public stand-ins for a site's records in the cache's check: token ids drawn from a fixed
+    seed (never the pad id), a few lengths, labelled as the task's records are (a list of
+    targets for a causal LM, a class for a classifier)."""
+    embed: Any = model.get_input_embeddings  # nn.Module's attribute typing makes it a Tensor
+    vocab = int(embed().weight.size(0))
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    causal = isinstance(examples[0].labels, list)
+    out = []
+    for n in PROBE_LENGTHS:
+        ids = torch.randint(0, vocab, (n,), generator=gen)
+        ids[ids == pad_id] = (pad_id + 1) % vocab
+        out.append(Encoded(ids.tolist(), ids.tolist() if causal else 0))
+    return out
+
+
 def with_cache(
     model: nn.Module,
     examples: list[Encoded],
@@ -346,12 +372,20 @@ def with_cache(
     held_back: list[nn.Parameter],
     folder: Path | None = None,
     precision: str = "fp32",
+    private: bool = False,
 ) -> tuple[list[Encoded], Prefix | None]:
     """The round's records with their cached states and the layers to skip; the records as they
     are and None where the model cannot skip (logged, with the reason).
 
     Kept in this process's memory and, with ``folder`` (a site's state folder), on disk, so a
-    site whose every round is a new process (Flower's Deployment Engine) builds it once too."""
+    site whose every round is a new process (Flower's Deployment Engine) builds it once too.
+
+    ``private`` (DP-SGD): whether the cache is used is decided on :func:`probes`, public
+    stand-ins, never on the site's records: the decision changes every record's computation
+    (the frozen layers' dropout), so it must not depend on which records the site holds (a
+    model crafted to overflow on one token would otherwise switch it by that token's presence
+    among the records checked). The states themselves are each record's own (:func:`
+    prefix_states`); a file read back is checked by its key and lengths only."""
     prefix, why = plan(model)
     if prefix is None or not examples:
         why = why or "no records"
@@ -372,7 +406,14 @@ def with_cache(
     if states is None:
         states = prefix_states(model, prefix, examples, pad_id, precision=precision)
     cached = _attach(examples, states)
-    why = _disagrees(model, prefix, cached, pad_id, precision)
+    if private:
+        stand_ins = probes(examples, model, pad_id)
+        checked = _attach(
+            stand_ins, prefix_states(model, prefix, stand_ins, pad_id, precision=precision)
+        )
+        why = _disagrees(model, prefix, checked, pad_id, precision)
+    else:
+        why = _disagrees(model, prefix, cached, pad_id, precision)
     if why:
         logger.warning(
             "`train.cache_frozen`: the cache does not reproduce this model's output (%s): "

@@ -397,3 +397,54 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions
         assert frozen.resolve_precision(model, "auto") == chosen
         assert frozen.resolve_precision(model, "fp32") == "fp32"  # a choice is kept as given
         assert frozen.resolve_precision(model, "bf16") == "bf16"
+
+
+def test_under_dp_whether_the_cache_is_used_never_depends_on_the_records():
+    """A coordinator crafts the model so that one token overflows (its embedding Inf). Without
+    DP the check runs on the site's first records: it refuses the cache when such a record is
+    among them and takes it otherwise, so one record would decide whether every record's frozen
+    layers run with dropout. Under DP (`private`) it runs on public stand-ins: one decision
+    whichever records the site holds (the poisoned record then drops as non-finite in DP-SGD)."""
+    data = examples("bert", "seq-cls")
+    model = model_for(config("bert", "seq-cls"))
+    stand_ins = frozen.probes(data, model, 0)
+    used = {t for e in [*data, *stand_ins] for t in e.input_ids}
+    poison = next(t for t in range(5, 250) if t not in used)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[poison] = float("inf")
+    first = data[0]
+    poisoned = [Encoded([first.input_ids[0], poison, *first.input_ids[1:]], 0), *data[1:]]
+
+    def decided(records: list[Encoded], private: bool) -> bool:
+        frozen._CACHE.clear()
+        _, prefix = frozen.with_cache(model, records, 0, [], private=private)
+        return prefix is not None
+
+    assert decided(data, private=False) and not decided(poisoned, private=False)  # the attack
+    assert decided(data, private=True) and decided(poisoned, private=True)
+    # the stand-ins are public: the same for any records of the task, none of them a record
+    assert [e.input_ids for e in frozen.probes(data[3:], model, 0)] == [
+        e.input_ids for e in stand_ins
+    ]
+    assert not {tuple(e.input_ids) for e in stand_ins} & {tuple(e.input_ids) for e in data}
+
+
+def test_a_dp_round_checks_its_cache_on_the_stand_ins(monkeypatch):
+    """The training loop passes the stepper's `private`: a DP-SGD round (DPStepper) checks the
+    cache on the public stand-ins, a plain round on its records."""
+    from client.dp import DPStepper
+
+    data = examples("bert", "seq-cls")
+    cfg = config("bert", "seq-cls", "train.cache_frozen=true", "train.local_steps=1")
+    calls: list[int] = []
+    real = frozen.probes
+    monkeypatch.setattr(frozen, "probes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_rounds(cfg, model_for(cfg), data, rounds=1)
+    assert not calls
+    frozen._CACHE.clear()
+    plan = RecordPlan(len(data), 0.5, 12, 1, 1, 0.7, 0.05, 1e-5, 0.0)
+    dp_cfg = RecordDPConfig(enabled=True, noise_multiplier=0.7, max_grad_norm=0.05)
+    stepper = DPStepper(dp_cfg, plan, GaussianAccountant(), width=cfg.model.max_length)
+    train_round(model_for(cfg), data, cfg.train, pad_id=0, round_idx=0, total_rounds=1, seed=0,
+                stepper=stepper)  # fmt: skip
+    assert calls == [1]
