@@ -159,7 +159,9 @@ def test_full_fine_tuning_rates_run_from_the_embeddings_to_the_head():
         BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
                    intermediate_size=32, max_position_embeddings=32, num_labels=3)
     )  # fmt: skip
-    model = attach_lora(bert, LoraConfig(method="full"), ModelConfig(source="tiny:bert"))
+    model = attach_lora(
+        bert, LoraConfig(method="full"), ModelConfig(source="tiny:bert", max_length=32)
+    )
     opt = make_optimizer(model, TrainConfig(lr=1.0, layer_lr_decay=0.5, weight_decay=0.01))
     rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
