@@ -260,7 +260,7 @@ class DPTrainer:
         self.noise_rng = _secure_rng(seed)
         self.sample_rng = _secure_rng(None if seed is None else seed + 1)
         self.private_model, self.optimizer = _wrap(
-            model, optimizer, cfg, plan.noise_multiplier, plan.expected_batch_size, self.noise_rng
+            model, optimizer, cfg, plan.noise_multiplier, plan.step_divisor, self.noise_rng
         )
         _attach_accountant(self.optimizer, accountant, plan.sample_rate)
         self._verified = False

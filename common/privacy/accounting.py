@@ -225,6 +225,13 @@ class RecordPlan:
     max_grad_norm: float
     delta: float
     epsilon: float  # if the site takes part in every round
+    # What each step's noisy sum is divided by: `train.batch_size` under
+    # `privacy.record.sample_rate` (a public constant), else the expected batch (None).
+    normalizer: int | None = None
+
+    @property
+    def step_divisor(self) -> int:
+        return self.normalizer if self.normalizer is not None else self.expected_batch_size
 
 
 def record_plan(cfg: Config, num_records: int) -> RecordPlan:
@@ -232,13 +239,21 @@ def record_plan(cfg: Config, num_records: int) -> RecordPlan:
     rec, train = cfg.privacy.record, cfg.train
     # `train.batch_size` is the records per optimizer step with or without DP; `grad_accum`
     # only splits it into micro-batches (the expected Poisson batch here).
-    batch = train.batch_size
-    if batch >= num_records:
+    # With `privacy.record.sample_rate` every site samples at that rate and divides each noisy
+    # sum by `train.batch_size`: post-processing by a public constant, so the sum of the sites'
+    # updates is the noisy sum over all their records (records weighting, no count disclosed).
+    batch, normalizer = train.batch_size, None
+    steps = cfg.federation.rounds * train.local_steps
+    if rec.sample_rate is not None:
+        q, normalizer = rec.sample_rate, batch
+        batch = max(1, round(q * num_records))
+    elif batch >= num_records:
         raise PrivacyError(
             f"`train.batch_size` ({batch}) is not below the site's {num_records} records: "
-            "DP-SGD needs a sample rate below 1"
+            "DP-SGD needs a sample rate below 1 (or set `privacy.record.sample_rate`)"
         )
-    q, steps = batch / num_records, cfg.federation.rounds * train.local_steps
+    else:
+        q = batch / num_records
     delta = rec.delta if rec.delta is not None else default_delta(num_records)
     check_record_delta(delta, num_records)
     sigma = rec.noise_multiplier
@@ -252,7 +267,7 @@ def record_plan(cfg: Config, num_records: int) -> RecordPlan:
     eps = acc.projected_epsilon(steps=steps, sample_rate=q, noise_multiplier=sigma, delta=delta)
     return RecordPlan(
         num_records, q, batch, train.local_steps, cfg.federation.rounds, sigma,
-        rec.max_grad_norm, delta, eps,
+        rec.max_grad_norm, delta, eps, normalizer,
     )  # fmt: skip
 
 

@@ -289,9 +289,9 @@ def noise_outlook(
         "The averaged gradient is at most C in norm (usually well below); the noise's norm is "
         "the std per coordinate times the square root of the number of trained parameters. "
         "Sites with few records need the most noise and contribute mostly noise. At the same "
-        "epsilon, utility improves with more records per site, a larger `train.batch_size`, "
-        "fewer `train.local_steps` x `federation.rounds`, or fewer trained parameters "
-        "(`lora.r`, `lora.target_modules`)."
+        "epsilon, utility improves with more records per site, a larger `train.batch_size` "
+        "(or `privacy.record.sample_rate`), fewer `train.local_steps` x `federation.rounds`, "
+        "or fewer trained parameters (`lora.r`, `lora.target_modules`)."
     )
     return "\n".join(lines + warnings)
 
@@ -327,6 +327,19 @@ def clip_outlook(cfg: Config, norms: list[float]) -> str:
     return "\n".join(lines)
 
 
+def quieter_rate(cfg: Config, num_records: int, trained: int | None = None) -> float | None:
+    """Under `privacy.record.sample_rate`: the smallest rate (steps of 0.1 above the configured
+    one, below 1) whose noise per step is not too loud at the same plan; None if none is."""
+    rec = cfg.privacy.record
+    rate = rec.sample_rate or 0.0
+    while (rate := round(math.floor(rate * 10 + 1e-9) / 10 + 0.1, 1)) < 1:
+        trial = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={
+            "record": rec.model_copy(update={"sample_rate": rate})})})  # fmt: skip
+        if not step_noise(trial, num_records, trained).too_loud:
+            return rate
+    return None
+
+
 def quieter_batch(cfg: Config, num_records: int, trained: int | None = None) -> int | None:
     """The smallest `train.batch_size` (doubling from the configured one, below the site's
     records) whose noise per step is not too loud at the same plan; None if none is."""
@@ -344,9 +357,21 @@ def _too_loud(cfg: Config, site: str, n: int, noise: StepNoise, trained: int | N
     else:
         what = f"noise per step ({noise.per_coordinate:.3f} C, above {NOISE_TOO_LOUD} C)"
     head = f"WARNING: site {site}'s {what} is too loud to learn from: "
-    batch = quieter_batch(cfg, n, trained)
     # The DP recipe trains few parameters in few large steps: the first thing to try
     recipe = "" if cfg.recipe == "dp" else "; `--set recipe=dp` sets the DP fine-tuning recipe"
+    if cfg.privacy.record.sample_rate is not None:
+        rate = quieter_rate(cfg, n, trained)
+        if rate is None:
+            return head + (
+                "no `privacy.record.sample_rate` below 1 gets it under at this epsilon and "
+                "number of steps; it needs more records, fewer steps, fewer trained parameters "
+                f"or a larger epsilon{recipe}"
+            )
+        return head + (
+            f"`privacy.record.sample_rate` = {rate:g} (same steps and epsilon) would bring it "
+            f"under{recipe}"
+        )
+    batch = quieter_batch(cfg, n, trained)
     if batch is None:
         return head + (
             f"no `train.batch_size` below its {n} records gets it under at this epsilon and "

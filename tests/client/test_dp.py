@@ -154,6 +154,35 @@ def test_batch_step_is_mean_of_clipped_per_record_gradients(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_under_a_sample_rate_the_step_is_the_clipped_sum_over_the_public_batch(mode: str) -> None:
+    """`privacy.record.sample_rate`: the noisy sum is divided by the plan's normalizer (the
+    public `train.batch_size`), not by the site's own expected batch, so twice the records drawn
+    make twice the step (records weighting without a count)."""
+    clip, normalizer = 0.01, 5
+    start = params(tiny_lora(), True)
+    steps = []
+    for chosen in (records()[:3], records()[:3] * 2):
+        model = tiny_lora()
+        p = RecordPlan(N, 0.5, N // 2, 1, 1, 0.0, clip, 1e-5, 0.0, normalizer)
+        with DPTrainer(model, sgd(model), dp_cfg(mode, clip), p, GaussianAccountant(),
+                       physical_batch_size=4, seed=0) as dp:  # fmt: skip
+            dp.step_on(chosen, collate)
+        steps.append(
+            torch.cat([(start[k] - v).flatten() / LR for k, v in params(model, True).items()])
+        )
+    clipped = []
+    for rec in records()[:3]:
+        ref = tiny_lora()
+        plain_step(ref, [rec])
+        g = torch.cat([(start[k] - v).flatten() / LR for k, v in params(ref, True).items()])
+        clipped.append(g * min(1.0, clip / float(g.norm())))
+    torch.testing.assert_close(
+        steps[0], torch.stack(clipped).sum(0) / normalizer, rtol=1e-3, atol=1e-7
+    )
+    torch.testing.assert_close(steps[1], 2 * steps[0], rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_a_record_with_a_non_finite_gradient_contributes_nothing(mode: str) -> None:
     """A record whose forward overflows (one of its tokens embeds to Inf, as under a model a
     coordinator crafted) adds nothing: the step is the other records' clipped sum exactly, and

@@ -123,6 +123,38 @@ def test_record_plan_with_target_epsilon_spends_at_most_target() -> None:
     assert 2.9 <= p.epsilon <= 3.0
 
 
+def test_record_plan_with_a_sample_rate_samples_alike_and_divides_by_the_public_batch() -> None:
+    """`privacy.record.sample_rate`: every site samples at that rate and divides each noisy sum
+    by `train.batch_size`, so a larger site's update is larger, as records weighting would make
+    it, and no site's count enters anything it sends. Its epsilon is Opacus' RDP of the plan."""
+
+    cfg = build_config(
+        {
+            "federation": {"rounds": 6},
+            "train": {"local_steps": 2, "batch_size": 500},
+            "privacy": {"record": {"enabled": True, "target_epsilon": 4.0, "sample_rate": 0.6}},
+        }
+    )
+    small, large = record_plan(cfg, 300), record_plan(cfg, 3000)
+    for p, n in ((small, 300), (large, 3000)):
+        assert p.sample_rate == 0.6 and p.expected_batch_size == round(0.6 * n)
+        assert p.step_divisor == 500 and p.normalizer == 500
+        ref = RDPAccountant()
+        ref.history = [(p.noise_multiplier, 0.6, 12)]
+        assert ref.get_epsilon(p.delta) == pytest.approx(p.epsilon, rel=1e-9)
+        assert 3.9 <= p.epsilon <= 4.0
+    # a batch of 500 above the small site's 300 records is no error here: the rate is below 1
+    # without it, the expected batch divides (the plan of every earlier version)
+    plain = build_config({"train": {"batch_size": 50}, "privacy": {"enabled": True}})
+    assert record_plan(plain, 300).step_divisor == 50 and record_plan(plain, 300).normalizer is None
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, 1.5])
+def test_a_sample_rate_outside_zero_to_one_is_refused_by_name(rate: float) -> None:
+    with pytest.raises(ConfigError, match=r"privacy\.record\.sample_rate"):
+        build_config({"privacy": {"record": {"enabled": True, "sample_rate": rate}}})
+
+
 def test_record_plan_refuses_batch_larger_than_site() -> None:
     cfg = build_config({"train": {"batch_size": 16}, "privacy": {"enabled": True}})
     with pytest.raises(PrivacyError, match=r"`train\.batch_size`"):

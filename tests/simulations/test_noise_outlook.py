@@ -122,3 +122,29 @@ def test_per_record_gradient_norms_are_each_records_own(tiny_cfg):
         expected = torch.sqrt(sum((g**2).sum() for g in grads if g is not None))
         assert norm == pytest.approx(float(expected), rel=1e-4) and norm > 0
     assert len({round(n, 6) for n in norms}) == 3  # three records, three norms
+
+
+def test_under_a_fixed_sample_rate_the_warning_names_a_rate_that_quiets_the_site():
+    from common.core.config import build_config
+    from common.privacy.report import NOISE_NORM_TOO_LOUD
+
+    cfg = build_config(
+        {
+            "federation": {"rounds": 10},
+            "train": {"local_steps": 1, "batch_size": 64},
+            "privacy": {"record": {"enabled": True, "target_epsilon": 8.0, "sample_rate": 0.1}},
+        }
+    )
+    text = noise_outlook(cfg, {"a": 500}, 12_000)
+    assert "WARNING: site a's noise per step" in text
+    assert "`train.batch_size` =" not in text  # the batch size does not set the rate here
+    rate = float(re.search(r"`privacy.record.sample_rate` = ([0-9.]+)", text).group(1))
+    assert 0.1 < rate < 1
+    rec = cfg.privacy.record.model_copy(update={"sample_rate": rate})
+    trial = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"record": rec})})
+    quiet = noise_outlook(trial, {"a": 500}, 12_000)
+    norm = float(re.search(r"site a: .*, ([0-9.]+) C in norm", quiet).group(1))
+    assert norm <= NOISE_NORM_TOO_LOUD and "WARNING" not in quiet
+    # a site too small for any rate is told so
+    tiny = noise_outlook(cfg, {"b": 20}, 12_000)
+    assert "no `privacy.record.sample_rate` below 1" in tiny

@@ -27,6 +27,19 @@ class RecordDPConfig(Section):
         ),
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Per-record clipping bound.")
+    sample_rate: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "Poisson sample rate of every DP-SGD step, the same at every site (default: "
+            "`train.batch_size / records`, a batch of the same expected size everywhere). Each "
+            "step's noisy sum of clipped gradients is then divided by `train.batch_size` (a "
+            "public constant) rather than by the site's own expected batch, so a site's update "
+            'weighs with its records, as `federation.weighting = "records"` would, without '
+            "disclosing any count."
+        ),
+    )
     delta: float | None = Field(
         None, gt=0, lt=1, description="Delta; default min(1e-5, 1/(10·records)) per site."
     )
