@@ -144,6 +144,22 @@ def test_delta_at_or_above_one_over_records_is_refused_naming_the_field():
     assert str(RECORDS) not in reason  # the reason names no record count
 
 
+def test_a_coordinator_raising_the_sample_rate_is_declined_by_the_sites_cap(tmp_path: Path):
+    """An adversarial coordinator keeps the noise and asks every site to sample nearly all its
+    records per step (`privacy.record.sample_rate`): the site's plan is accounted at that rate,
+    so its cap declines the very first round, and nothing is charged."""
+    honest = record_plan(dp_config(), RECORDS)  # batch 8 of 80: rate 0.1, 40 steps
+    policy = SitePolicy(max_epsilon=honest.epsilon * 1.01)
+    greedy = dp_config(sample_rate=0.95)
+    with open_ledger(tmp_path, "default") as ledger:
+        plan, reason = admit(policy, ledger, greedy, RECORDS, "run")
+        assert plan is not None and plan.sample_rate == 0.95 and plan.epsilon > 5 * honest.epsilon
+        assert reason and "max-epsilon" in reason
+        assert ledger.accountant().history == []
+        plan, reason = admit(policy, ledger, dp_config(), RECORDS, "run")
+        assert reason is None  # the honest plan fits the same cap
+
+
 # -- the ledger ---------------------------------------------------------------------------------
 
 
