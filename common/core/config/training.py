@@ -51,8 +51,9 @@ class TrainConfig(Section):
         description=(
             "Records per optimizer step. Without DP: `grad_accum` micro-batches of "
             "`batch_size // grad_accum`. With record-level DP: the expected Poisson batch (each "
-            "record drawn with probability `batch_size / records`), run in physical batches of "
-            "at most `batch_size // grad_accum`."
+            "record drawn with probability `batch_size / records`; with "
+            "`privacy.record.sample_rate`, the public divisor of each step's noisy sum), run in "
+            "physical batches of at most `batch_size // grad_accum`."
         ),
     )
     grad_accum: int = Field(
