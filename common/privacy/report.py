@@ -328,11 +328,12 @@ def clip_outlook(cfg: Config, norms: list[float]) -> str:
 
 
 def quieter_rate(cfg: Config, num_records: int, trained: int | None = None) -> float | None:
-    """Under `privacy.record.sample_rate`: the smallest rate (steps of 0.1 above the configured
-    one, below 1) whose noise per step is not too loud at the same plan; None if none is."""
+    """Under `privacy.record.sample_rate`: the smallest of 0.1, 0.2, ..., 0.9 above the configured
+    rate whose noise per step is not too loud at the same plan; None if none is."""
     rec = cfg.privacy.record
-    rate = rec.sample_rate or 0.0
-    while (rate := round(math.floor(rate * 10 + 1e-9) / 10 + 0.1, 1)) < 1:
+    for rate in (r / 10 for r in range(1, 10)):
+        if rate <= (rec.sample_rate or 0.0):
+            continue
         trial = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={
             "record": rec.model_copy(update={"sample_rate": rate})})})  # fmt: skip
         if not step_noise(trial, num_records, trained).too_loud:

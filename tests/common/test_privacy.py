@@ -127,7 +127,6 @@ def test_record_plan_with_a_sample_rate_samples_alike_and_divides_by_the_public_
     """`privacy.record.sample_rate`: every site samples at that rate and divides each noisy sum
     by `train.batch_size`, so a larger site's update is larger, as records weighting would make
     it, and no site's count enters anything it sends. Its epsilon is Opacus' RDP of the plan."""
-
     cfg = build_config(
         {
             "federation": {"rounds": 6},
