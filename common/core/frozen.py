@@ -78,7 +78,7 @@ class PassThrough(nn.Module):
         return hidden_states
 
 
-def _stack(model: nn.Module) -> nn.ModuleList | None:
+def layer_stack(model: nn.Module) -> nn.ModuleList | None:
     """The model's one stack of layers (`...layer`, `...layers`, `...h`, `...blocks`)."""
     found = [
         module
@@ -98,7 +98,7 @@ def plan(model: nn.Module) -> tuple[Prefix | None, str]:
     below = [n for n in trained if EMBEDDING.search(n) and not LAYER_INDEX.search(n)]
     if below or any("prompt_encoder" in n for n in trained):
         return None, "input-side weights train (embeddings or virtual tokens)"
-    layers = _stack(model)
+    layers = layer_stack(model)
     if layers is None:
         return None, "the model's layers are not one stack"
     indices = [int(m.group(1)) for n in trained if (m := LAYER_INDEX.search(n))]

@@ -234,10 +234,13 @@ def reference_features(
     model: nn.Module, tokenizer: Any, texts: list[str], max_length: int
 ) -> Tensor:
     """The head inputs the texts give after the label-mean projection (encoded as a record's
-    text is for `seq-cls`: truncated to ``max_length``, the last token's or the pooled one)."""
+    text is for `seq-cls`: truncated to ``max_length``; the last token's, or the mean over the
+    tokens with `model.head_pooling = "mean"`, or the encoder's pooled one)."""
     from common.core.batches import Encoded, collate
+    from common.core.pooling import masked_mean
 
     head = _whitened_head(model)
+    mean = _pooling(model) == "mean"  # a decoder's: captured here before its pooling runs
     before = getattr(head, WHITEN)
     setattr(head, WHITEN, torch.eye(head.in_features))  # the features before any whitening
     seen: list[Tensor] = []
@@ -262,7 +265,9 @@ def reference_features(
                 attention_mask=batch["attention_mask"].to(device),
             )
             x = _project(head, (seen[-1],))[0]  # the capture ran first: project it here
-            if x.dim() == 3:  # a decoder: the last real token of each (right-padded) row
+            if x.dim() == 3 and mean:  # a decoder's head on the mean (`head_pooling`)
+                x = masked_mean(x, batch["attention_mask"])
+            elif x.dim() == 3:  # a decoder: the last real token of each (right-padded) row
                 last = batch["attention_mask"].sum(-1) - 1
                 x = x[torch.arange(x.size(0)), last.to(x.device)]
             out.append(x.cpu())

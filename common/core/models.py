@@ -233,10 +233,36 @@ def resolve_source(source: str) -> ModelSource:
     )
 
 
+def keep_lowest_layers(model: PreTrainedModel, n: int) -> None:
+    """`model.keep_layers`: drop every transformer layer above the lowest ``n`` (in place). The
+    config says so (`num_hidden_layers`), so the model saves and loads as the shorter one."""
+    from common.core.frozen import layer_stack
+
+    stack = layer_stack(model)
+    if stack is None:
+        raise ModelError(
+            f"`model.keep_layers` = {n}: {type(model).__name__}'s layers are not one stack"
+        )
+    if n > len(stack):
+        raise ModelError(f"`model.keep_layers` = {n}: the model has {len(stack)} layers")
+    total = len(stack)
+    if n == total:
+        return
+    del stack[n:]
+    config: Any = model.config
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and len(types) > n:  # per-layer attention kinds (Qwen2)
+        config.layer_types = types[:n]
+    config.num_hidden_layers = n
+    logger.info("`model.keep_layers`: the lowest %d of %d layers kept", n, total)
+
+
 def load_base(cfg: ModelConfig, labels: list[str] | None = None) -> LoadedModel:
     """Load the base model and tokenizer described by ``cfg`` (offline only)."""
     loaded = resolve_source(cfg.source).load(cfg, list(labels or []))
     loaded.model.config.use_cache = False
+    if cfg.keep_layers is not None:  # before anything runs the model (the head input's mean)
+        keep_lowest_layers(loaded.model, cfg.keep_layers)
     if loaded.model.config.pad_token_id is None:
         loaded.model.config.pad_token_id = loaded.tokenizer.pad_token_id
     if cfg.task == "seq-cls":

@@ -59,11 +59,16 @@ class MeanPool(nn.Module):
                 f'`model.head_pooling` = "mean": an attention mask of {tuple(mask.shape)} for '
                 f"hidden states of {tuple(hidden_states.shape[:2])}"
             )
-        keep = mask.to(hidden_states.device).bool().unsqueeze(-1)
-        # `where`, not a product: a padded position's state never reaches the mean, even
-        # when not finite (0 x Inf is NaN)
-        kept = torch.where(keep, hidden_states, torch.zeros_like(hidden_states))
-        return kept.sum(1) / keep.sum(1).clamp(min=1).to(hidden_states.dtype)
+        return masked_mean(hidden_states, mask)
+
+
+def masked_mean(hidden_states: Tensor, mask: Tensor) -> Tensor:
+    """(records, tokens, hidden) -> (records, hidden): the mean over the tokens ``mask`` keeps."""
+    keep = mask.to(hidden_states.device).bool().unsqueeze(-1)
+    # `where`, not a product: a padded position's state never reaches the mean, even when not
+    # finite (0 x Inf is NaN)
+    kept = torch.where(keep, hidden_states, torch.zeros_like(hidden_states))
+    return kept.sum(1) / keep.sum(1).clamp(min=1).to(hidden_states.dtype)
 
 
 def _take_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -79,6 +84,53 @@ def _take_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
 # state (ALBERT and BigBird give theirs the first token alone; RoBERTa's and DistilBERT's heads
 # read the first token themselves): checked in transformers' sources, not guessed.
 MODEL_TYPES = ("bert",)
+DECODER_HEAD = "score"  # transformers' decoder classifiers (Llama, Qwen2...): `score` reads every
+# position's hidden state and the logits of the last non-padding token are kept
+DECODER_BOX = "_fedtune_pool_mask"  # on a decoder's backbone: where the call's mask is kept
+
+
+def _decoder_hooks(box: dict[str, Tensor | None]) -> tuple[Any, Any]:
+    """The backbone's pre-hook that keeps each call's attention mask in ``box``, and the head's
+    that gives every position the record's mean, so whichever position the model keeps the
+    logits of (the last real token) holds the mean's. Closures, not module attributes: PEFT
+    deep-copies the head (`modules_to_save`), and a copy's hooks are these same functions."""
+
+    def take_mask(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        box["mask"] = mask if isinstance(mask, Tensor) else None
+
+    def mean_before_head(_head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        if hidden.dim() != 3:
+            raise ModelError(
+                f'`model.head_pooling` = "mean": the head got a {hidden.dim()}-D input, not '
+                "each token's hidden state"
+            )
+        mask = box["mask"]
+        if mask is None:  # a call without a mask: every token is the record's
+            mean = hidden.mean(1)
+        elif mask.shape != hidden.shape[:2]:
+            raise ModelError(
+                f'`model.head_pooling` = "mean": an attention mask of {tuple(mask.shape)} for '
+                f"hidden states of {tuple(hidden.shape[:2])}"
+            )
+        else:
+            mean = masked_mean(hidden, mask)
+        return (mean.unsqueeze(1).expand_as(hidden), *args[1:])
+
+    return take_mask, mean_before_head
+
+
+def _decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """A decoder classifier's backbone and `score` head, or None if the model is not one."""
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    head = getattr(model, DECODER_HEAD, None)
+    if isinstance(backbone, nn.Module) and isinstance(head, nn.Linear):
+        return backbone, head
+    return None
 
 
 def encoder_of(model: nn.Module) -> nn.Module:
@@ -89,15 +141,34 @@ def encoder_of(model: nn.Module) -> nn.Module:
     if kind not in MODEL_TYPES or not isinstance(getattr(encoder, "pooler", None), nn.Module):
         raise ModelError(
             f'`model.head_pooling` = "mean": {type(model).__name__} (`{kind}`) has no pooler '
-            f"over every token for its head to read ({', '.join(MODEL_TYPES)} only; a "
-            "decoder's head reads its last token)"
+            f"over every token for its head to read, nor a decoder's `{DECODER_HEAD}` head "
+            f"({', '.join(MODEL_TYPES)} or a decoder classifier such as Llama's only)"
         )
     assert encoder is not None
     return encoder
 
 
 def install(model: nn.Module) -> None:
-    """Mean pooling in place of the encoder's pooler, from now on (in place; idempotent)."""
+    """Mean pooling in place of the encoder's pooler, or before a decoder's head, from now on
+    (in place; idempotent)."""
+    kind = getattr(getattr(model, "config", None), "model_type", "")
+    decoder = _decoder_parts(model) if kind not in MODEL_TYPES else None
+    if decoder is not None:
+        backbone, head = decoder
+        if not hasattr(backbone, DECODER_BOX):
+            box: dict[str, Tensor | None] = {"mask": None}
+            object.__setattr__(backbone, DECODER_BOX, box)
+            take_mask, mean_before_head = _decoder_hooks(box)
+            backbone.register_forward_pre_hook(take_mask, with_kwargs=True)
+            # first among the head's pre-hooks: `model.head_input`'s maps read the mean
+            head.register_forward_pre_hook(mean_before_head, prepend=True)
+            decoder_config: Any = model.config
+            decoder_config.update({CONFIG_KEY: "mean"})
+            logger.info(
+                '`model.head_pooling` = "mean": the head reads the mean of the last hidden '
+                "states over each record's tokens, not its last token's"
+            )
+        return
     encoder = encoder_of(model)
     if isinstance(encoder.pooler, MeanPool):
         return

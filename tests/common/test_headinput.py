@@ -283,3 +283,21 @@ def test_the_coordinators_map_is_cached_by_everything_it_depends_on(tmp_path, ca
     )
     assert len(list((tmp_path / "head-whitening").iterdir())) == 2
     assert (other - first).abs().max().item() > 1e-3
+
+
+def test_a_decoders_reference_features_are_the_mean_its_head_reads():
+    """With `model.head_pooling = "mean"` the coordinator's features are the mean over each
+    text's tokens, as the head reads it (not the last token's): the map whitens what it reads."""
+    cfg = ModelConfig(
+        source="tiny:llama", task="seq-cls", head_input="whitened", head_pooling="mean"
+    )
+    loaded = load_base(cfg, LABELS)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    feats = headinput.reference_features(model, tok, REFERENCE, max_length=32)
+    headinput.set_whitening(model, torch.eye(feats.size(1)))
+    for i in (0, 5, 11):  # texts of different lengths, each alone
+        x = _head_inputs(model, tok, REFERENCE[i : i + 1])
+        torch.testing.assert_close(x[0, -1], feats[i], atol=1e-5, rtol=1e-5)
+    last = _load("llama", "whitened")  # the last token's features are others
+    last_feats = headinput.reference_features(last.model, last.tokenizer, REFERENCE, 32)
+    assert not torch.allclose(last_feats, feats, atol=1e-3)

@@ -122,3 +122,38 @@ def test_classifier_batches_are_padded_on_the_right():
     assert batch["input_ids"][0].tolist() == [1, 2, 0, 0]
     assert batch["attention_mask"][0].tolist() == [1, 1, 0, 0]
     assert "position_ids" not in batch
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_keep_layers_keeps_the_lowest_layers_and_saves_the_shorter_model(arch, tmp_path: Path):
+    """`model.keep_layers`: the model is the full one's lowest layers (its output is the full
+    model's hidden state after that layer), and it saves and loads as the shorter model."""
+    tiny = TinyModelConfig(num_layers=4)
+    full = load_base(ModelConfig(source=f"tiny:{arch}", task="seq-cls", tiny=tiny), ["a", "b"])
+    cfg = ModelConfig(source=f"tiny:{arch}", task="seq-cls", tiny=tiny, keep_layers=2)
+    short = load_base(cfg, ["a", "b"])
+    model, tok = short.model.eval(), short.tokenizer
+    layers = next(m for n, m in model.named_modules() if n.endswith(("layers", "layer")))
+    assert len(layers) == 2 and model.config.num_hidden_layers == 2
+    batch = tok(["chest pain at rest"], return_tensors="pt")
+    with torch.no_grad():
+        hidden = full.model.eval().base_model(**batch, output_hidden_states=True).hidden_states
+        mine = model.base_model(**batch).last_hidden_state
+    # Llama's final norm reads layer 2's output, not layer 4's; BERT's layers end with their norm
+    expected = full.model.model.norm(hidden[2]) if arch == "llama" else hidden[2]
+    torch.testing.assert_close(mine, expected)
+    assert not torch.allclose(mine, full.model.base_model(**batch).last_hidden_state, atol=1e-3)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = load_base(ModelConfig(source=str(tmp_path), task="seq-cls"), ["a", "b"]).model.eval()
+    assert again.config.num_hidden_layers == 2
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits)
+
+
+def test_keep_layers_beyond_the_model_is_named():
+    cfg = ModelConfig(source="tiny:llama", task="seq-cls", keep_layers=3)  # tiny: 2 layers
+    with pytest.raises(ModelError, match=r"`model.keep_layers` = 3: the model has 2 layers"):
+        load_base(cfg, ["a", "b"])
+    with pytest.raises(ValueError, match="keep_layers"):
+        ModelConfig(source="tiny:llama", keep_layers=0)

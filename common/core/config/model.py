@@ -62,12 +62,26 @@ class ModelConfig(Section):
     head_pooling: Literal["model", "mean"] = Field(
         "model",
         description=(
-            "`seq-cls` with an encoder of BERT's family only. `model`: the head reads what the "
-            "model's own pooler gives (BERT: the first token through a dense layer), or the "
-            "pooling a folder fedtune published records. `mean`: the mean of the last hidden "
-            "states over the record's tokens, the sentence embedding encoders such as "
-            "all-MiniLM-L6-v2 were trained to give (no weights, no privacy cost). A published "
-            "model keeps it in its config.json (`fedtune_head_pooling`)."
+            "`seq-cls` only. `model`: the head reads what the model gives it (BERT: its pooler, "
+            "the first token through a dense layer; a decoder such as SmolLM2: the last "
+            "token's hidden state), or the pooling a folder fedtune published records. `mean`: "
+            "the mean of the last hidden states over the record's tokens (attention mask), the "
+            "sentence embedding encoders such as all-MiniLM-L6-v2 were trained to give (no "
+            "weights, no privacy cost); for an encoder of BERT's family or a decoder whose head "
+            "is `score` (Llama, Qwen2). A published model keeps it in its config.json "
+            "(`fedtune_head_pooling`)."
+        ),
+    )
+    keep_layers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Keep only the lowest N transformer layers of the base model (unset: all of them); "
+            "the final norm and the head then read layer N's output. A classifier's head "
+            "often reads lower layers better than the top one, which a language model's "
+            "pre-training shaped for the next token; every pass costs N layers, not all "
+            "(hospital-coding: 6 of SmolLM2's 30). A published model is the shortened one "
+            "(config.json: `num_hidden_layers`)."
         ),
     )
     head_reference: str = Field(
