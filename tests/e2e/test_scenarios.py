@@ -84,13 +84,15 @@ def test_bank_complaints_under_record_level_dp_trains_its_private_recipe(tmp_pat
 
 def test_hospital_coding_names_the_chapter_under_record_level_dp(tmp_path):
     summary = _run(
-        tmp_path, "hospital-coding", "model.source=tiny:llama", "privacy.record.enabled=true",
-        "privacy.record.target_epsilon=8",
+        tmp_path, "hospital-coding", "model.source=tiny:llama", "model.keep_layers=1",
+        "privacy.record.enabled=true", "privacy.record.target_epsilon=8",
     )  # fmt: skip
     assert sorted(summary["sites"]) == [f"site-{i}" for i in range(4)]
     assert 0 < max(summary["privacy"]["record_epsilon"].values()) <= 8.0
     config = (tmp_path / "hospital-coding" / "config.toml").read_text()
     assert "injury" in config and "special purposes" not in config  # 21 chapters kept
+    model = tomllib.loads(config)["model"]  # the head reads the mean over the lowest layers
+    assert model["keep_layers"] == 1 and model["head_pooling"] == "mean"
     # the head alone trains and crosses the wire (the head input's projection and whitening
     # map are not weights); the map came from 1,000 held-out descriptions, labels dropped
     sent = load_file(str(tmp_path / "hospital-coding" / "rounds" / "1" / TRAINED_FILE))
