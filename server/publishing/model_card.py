@@ -63,9 +63,10 @@ def _head_input_line(cfg: Config, summary: dict[str, Any], pooling: str | None) 
     if "mean" in (cfg.model.head_pooling, pooling):
         lines.append(
             "- Head pooling: the mean of the last hidden states over the record's tokens "
-            "(attention mask), not the model's pooler (config.json: `fedtune_head_pooling`; "
-            "the folder has no pooler weights). fedtune's loaders apply it; elsewhere, pool so "
-            "before `classifier` (as sentence-transformers does)"
+            "(attention mask), not the model's pooler or last token (config.json: "
+            "`fedtune_head_pooling`; an encoder's folder has no pooler weights). fedtune's "
+            "loaders apply it; elsewhere, pool so before the head (`classifier` or `score`), "
+            "as sentence-transformers does"
         )
     if cfg.model.head_input == "as-is":
         return lines
@@ -86,7 +87,13 @@ def _provenance(cfg: Config, summary: dict[str, Any], round: int, pooling: str |
     sites = summary.get("sites") or {}
     lines = [
         "## Provenance\n",
-        f"- Base model: `{cfg.model.source}`",
+        f"- Base model: `{cfg.model.source}`"
+        + (
+            f", its lowest {cfg.model.keep_layers} layer{'s' if cfg.model.keep_layers > 1 else ''}"
+            " (`model.keep_layers`; the folder holds no other)"
+            if cfg.model.keep_layers
+            else ""
+        ),
         f"- Task: `{cfg.model.task}`",
         _method_line(cfg),
         f"- Rounds run: {summary.get('rounds', 'unknown')}; published from round {round}",

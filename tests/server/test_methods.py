@@ -273,11 +273,16 @@ def test_a_head_run_under_dp_with_the_head_input_projection_publishes_a_plain_cl
     ).abs().max().item() > 1e-4  # folded at publish
 
 
-def test_a_mean_pooled_head_run_publishes_a_folder_that_says_how_its_head_reads(tiny_cfg, tmp_path):
-    """`model.head_pooling = "mean"` (a BERT classifier) under record-level DP: the published
-    folder records the pooling (config.json, model card) and has no pooler weights; fedtune's
-    loaders (a folder as `model.source`, `fedtune evaluate`'s) compute what the run's model
-    computes, and a plain loader, which keeps a fresh pooler, does not."""
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_mean_pooled_head_run_publishes_a_folder_that_says_how_its_head_reads(
+    tiny_cfg, tmp_path, arch
+):
+    """`model.head_pooling = "mean"` under record-level DP, a BERT classifier or a decoder's
+    (the latter shortened to its lowest layer, `model.keep_layers`): the published folder
+    records the pooling (config.json, model card), has no pooler weights and only the layers
+    kept; fedtune's loaders (a folder as `model.source`, `fedtune evaluate`'s) compute what the
+    run's model computes, and a plain loader (a fresh pooler; a decoder's last token) does
+    not."""
     import json
 
     import torch
@@ -290,21 +295,30 @@ def test_a_mean_pooled_head_run_publishes_a_folder_that_says_how_its_head_reads(
     from common.identity.signing import generate_keys
     from server.publishing.publish import publish
 
+    model = {"source": f"tiny:{arch}", "task": "seq-cls", "head_pooling": "mean"}
+    if arch == "llama":
+        model["keep_layers"] = 1  # of 2
     cfg = _with(
         tiny_cfg,
-        model={"source": "tiny:bert", "task": "seq-cls", "head_pooling": "mean"},
+        model=model,
         lora={"method": "head", "layers": []},
         train={"batch_size": 8},
         **{"privacy.record": {"enabled": True, "target_epsilon": 8.0, "max_grad_norm": 1.0}},
     )
     summary, sent = _round(cfg, tmp_path, secure=False, file=TRAINED_FILE)
-    assert sorted(sent) == ["classifier.bias", "classifier.weight"]
+    head = ["classifier.bias", "classifier.weight"] if arch == "bert" else ["score.weight"]
+    assert sorted(sent) == head
     assert max(summary["privacy"]["record_epsilon"].values()) <= 8 + 1e-6
     private_key, public_key = generate_keys(tmp_path / "keys")
     out = tmp_path / "published"
     publish(tmp_path / "run", out, private_key, force=True)
-    assert "Head pooling: the mean of the last hidden states" in (out / "MODEL_CARD.md").read_text()
-    assert json.loads((out / "config.json").read_text())["fedtune_head_pooling"] == "mean"
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Head pooling: the mean of the last hidden states" in card
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["fedtune_head_pooling"] == "mean"
+    if arch == "llama":
+        assert saved["num_hidden_layers"] == 1 and "its lowest 1 layer (`model.keep" in card
+        assert not [k for k in load_file(str(out / "model.safetensors")) if "layers.1." in k]
 
     ids = torch.tensor([[1, 5, 9, 13, 17, 21], [0, 0, 2, 4, 6, 8]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
