@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,19 @@ REFERENCE_BATCH = 64
 WHITENING_FILE = "head-whitening.safetensors"  # in the run folder: the map the sites were sent
 
 
+def _once_per_record(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn`` on the head's input; on a decoder's mean (`model.head_pooling`: one vector per
+    record, expanded over the positions without a copy) once per record, not per position."""
+    if x.dim() == 3 and x.size(1) > 1 and x.stride(1) == 0:
+        return fn(x[:, :1]).expand(-1, x.size(1), -1)
+    return fn(x)
+
+
 def _project(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     u: Tensor = getattr(module, ATTR)
     x = args[0]
     u = u.to(device=x.device, dtype=x.dtype)
-    return (x - (x @ u).unsqueeze(-1) * u, *args[1:])
+    return (_once_per_record(lambda v: v - (v @ u).unsqueeze(-1) * u, x), *args[1:])
 
 
 def head_of(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -121,7 +130,8 @@ def _whiten(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             "coordinator computes it from `model.head_reference` and sends it with each round)"
         )
     x = args[0]
-    return (x @ a.to(device=x.device, dtype=x.dtype), *args[1:])
+    a = a.to(device=x.device, dtype=x.dtype)
+    return (_once_per_record(lambda v: v @ a, x), *args[1:])
 
 
 def install(model: nn.Module, tokenizer: Any, labels: list[str], whitened: bool = False) -> Tensor:

@@ -301,3 +301,26 @@ def test_a_decoders_reference_features_are_the_mean_its_head_reads():
     last = _load("llama", "whitened")  # the last token's features are others
     last_feats = headinput.reference_features(last.model, last.tokenizer, REFERENCE, 32)
     assert not torch.allclose(last_feats, feats, atol=1e-3)
+
+
+def test_a_decoders_mean_is_projected_and_whitened_as_each_position_would_be():
+    """The maps run once per record on a decoder's mean (it reaches the head expanded over the
+    positions): what the head reads at every position is the record's mean, projected, mapped."""
+    cfg = ModelConfig(
+        source="tiny:llama", task="seq-cls", head_input="whitened", head_pooling="mean"
+    )
+    loaded = load_base(cfg, LABELS)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    size = model.score.in_features
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    headinput.set_whitening(model, a)
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    x = _head_inputs(model, tok, TEXTS)
+    with torch.no_grad():
+        hidden = model.model(**batch).last_hidden_state
+    u = getattr(model.score, headinput.ATTR)
+    for i in range(len(TEXTS)):
+        mean = hidden[i][batch["attention_mask"][i].bool()].mean(0)
+        want = (mean - (mean @ u) * u) @ a
+        for position in range(x.size(1)):
+            torch.testing.assert_close(x[i, position], want, atol=1e-4, rtol=1e-4)
