@@ -25,8 +25,10 @@ def _load(pool: str = "mean", head_input: str = "as-is", source: str = "tiny:ber
 
 
 def _head_input(model, batch):
+    """What the head (`classifier`, or a decoder's `score`) reads, and the model's logits."""
     seen = []
-    hook = model.classifier.register_forward_hook(lambda _m, a, _o: seen.append(a[0].detach()))
+    head = headinput.head_of(model)[1]
+    hook = head.register_forward_hook(lambda _m, a, _o: seen.append(a[0].detach()))
     with torch.no_grad():
         logits = model(**batch).logits
     hook.remove()
@@ -121,15 +123,6 @@ def _decoder(head_input: str = "as-is", pool: str = "mean", source: str = "tiny:
     return _load(pool, head_input, source)
 
 
-def _score_input(model, batch):
-    seen = []
-    hook = model.score.register_forward_hook(lambda _m, a, _o: seen.append(a[0].detach()))
-    with torch.no_grad():
-        logits = model(**batch).logits
-    hook.remove()
-    return seen[0], logits
-
-
 def test_a_decoders_head_reads_the_mean_of_each_records_own_tokens():
     """A decoder classifier (`score` on every position, the last real token's logits kept): with
     mean pooling its head reads the mean over the record's own tokens, whatever the padding."""
@@ -138,7 +131,7 @@ def test_a_decoders_head_reads_the_mean_of_each_records_own_tokens():
     batch = tok(TEXTS, return_tensors="pt", padding=True)
     mask = batch["attention_mask"]
     assert (mask == 0).any()
-    x, logits = _score_input(model, batch)
+    x, logits = _head_input(model, batch)
     with torch.no_grad():
         hidden = model.model(**batch).last_hidden_state
     for i, text in enumerate(TEXTS):
@@ -148,7 +141,7 @@ def test_a_decoders_head_reads_the_mean_of_each_records_own_tokens():
         with torch.no_grad():  # the same logits alone as in a padded batch
             torch.testing.assert_close(model(**alone).logits[0], logits[i], atol=1e-5, rtol=1e-5)
     plain = _decoder(pool="model").model.eval()  # the last token's state: other logits
-    assert not torch.allclose(_score_input(plain, batch)[1], logits, atol=1e-3)
+    assert not torch.allclose(_head_input(plain, batch)[1], logits, atol=1e-3)
 
 
 def test_opacus_trains_a_decoders_head_on_the_mean():
@@ -194,10 +187,10 @@ def test_a_saved_decoder_keeps_its_pooling(tmp_path):
     with torch.no_grad():
         model.score.weight.add_(torch.randn_like(model.score.weight))
     batch = tok(TEXTS, return_tensors="pt", padding=True)
-    _, before = _score_input(model, batch)
+    _, before = _head_input(model, batch)
     headinput.fold(model)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())[pooling.CONFIG_KEY] == "mean"
     again = _load("model", source=str(tmp_path)).model.eval()
-    torch.testing.assert_close(_score_input(again, batch)[1], before, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_head_input(again, batch)[1], before, atol=1e-4, rtol=1e-4)
